@@ -1,0 +1,82 @@
+"""FLOPs and bytes of a Relax training graph, read off the ops and their static shapes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .layers import bindings
+
+_FREE = {"relax.reshape", "relax.permute_dims", "relax.split", "relax.squeeze", "relax.flatten",
+         "relax.expand_dims", "relax.grad.no_grad", "relax.zeros", "relax.ones"}
+
+
+def nbytes(ty) -> int:
+    """Bytes of a tensor type, or of every tensor inside a tuple type."""
+    if isinstance(ty, relax.TupleType):
+        return sum(nbytes(f) for f in ty.fields)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    return math.prod(int(d) for d in ty.shape) * np.dtype(str(ty.dtype)).itemsize
+
+
+def _numel(ty) -> int:
+    return math.prod(int(d) for d in ty.shape) if isinstance(ty, relax.TensorType) else 0
+
+
+def flops(call: relax.Call, out_ty) -> int:
+    """Multiply-adds count twice; elementwise and reductions count one per element."""
+    op = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
+    if op in _FREE:
+        return 0
+    if op == "relax.nn.conv2d":
+        w = [int(d) for d in call.args[1].ty.shape]
+        layout = str(call.attrs.kernel_layout)
+        i_per_group = w[layout.index("I")]
+        kh, kw = w[layout.index("H")], w[layout.index("W")]
+        return 2 * _numel(out_ty) * i_per_group * kh * kw
+    if op == "relax.nn.conv2d_transpose":
+        w = [int(d) for d in call.args[1].ty.shape]
+        return 2 * _numel(call.args[0].ty) * math.prod(w[1:])
+    if op == "relax.matmul":
+        k = int(call.args[0].ty.shape[-1])
+        return 2 * _numel(out_ty) * k
+    return max(_numel(out_ty), max((_numel(a.ty) for a in call.args if hasattr(a, "ty")), default=0))
+
+
+@dataclass
+class GraphCost:
+    forward_flops: int
+    backward_flops: int
+    saved_activation_bytes: int
+    gradient_bytes: int
+    backward_ops: dict[str, int]
+
+
+def training_cost(mod: tvm.IRModule, trainable: list[str], loss_name: str = "loss") -> GraphCost:
+    """Split ``<loss>_adjoint`` into its forward part (the bindings of ``loss``) and backward."""
+    forward_names = {b.var.name for b in bindings(mod[loss_name])}
+    params = {p.name for p in mod[loss_name].params}
+    fwd = bwd = 0
+    ops: dict[str, int] = {}
+    saved: dict[str, int] = {}
+    forward_ty = {b.var.name: b.var.ty for b in bindings(mod[loss_name])}
+    for binding in bindings(mod[loss_name + "_adjoint"]):
+        value = binding.value
+        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            continue
+        cost = flops(value, binding.var.ty)
+        if binding.var.name in forward_names:
+            fwd += cost
+            continue
+        bwd += cost
+        ops[value.op.name] = ops.get(value.op.name, 0) + 1
+        for arg in value.args:
+            if isinstance(arg, relax.Var) and arg.name in forward_ty and arg.name not in params:
+                saved[arg.name] = nbytes(forward_ty[arg.name])
+    grads = sum(nbytes(p.ty) for p in mod[loss_name].params if p.name in set(trainable))
+    return GraphCost(fwd, bwd, sum(saved.values()), grads, ops)

@@ -1,0 +1,67 @@
+"""Which op consumes each parameter of ``forward``: the basis of schemes and channel slicing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+_VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.astype"}
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """The first non-view op that reads a parameter, and what kind of layer that makes it."""
+
+    kind: str  # conv | depthwise | linear | norm | bias | other
+    op: str
+    position: int  # index of the binding, gives forward order
+
+
+def _call_op(value) -> str | None:
+    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+        return value.op.name
+    return None
+
+
+def bindings(func: relax.Function) -> list[relax.VarBinding]:
+    return [b for block in func.body.blocks for b in block.bindings]
+
+
+def _kind(op: str, call: relax.Call, arg_index: int, value_ndim: int) -> str:
+    if op == "relax.nn.conv2d" and arg_index == 1:
+        groups = int(call.attrs.groups)
+        return "depthwise" if groups > 1 and groups == int(call.ty.shape[1]) else "conv"
+    if op == "relax.matmul" and arg_index == 1:
+        return "linear"
+    if op == "relax.nn.batch_norm" and arg_index in (1, 2):
+        return "norm"
+    if op == "relax.nn.batch_norm":
+        return "stat"
+    if op == "relax.add" and value_ndim == 1:
+        return "bias"
+    return "other"
+
+
+def param_uses(func: relax.Function) -> dict[str, ParamUse]:
+    """Map each parameter name of ``func`` to its first real use (views are looked through)."""
+    alias: dict[str, str] = {p.name: p.name for p in func.params}
+    ndim = {p.name: len(p.ty.shape) for p in func.params if hasattr(p.ty, "shape")}
+    uses: dict[str, ParamUse] = {}
+    for pos, binding in enumerate(bindings(func)):
+        value = binding.value
+        op = _call_op(value)
+        if op is None:
+            continue
+        for index, arg in enumerate(value.args):
+            if not isinstance(arg, relax.Var) or arg.name not in alias:
+                continue
+            root = alias[arg.name]
+            if root in uses:
+                continue
+            if op in _VIEW_OPS and index == 0:
+                alias[binding.var.name] = root
+                continue
+            uses[root] = ParamUse(_kind(op, value, index, ndim.get(root, 0)), op, pos)
+    return uses

@@ -1,0 +1,81 @@
+"""What a compiled step updates and what its backward pass costs, before and after elimination."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .cost import GraphCost
+
+
+@dataclass
+class LayerRow:
+    layer: str
+    updated: list[str]  # e.g. ["weight[:, :8] of 32", "bias"]
+    trainable_elements: int
+    total_elements: int
+
+
+@dataclass
+class Report:
+    """``dense`` is full backprop of every parameter (no elimination), ``sparse`` the scheme."""
+
+    scheme: str
+    layers: list[LayerRow]
+    dense: dict
+    sparse: dict
+    optimizer_state_bytes: int
+    param_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def build(scheme: str, layers: list[LayerRow], dense: GraphCost, sparse: GraphCost,
+              state_bytes: int, param_bytes: int) -> Report:
+        keys = ("forward_flops", "backward_flops", "saved_activation_bytes", "gradient_bytes")
+        return Report(scheme, layers, {k: getattr(dense, k) for k in keys},
+                      {k: getattr(sparse, k) for k in keys} | {"backward_ops": sparse.backward_ops},
+                      state_bytes, param_bytes)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> Report:
+        return Report(data["scheme"], [LayerRow(**r) for r in data["layers"]], data["dense"],
+                      data["sparse"], data["optimizer_state_bytes"], data["param_bytes"],
+                      list(data.get("notes", [])))
+
+    def __str__(self) -> str:
+        lines = [f"scheme: {self.scheme}", "", f"{'layer':<34} {'updated':<40} trainable/total"]
+        for row in self.layers:
+            what = ", ".join(row.updated) if row.updated else "frozen"
+            lines.append(f"{row.layer:<34} {what:<40} {row.trainable_elements}/{row.total_elements}")
+        trainable = sum(r.trainable_elements for r in self.layers)
+        total = sum(r.total_elements for r in self.layers)
+        lines += ["", f"trainable parameters: {trainable} of {total} ({100.0 * trainable / max(total, 1):.2f}%)",
+                  "", f"{'per step':<28} {'full backprop':>16} {'this scheme':>16} {'saved':>8}"]
+        rows = [("forward FLOPs", "forward_flops", _num), ("backward FLOPs", "backward_flops", _num),
+                ("saved activations", "saved_activation_bytes", _bytes),
+                ("gradients", "gradient_bytes", _bytes)]
+        for label, key, fmt in rows:
+            d, s = self.dense[key], self.sparse[key]
+            ratio = f"{d / s:.1f}x" if s else "all"
+            lines.append(f"{label:<28} {fmt(d):>16} {fmt(s):>16} {ratio:>8}")
+        lines.append(f"{'optimizer state':<28} {'':>16} {_bytes(self.optimizer_state_bytes):>16}")
+        lines.append(f"{'parameters':<28} {_bytes(self.param_bytes):>16} {_bytes(self.param_bytes):>16}")
+        ops = ", ".join(f"{k.replace('relax.', '')} x{v}" for k, v in sorted(self.sparse["backward_ops"].items()))
+        lines += ["", f"backward ops kept: {ops}"] + self.notes
+        return "\n".join(lines)
+
+
+def _num(value: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return str(value)
+
+
+def _bytes(value: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value} B"

@@ -1,0 +1,29 @@
+"""Frontends: PyTorch (``torch.export``) and ONNX into one :class:`ImportedModel`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model import ImportedModel, ParamInfo, TensorSpec
+from .onnx_frontend import from_onnx
+from .torch_frontend import from_torch
+
+__all__ = ["ImportedModel", "ParamInfo", "TensorSpec", "from_onnx", "from_torch", "import_model"]
+
+
+def import_model(model, example_inputs=None, input_shapes: dict | None = None) -> ImportedModel:
+    """Dispatch on the model's kind: ``nn.Module`` needs ``example_inputs``; ONNX path or proto."""
+    if isinstance(model, ImportedModel):
+        return model
+    if isinstance(model, (str, Path)) or type(model).__name__ == "ModelProto":
+        return from_onnx(model, input_shapes)
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ValueError("import_model: a torch model needs example_inputs (a tensor or tuple)")
+        return from_torch(model, example_inputs)
+    raise ValueError(
+        f"import_model: unsupported model type {type(model).__name__}; pass a torch.nn.Module, "
+        "an .onnx path or an onnx.ModelProto"
+    )

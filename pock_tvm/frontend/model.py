@@ -1,0 +1,66 @@
+"""What every frontend hands to the compiler: a Relax ``forward`` function plus named parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one runtime input."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(data: dict) -> TensorSpec:
+        return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass
+class ParamInfo:
+    """One parameter or buffer of the source model.
+
+    ``name`` is the source name (``features.3.conv.0.weight`` or an ONNX initializer name),
+    ``var_name`` the name of the matching Relax parameter of ``forward``. Buffers (BatchNorm
+    running statistics) are never trainable.
+    """
+
+    name: str
+    var_name: str
+    value: np.ndarray
+    is_buffer: bool = False
+
+    @property
+    def layer(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
+@dataclass
+class ImportedModel:
+    """A model in Relax form.
+
+    ``mod["forward"]`` takes the user inputs followed by every entry of ``params`` in order and
+    returns the model output. ``origins`` maps Relax variable names of ``forward`` to a readable
+    description of the source node that produced them (used in error messages).
+    """
+
+    mod: tvm.IRModule
+    inputs: list[TensorSpec]
+    params: list[ParamInfo]
+    output: TensorSpec
+    origins: dict[str, str] = field(default_factory=dict)
+    source: str = "torch"
+
+    def param(self, name: str) -> ParamInfo:
+        for info in self.params:
+            if info.name == name:
+                return info
+        raise KeyError(name)

@@ -1,0 +1,125 @@
+"""Import a ``torch.nn.Module`` through ``torch.export`` into Relax.
+
+The model is exported in eval mode: BatchNorm uses its running statistics (frozen BN, as TTE and
+PockEngine fine-tune) and dropout is the identity. Buffers are turned into non-trainable
+parameters before export so that they stay runtime inputs (and appear in ``state_dict``) instead
+of being baked into the compiled library.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+from .model import ImportedModel, ParamInfo, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+class _TrackingImporter(ExportedProgramImporter):
+    """TVM's importer, recording which FX node produced each Relax variable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.converted: list[tuple[object, object]] = []
+        for key, convert in list(self.convert_map.items()):
+            self.convert_map[key] = self._tracked(convert)
+
+    def _tracked(self, convert):
+        def run(node, *args):
+            out = convert(node, *args)
+            self.converted.append((node, out))
+            return out
+
+        return run
+
+
+def _describe(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    module = ""
+    if stack:
+        path, kind = list(stack.values())[-1]
+        path = path.replace("L['self'].", "").replace("L['self']", "")
+        kind_name = getattr(kind, "__name__", str(kind).rsplit(".", 1)[-1].strip("'>"))
+        module = f" in module '{path}' ({kind_name})" if path else ""
+    return f"torch node '{node.name}' ({node.target}){module}"
+
+
+def _origins(mod, converted) -> dict[str, str]:
+    produced = {}
+    for node, out in converted:
+        hint = getattr(out, "name", None)
+        if hint is not None:
+            produced.setdefault(str(hint), _describe(node))
+    origins: dict[str, str] = {}
+    pending: list[str] = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            name = binding.var.name
+            pending.append(name)
+            if name in produced:
+                for var in pending:
+                    origins[var] = produced[name]
+                pending = []
+    return origins
+
+
+def _buffers_to_params(model: torch.nn.Module) -> set[str]:
+    """Re-register floating-point buffers as frozen parameters; returns their full names."""
+    names = set()
+    for prefix, module in model.named_modules():
+        for key, buf in list(module.named_buffers(recurse=False)):
+            if buf is None or not buf.is_floating_point():
+                continue
+            del module._buffers[key]
+            module.register_parameter(key, torch.nn.Parameter(buf.detach().clone(), requires_grad=False))
+            names.add(f"{prefix}.{key}" if prefix else key)
+    return names
+
+
+def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
+    """Export ``model`` with ``example_inputs`` (a tensor or a tuple) and import it into Relax."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    model = copy.deepcopy(model).eval()
+    buffer_names = _buffers_to_params(model)
+    with torch.no_grad():
+        exported = torch.export.export(model, example_inputs)
+        exported = exported.run_decompositions()
+        output = model(*example_inputs)
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(
+            "from_torch: the model must return one tensor (the logits or prediction); "
+            f"it returned {type(output).__name__}. Wrap it in a module that returns one tensor."
+        )
+    importer = _TrackingImporter()
+    mod = importer.from_exported_program(exported, True, True, False, None)
+
+    sig = exported.graph_signature
+    var_to_source = dict(sig.inputs_to_parameters)
+    named = dict(model.named_parameters())
+    func = mod["main"]
+    num_inputs = len(example_inputs)
+    params = []
+    for var in func.params[num_inputs:]:
+        source = var_to_source.get(var.name)
+        if source is None:
+            raise ValueError(f"from_torch: cannot map Relax input '{var.name}' to a parameter")
+        tensor = named[source].detach().cpu().numpy()
+        params.append(ParamInfo(source, var.name, np.ascontiguousarray(tensor), source in buffer_names))
+    inputs = [
+        TensorSpec(var.name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+        for var, t in zip(func.params[:num_inputs], example_inputs)
+    ]
+    out_spec = TensorSpec("output", tuple(output.shape), str(output.dtype).replace("torch.", ""))
+    origins = _origins(mod, importer.converted)
+    new_func = func.without_attr("params").with_attr("global_symbol", "forward")
+    out_mod = type(mod)({})
+    out_mod["forward"] = new_func
+    logger.info("imported torch model: %d inputs, %d parameters", len(inputs), len(params))
+    return ImportedModel(out_mod, inputs, params, out_spec, origins, "torch")

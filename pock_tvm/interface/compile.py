@@ -1,0 +1,144 @@
+"""``pock_tvm.compile``: model + scheme + loss + optimizer -> a runnable training :class:`Program`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..analysis.cost import nbytes, training_cost
+from ..analysis.report import LayerRow, Report
+from ..frontend import ImportedModel, import_model
+from ..loss import make_loss
+from ..optim import make_optimizer
+from ..passes.pipeline import pock_tvm_pipeline
+from ..passes.SplitPartialChannels import FROZEN, UPDATED
+from ..runtime.layout import Layout, RuntimeParam
+from ..runtime.program import Program
+from ..scheme import Scheme, Update
+
+logger = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+
+def host_target() -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm"})
+
+
+def plan(imported: ImportedModel, updates: dict[str, Update]):
+    """Runtime tensors in ``forward`` order, the trainable Relax names and the channel splits."""
+    params, trainable, partial = [], [], {}
+    for info in imported.params:
+        update = updates.get(info.name, Update("frozen"))
+        shape, dtype = tuple(info.value.shape), str(info.value.dtype)
+        if update.mode != "partial":
+            is_trained = update.mode == "full" and not info.is_buffer
+            params.append(RuntimeParam(info.var_name, info.name, shape, dtype, is_trained))
+            if is_trained:
+                trainable.append(info.var_name)
+            continue
+        axis, k = update.axis, update.channels
+        partial[info.var_name] = (axis, k)
+        up, fr = list(shape), list(shape)
+        up[axis], fr[axis] = k, shape[axis] - k
+        params.append(RuntimeParam(info.var_name + UPDATED, info.name, tuple(up), dtype, True, axis, 0, k))
+        params.append(RuntimeParam(info.var_name + FROZEN, info.name, tuple(fr), dtype, False, axis, k, shape[axis]))
+        trainable.append(info.var_name + UPDATED)
+    return params, trainable, partial
+
+
+def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[LayerRow]:
+    rows: dict[str, LayerRow] = {}
+    for info in imported.params:
+        if info.is_buffer:
+            continue
+        row = rows.setdefault(info.layer, LayerRow(info.layer, [], 0, 0))
+        size = int(info.value.size)
+        row.total_elements += size
+        update = updates.get(info.name, Update("frozen"))
+        leaf = info.name.rpartition(".")[2]
+        if update.mode == "full":
+            row.updated.append(leaf)
+            row.trainable_elements += size
+        elif update.mode == "partial":
+            c = info.value.shape[update.axis]
+            index = "[:, :%d]" if update.axis == 1 else "[:%d]"
+            row.updated.append(f"{leaf}{index % update.channels} of {c}")
+            row.trainable_elements += size // c * update.channels
+    return list(rows.values())
+
+
+def build_training_graph(imported, trainable, partial, loss, optimizer) -> tvm.IRModule:
+    return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins,
+                             loss_function=loss.relax_function(imported.output),
+                             optimizer=optimizer, lower=False)(imported.mod)
+
+
+def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
+            target="host", input_shapes: dict | None = None) -> Program:
+    """Compile ``model`` into a training :class:`Program`.
+
+    ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), an ONNX path or ``ModelProto``.
+    ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
+    ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
+    ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
+    """
+    if target != "host":
+        raise ValueError(f"compile: target {target!r} is not available yet; use target='host'")
+    imported = import_model(model, example_inputs, input_shapes)
+    scheme = Scheme.load(scheme)
+    loss, optimizer = make_loss(loss), make_optimizer(optimizer)
+    updates = scheme.resolve(imported)
+    params, trainable, partial = plan(imported, updates)
+    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer)
+    report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer)
+
+    tgt = host_target()
+    lowering = pock_tvm_pipeline(build_training_graph=False)
+    with tvm.transform.PassContext(opt_level=3):
+        exe = tvm.compile(train_mod, target=tgt, relax_pipeline=lowering)
+    layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
+                    params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
+                    scheme.to_dict(), "host")
+    values = _initial_values(imported, params)
+    logger.info("compiled %d trainable tensors of %d", len(trainable), len(params))
+    return Program(exe, layout, values, report)
+
+
+def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict[str, np.ndarray]:
+    sources = {p.name: p.value for p in imported.params}
+    values = {}
+    for p in params:
+        value = sources[p.source]
+        if p.axis is not None:
+            value = np.take(value, range(p.start, p.stop), axis=p.axis)
+        values[p.var] = np.ascontiguousarray(value)
+    return values
+
+
+def _optimizer_json(optimizer) -> dict:
+    from dataclasses import asdict
+
+    return asdict(optimizer)
+
+
+def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer) -> Report:
+    sparse = training_cost(train_mod, trainable)
+    full_updates = Scheme.preset("full").resolve(imported)
+    _, dense_trainable, _ = plan(imported, full_updates)
+    dense_mod = pock_tvm_pipeline(trainable=dense_trainable, loss_function=loss.relax_function(imported.output),
+                                  optimizer=optimizer, lower=False)(imported.mod)
+    dense = training_cost(dense_mod, dense_trainable)
+    params = train_mod["loss"].params
+    state = len(optimizer.state_names()) * sum(nbytes(p.ty) for p in params if p.name in set(trainable))
+    param_bytes = sum(int(p.value.nbytes) for p in imported.params)
+    report = Report.build(scheme.name, _layer_rows(imported, updates), dense, sparse, state, param_bytes)
+    if any(p.is_buffer for p in imported.params):
+        report.notes.append("BatchNorm is frozen: running statistics are fixed inputs, not updated.")
+    if math.isclose(sum(r.trainable_elements for r in report.layers), 0):
+        report.notes.append("warning: the scheme updates nothing")
+    return report

@@ -1,0 +1,27 @@
+"""Reference models used by the demo, the tests and the benchmarks.
+
+There is no CPU build of torchvision on the target machines, so the architectures pock_tvm is
+measured on are defined here, with torchvision-compatible parameter names.
+"""
+
+from .mlp import MLP
+from .mobilenet_v2 import MobileNetV2
+from .resnet import ResNet18
+from .small_cnn import SmallCNN
+
+__all__ = ["MLP", "MobileNetV2", "ResNet18", "SmallCNN", "build"]
+
+_REGISTRY = {
+    "mlp": lambda: MLP(),
+    "mobilenetv2": lambda: MobileNetV2(width_mult=0.35, num_classes=10),
+    "resnet18": lambda: ResNet18(num_classes=10),
+    "smallcnn": lambda: SmallCNN(),
+}
+
+
+def build(name: str):
+    """Build a reference model by name (``mlp``, ``mobilenetv2``, ``resnet18``, ``smallcnn``)."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(_REGISTRY)}") from None

@@ -1,0 +1,99 @@
+"""Optimizers whose update is compiled into the training step (torch semantics).
+
+The runtime keeps each optimizer's state (``state_names``) next to the parameters and feeds it
+back every step; ``step`` is a float32 scalar counting updates (starts at 0), ``lr`` a runtime
+scalar so that schedules need no recompilation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import relax
+
+R = relax.op
+
+
+def _c(value: float, dtype: str = "float32") -> relax.Constant:
+    return relax.const(value, dtype)
+
+
+@dataclass
+class SGD:
+    """``torch.optim.SGD``: momentum, dampening, nesterov, weight decay."""
+
+    lr: float = 0.01
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    name: str = "sgd"
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum else ()
+
+    def emit(self, bb, param, grad, states, step, lr):
+        g = grad
+        if self.weight_decay:
+            g = bb.emit(R.add(g, R.multiply(_c(self.weight_decay), param)))
+        new_states = []
+        if self.momentum:
+            (buf,) = states
+            # torch sets buf = g on the first step, later buf = m*buf + (1-d)*g (buf starts at 0)
+            first = R.less(step, _c(0.5))
+            g_coef = R.where(first, _c(1.0), _c(1.0 - self.dampening))
+            buf = bb.emit(R.add(R.multiply(_c(self.momentum), buf), R.multiply(g_coef, g)))
+            new_states.append(buf)
+            g = bb.emit(R.add(g, R.multiply(_c(self.momentum), buf))) if self.nesterov else buf
+        new_param = bb.emit(R.subtract(param, R.multiply(lr, g)))
+        return new_param, new_states
+
+
+@dataclass
+class Adam:
+    """``torch.optim.Adam`` (L2 weight decay) or, with ``decoupled=True``, ``AdamW``."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    name: str = "adam"
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def emit(self, bb, param, grad, states, step, lr):
+        m, v = states
+        g = grad
+        if self.weight_decay and self.decoupled:
+            param = bb.emit(R.multiply(param, R.subtract(_c(1.0), R.multiply(lr, _c(self.weight_decay)))))
+        elif self.weight_decay:
+            g = bb.emit(R.add(g, R.multiply(_c(self.weight_decay), param)))
+        t = R.add(step, _c(1.0))
+        m = bb.emit(R.add(R.multiply(_c(self.beta1), m), R.multiply(_c(1.0 - self.beta1), g)))
+        v = bb.emit(R.add(R.multiply(_c(self.beta2), v), R.multiply(_c(1.0 - self.beta2), R.multiply(g, g))))
+        bias1 = R.subtract(_c(1.0), R.power(_c(self.beta1), t))
+        bias2_sqrt = R.sqrt(R.subtract(_c(1.0), R.power(_c(self.beta2), t)))
+        denom = R.add(R.divide(R.sqrt(v), bias2_sqrt), _c(self.eps))
+        new_param = bb.emit(R.subtract(param, R.multiply(R.divide(lr, bias1), R.divide(m, denom))))
+        return new_param, [m, v]
+
+
+def AdamW(lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 0.01) -> Adam:
+    """``torch.optim.AdamW`` defaults (decoupled weight decay 0.01)."""
+    return Adam(lr, beta1, beta2, eps, weight_decay, decoupled=True, name="adamw")
+
+
+def make_optimizer(spec) -> SGD | Adam:
+    if isinstance(spec, (SGD, Adam)):
+        return spec
+    if spec in (None, "sgd"):
+        return SGD()
+    if spec == "adam":
+        return Adam()
+    if spec == "adamw":
+        return AdamW()
+    raise ValueError(f"unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or pock_tvm.SGD(...)")

@@ -1,0 +1,61 @@
+"""AppendOptimizer: ``train_step`` = gradients from ``loss_adjoint`` + the optimizer update."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+STEP, LR = "step", "lr"
+
+
+@tvm.transform.module_pass(opt_level=0, name="pock_tvm.AppendOptimizer")
+class AppendOptimizer:
+    """Reads ``loss`` and ``loss_adjoint``; creates ``train_step``.
+
+    Signature: ``train_step(*loss_params, lr, step, *states)`` where ``loss_params`` are the
+    inputs, parameters and target of ``loss`` (in that order), ``step`` a float32 scalar (updates done so far)
+    and ``states`` the optimizer state tensors, for each trainable parameter in order, one per
+    ``optimizer.state_names()``. Returns ``(loss, *new_trainable, new_step, *new_states)``.
+    The optimizer math is emitted inline, so the update of each parameter is ordinary graph code
+    that later passes can schedule and fuse. Requires ``SparseGradient``.
+    """
+
+    def __init__(self, optimizer=None, trainable: list[str] | None = None,
+                 func_name: str = "loss", new_func_name: str = "train_step"):
+        self.optimizer = optimizer
+        self.trainable = list(trainable or [])
+        self.func_name = func_name
+        self.new_func_name = new_func_name
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.optimizer is None:
+            raise ValueError("AppendOptimizer: no optimizer given; pass optimizer=SGD(...)")
+        adjoint_gv = mod.get_global_var(self.func_name + "_adjoint")
+        loss_func = mod[self.func_name]
+        scalar = relax.TensorType((), "float32")
+        args = [relax.Var(p.name, p.ty) for p in loss_func.params]
+        by_name = {v.name: v for v in args}
+        lr, step = relax.Var(LR, scalar), relax.Var(STEP, scalar)
+        names = self.optimizer.state_names()
+        states = {(p, s): relax.Var(f"{p}.{s}", by_name[p].ty) for p in self.trainable for s in names}
+
+        bb = relax.BlockBuilder(mod)
+        with bb.function(self.new_func_name, [*args, lr, step, *states.values()]):
+            with bb.dataflow():
+                result = bb.emit(relax.Call(adjoint_gv, args), "adjoint")
+                loss = bb.emit(relax.TupleGetItem(result, 0), "loss")
+                grads = bb.emit(relax.TupleGetItem(result, 1), "grads")
+                new_params, new_states = [], []
+                for i, name in enumerate(self.trainable):
+                    grad = bb.emit(relax.TupleGetItem(grads, i), f"{name}.grad")
+                    own = [states[(name, s)] for s in names]
+                    param, updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr)
+                    new_params.append(param)
+                    new_states += updated
+                new_step = bb.emit(relax.op.add(step, relax.const(1.0, "float32")), "next_step")
+                out = bb.emit_output(relax.Tuple([loss, *new_params, new_step, *new_states]))
+            bb.emit_func_output(out)
+        new_mod = bb.get()
+        func = new_mod[self.new_func_name].with_attr("pock_tvm.trainable", self.trainable)
+        new_mod[self.new_func_name] = func.with_attr("pock_tvm.state_names", list(names))
+        return new_mod

@@ -1,0 +1,16 @@
+"""Compiler passes of pock_tvm, one per file, and the registered pipeline."""
+
+from .AppendLoss import AppendLoss
+from .AppendOptimizer import AppendOptimizer
+from .CheckGradientRules import CheckGradientRules
+from .FreezeBatchNorm import FreezeBatchNorm
+from .gradient_rules import GRADIENT_RULES, register_gradient_rules
+from .pipeline import pock_tvm_pipeline
+from .SparseGradient import SparseGradient
+from .SplitPartialChannels import SplitPartialChannels
+
+register_gradient_rules()
+
+__all__ = ["AppendLoss", "AppendOptimizer", "CheckGradientRules", "FreezeBatchNorm",
+           "GRADIENT_RULES", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
+           "register_gradient_rules"]

@@ -1,0 +1,94 @@
+"""Gradient rules that TVM 0.27's Relax autodiff lacks, as one table.
+
+Each rule has the ``FPrimalGradient`` signature ``(orig_var, orig_call, output_grad, ctx)`` and
+returns one gradient per argument of the call. :func:`register_gradient_rules` installs the rules
+for ops that have none yet; it is idempotent and runs when ``pock_tvm.passes`` is imported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+from tvm.relax.op.grad import avg_pool2d_backward, no_grad
+
+R = relax.op
+
+
+def _shape(expr) -> list[int]:
+    return [int(d) for d in expr.ty.shape]
+
+
+def _clip(var, call, grad, ctx):
+    """ReLU6 and friends: pass the gradient where ``lo <= x <= hi`` (torch's hardtanh rule)."""
+    x, lo, hi = call.args
+    dtype = x.ty.dtype
+    lo_c = relax.const(float(lo.value), dtype)
+    hi_c = relax.const(float(hi.value), dtype)
+    inside = R.logical_and(R.greater_equal(x, lo_c), R.less_equal(x, hi_c))
+    return [R.where(inside, grad, R.zeros_like(grad)), no_grad(lo), no_grad(hi)]
+
+
+def _to_input_shape(var, call, grad, ctx):
+    """Shape-only ops (squeeze, flatten): reshape the gradient back to the input's shape."""
+    rest = [no_grad(arg) for arg in call.args[1:]]
+    return [R.reshape(grad, call.args[0].ty.shape), *rest]
+
+
+def _adaptive_avg_pool2d(var, call, grad, ctx):
+    """Adaptive average pooling whose output divides the input: an average pool of fixed size."""
+    x = call.args[0]
+    if call.attrs.layout != "NCHW":
+        raise ValueError("gradient of adaptive_avg_pool2d: only NCHW layout is supported")
+    _, _, in_h, in_w = _shape(x)
+    _, _, out_h, out_w = _shape(var)
+    if in_h % out_h or in_w % out_w:
+        raise ValueError(
+            f"gradient of adaptive_avg_pool2d: output {out_h}x{out_w} does not divide input "
+            f"{in_h}x{in_w}; use an input size that is a multiple of the pooled size"
+        )
+    kernel = (in_h // out_h, in_w // out_w)
+    return [avg_pool2d_backward(grad, x, kernel, kernel, (0, 0, 0, 0), (1, 1), False, True)]
+
+
+def _rsqrt(var, call, grad, ctx):
+    """d/dx x^-1/2 = -1/2 * x^-3/2 = -1/2 * y^3."""
+    half = relax.const(-0.5, var.ty.dtype)
+    return [R.multiply(grad, R.multiply(half, R.multiply(var, R.multiply(var, var))))]
+
+
+def _leaky_relu(var, call, grad, ctx):
+    x = call.args[0]
+    alpha = relax.const(float(call.attrs.alpha), x.ty.dtype)
+    positive = R.greater(x, relax.const(0.0, x.ty.dtype))
+    return [R.where(positive, grad, R.multiply(grad, alpha))]
+
+
+def _erf(var, call, grad, ctx):
+    """d/dx erf(x) = 2/sqrt(pi) * exp(-x^2)."""
+    x = call.args[0]
+    scale = relax.const(2.0 / math.sqrt(math.pi), x.ty.dtype)
+    return [R.multiply(grad, R.multiply(scale, R.exp(R.negative(R.multiply(x, x)))))]
+
+
+# op name -> rule. Only installed where TVM has no rule of its own.
+GRADIENT_RULES = {
+    "relax.clip": _clip,
+    "relax.squeeze": _to_input_shape,
+    "relax.flatten": _to_input_shape,
+    "relax.nn.adaptive_avg_pool2d": _adaptive_avg_pool2d,
+    "relax.rsqrt": _rsqrt,
+    "relax.nn.leakyrelu": _leaky_relu,
+    "relax.erf": _erf,
+}
+
+
+def has_gradient_rule(op_name: str) -> bool:
+    return tvm.ir.Op.get(op_name).get_attr("FPrimalGradient") is not None
+
+
+def register_gradient_rules() -> None:
+    for name, rule in GRADIENT_RULES.items():
+        if not has_gradient_rule(name):
+            relax.op.register_gradient(name, rule)

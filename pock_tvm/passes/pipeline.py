@@ -1,0 +1,61 @@
+"""The pock_tvm pipeline: from an imported ``forward`` to a compiled ``train_step``.
+
+Registered as ``relax.get_pipeline("pock_tvm", ...)``. Read top to bottom; one line of why per
+step. Every setting is a keyword with a default so the pipeline can be built from data.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .AppendLoss import AppendLoss
+from .AppendOptimizer import AppendOptimizer
+from .CheckGradientRules import CheckGradientRules
+from .FreezeBatchNorm import FreezeBatchNorm
+from .gradient_rules import register_gradient_rules
+from .SparseGradient import SparseGradient
+from .SplitPartialChannels import SplitPartialChannels
+
+ENTRY_FUNCTIONS = ["forward", "loss", "train_step"]
+
+
+@relax.register_pipeline("pock_tvm")
+def pock_tvm_pipeline(
+    *,
+    trainable: list[str] | None = None,
+    partial: dict[str, tuple[int, int]] | None = None,
+    loss_function: relax.Function | None = None,
+    optimizer=None,
+    origins: dict[str, str] | None = None,
+    build_training_graph: bool = True,
+    lower: bool = True,
+) -> tvm.transform.Pass:
+    """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
+    ``partial``: ``{weight: (axis, k)}``. ``lower=False`` stops at the training graph (for
+    analysis); ``build_training_graph=False`` only lowers an already built training graph."""
+    register_gradient_rules()
+    passes = []
+    if build_training_graph:
+        passes += [
+            # Phase 1: make forward differentiable and sparse-friendly
+            FreezeBatchNorm(),  # BN uses fixed running stats; autodiff has no batch_norm rule
+            SplitPartialChannels(partial),  # k-channel weights get their own tensor and op
+            CheckGradientRules(trainable, origins),  # name the source node of an op with no rule
+            # Phase 2: the training graph, built once at compile time
+            AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
+            SparseGradient(trainable),  # adjoints only for what the scheme updates
+            AppendOptimizer(optimizer, trainable),  # train_step = loss_adjoint + update
+            relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # drop unused bindings
+        ]
+    if lower:
+        passes += [
+            # Phase 3: lower to TIR and plan memory (TVM's default build)
+            relax.transform.LegalizeOps(),  # every op to a TIR kernel
+            relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
+            relax.transform.FoldConstant(),  # constants from the loss and optimizer
+            relax.transform.FuseOps(),  # elementwise into producers, backward included
+            relax.transform.FuseTIR(),  # one kernel per fused group
+            relax.get_pipeline("default_build"),  # memory planning, VM lowering
+        ]
+    return tvm.transform.Sequential(passes, name="pock_tvm")

@@ -1,0 +1,63 @@
+"""The runtime contract of a compiled step: which tensors go in, in what order, from which source.
+
+It is plain JSON (``meta.json`` in a saved program) so that a device runner without Python can
+read it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..frontend.model import TensorSpec
+
+
+@dataclass
+class RuntimeParam:
+    """One runtime tensor: a whole source parameter, or the slice ``[start, stop)`` on ``axis``."""
+
+    var: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: str
+    trainable: bool
+    axis: int | None = None
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclass
+class Layout:
+    inputs: list[TensorSpec]
+    target: TensorSpec
+    output: TensorSpec
+    params: list[RuntimeParam]
+    state_names: list[str]
+    optimizer: dict
+    loss: str
+    scheme: dict
+    target_name: str = "host"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> list[RuntimeParam]:
+        return [p for p in self.params if p.trainable]
+
+    def state_keys(self) -> list[str]:
+        return [f"{p.var}.{s}" for p in self.trainable for s in self.state_names]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["inputs"] = [s.to_json() for s in self.inputs]
+        data["target"] = self.target.to_json()
+        data["output"] = self.output.to_json()
+        return data
+
+    @staticmethod
+    def from_json(data: dict) -> Layout:
+        params = [RuntimeParam(**{**p, "shape": tuple(p["shape"])}) for p in data["params"]]
+        return Layout(
+            [TensorSpec.from_json(s) for s in data["inputs"]], TensorSpec.from_json(data["target"]),
+            TensorSpec.from_json(data["output"]), params, list(data["state_names"]),
+            dict(data["optimizer"]), data["loss"], dict(data["scheme"]),
+            data.get("target_name", "host"), dict(data.get("extra", {})),
+        )

@@ -1,0 +1,185 @@
+"""Sparse update schemes: which parameters a training step updates, and how much of each.
+
+A scheme is data. Rules select parameters by glob over source names (``features.1[5-7].*``) or by
+module path (``classifier`` selects every parameter under it) and give each an update mode:
+``full``, ``partial`` (the first ``ceil(ratio * C)`` input channels of a conv or linear weight, or
+the first output channels of a depthwise weight) or ``frozen``. Shortcuts: ``bias`` (``"all"``,
+``"none"`` or the last N layers) and ``norm_affine`` (BatchNorm weight and bias). Later rules win.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .analysis.layers import param_uses
+from .frontend.model import ImportedModel
+
+MODES = ("full", "partial", "frozen")
+
+
+@dataclass
+class Rule:
+    select: str
+    mode: str = "full"
+    ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Scheme: rule {self.select!r} has mode {self.mode!r}; use one of {MODES}")
+        if self.mode == "partial" and not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"Scheme: rule {self.select!r} needs 0 < ratio <= 1, got {self.ratio}")
+
+
+@dataclass(frozen=True)
+class Update:
+    """The resolved update of one parameter: ``channels`` is set for a partial update."""
+
+    mode: str
+    axis: int = 1
+    channels: int | None = None
+
+
+@dataclass
+class Scheme:
+    name: str = "custom"
+    rules: list[Rule] = field(default_factory=list)
+    bias: str | int = "none"
+    norm_affine: bool = False
+    default: str = "frozen"
+
+    # ---- construction -------------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str, k: int = 2) -> Scheme:
+        """``full``, ``bias-only``, ``last-k`` (k blocks) or ``tte-mbv2``."""
+        if name == "full":
+            return Scheme("full", default="full", bias="all", norm_affine=True)
+        if name == "bias-only":
+            return Scheme("bias-only", bias="all")
+        if name in ("last-k", "last_k") or name.startswith("last-"):
+            blocks = k if name in ("last-k", "last_k") else int(name.split("-")[1])
+            return Scheme(f"last-{blocks}", rules=[Rule(f"@last-blocks:{blocks}", "full")])
+        if name == "tte-mbv2":
+            # TTE-style sparse update for MobileNetV2: biases of the last 7 blocks, the classifier,
+            # and the first pointwise conv of the last blocks with shrinking channel ratios.
+            return Scheme("tte-mbv2", bias=7, rules=[
+                Rule("classifier", "full"),
+                Rule("features.17.conv.0.0.weight", "partial", 0.5),
+                Rule("features.16.conv.0.0.weight", "partial", 0.25),
+                Rule("features.15.conv.0.0.weight", "partial", 0.125),
+            ])
+        raise ValueError(f"Scheme: unknown preset {name!r}; choose full, bias-only, last-k, last-N or tte-mbv2")
+
+    @staticmethod
+    def from_dict(data: dict) -> Scheme:
+        if "preset" in data:
+            base = Scheme.preset(data["preset"], int(data.get("k", 2)))
+            base.rules += [Rule(**r) for r in data.get("rules", [])]
+            return base
+        rules = [Rule(**r) for r in data.get("rules", [])]
+        return Scheme(data.get("name", "custom"), rules, data.get("bias", "none"),
+                      bool(data.get("norm_affine", False)), data.get("default", "frozen"))
+
+    @staticmethod
+    def load(spec: str | Path | Scheme | None) -> Scheme:
+        """A preset name, a ``.toml``/``.json`` file, or a Scheme; ``None`` means ``full``."""
+        if spec is None:
+            return Scheme.preset("full")
+        if isinstance(spec, Scheme):
+            return spec
+        path = Path(spec)
+        if path.suffix in (".toml", ".json"):
+            if not path.exists():
+                raise ValueError(f"Scheme: no such file '{path}'")
+            text = path.read_text()
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+            return Scheme.from_dict(data)
+        return Scheme.preset(str(spec))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # ---- resolution -----------------------------------------------------------------------------
+    def resolve(self, model: ImportedModel) -> dict[str, Update]:
+        """Resolve to an :class:`Update` for every trainable (non-buffer) parameter of ``model``."""
+        uses = param_uses(model.mod["forward"])
+        params = [p for p in model.params if not p.is_buffer]
+        kinds = {p.name: uses[p.var_name].kind if p.var_name in uses else "other" for p in params}
+        order = sorted(params, key=lambda p: uses[p.var_name].position if p.var_name in uses else 0)
+        layers = list(dict.fromkeys(p.layer for p in order))
+        blocks = list(dict.fromkeys(_block_of(layer) for layer in layers))
+        result = {p.name: Update(self.default) for p in params}
+
+        if self.bias != "none":
+            biased = layers if self.bias == "all" else _last(layers, int(self.bias), "bias")
+            for p in params:
+                if kinds[p.name] in ("bias", "norm") and p.name.endswith("bias") and p.layer in biased:
+                    result[p.name] = Update("full")
+        if self.norm_affine:
+            for p in params:
+                if kinds[p.name] == "norm":
+                    result[p.name] = Update("full")
+
+        for rule in self.rules:
+            matched = _select(rule.select, params, blocks)
+            if not matched:
+                names = [p.name for p in params] + layers
+                close = difflib.get_close_matches(rule.select, names, n=5, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; layers are {', '.join(layers[:8])}, ..."
+                raise ValueError(f"Scheme: rule {rule.select!r} matches no parameter{hint}")
+            for p in matched:
+                if rule.mode != "partial":
+                    result[p.name] = Update(rule.mode)
+                    continue
+                result[p.name] = _partial(p, kinds[p.name], rule.ratio)
+        return result
+
+
+def _block_of(layer: str) -> str:
+    """``features.3.conv.0`` -> ``features.3``; ``layer4.1.conv1`` -> ``layer4.1``; ``fc`` -> ``fc``."""
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
+
+
+def _last(layers: list[str], n: int, what: str) -> list[str]:
+    if n < 0:
+        raise ValueError(f"Scheme: {what} needs a non-negative count, got {n}")
+    blocks = list(dict.fromkeys(_block_of(layer) for layer in layers))
+    keep = set(blocks[len(blocks) - n:]) if n else set()
+    return [layer for layer in layers if _block_of(layer) in keep]
+
+
+def _select(pattern: str, params, blocks: list[str]):
+    if pattern.startswith("@last-blocks:"):
+        n = int(pattern.split(":")[1])
+        if n <= 0 or n > len(blocks):
+            raise ValueError(f"Scheme: last-k needs 1 <= k <= {len(blocks)} (blocks: {', '.join(blocks)})")
+        keep = set(blocks[-n:])
+        return [p for p in params if _block_of(p.layer) in keep]
+    return [p for p in params if fnmatch.fnmatchcase(p.name, pattern)
+            or p.name.startswith(pattern + ".") or fnmatch.fnmatchcase(p.layer, pattern)]
+
+
+def _partial(param, kind: str, ratio: float) -> Update:
+    shape = param.value.shape
+    if kind in ("conv", "linear"):
+        axis = 1
+    elif kind == "depthwise":
+        axis = 0
+    else:
+        raise ValueError(
+            f"Scheme: partial update of {param.name!r} ({kind}, shape {tuple(shape)}) is not possible; "
+            "partial-channel updates apply to conv, depthwise conv and linear weights"
+        )
+    channels = math.ceil(ratio * shape[axis])
+    if channels >= shape[axis]:
+        return Update("full")
+    return Update("partial", axis, channels)
