@@ -1,7 +1,7 @@
 """pock_tvm: compile an inference model into a sparse, ahead-of-time training step on TVM."""
 
 from . import passes  # registers the gradient rules and the "pock_tvm" pipeline
-from .interface.compile import compile
+from .interface.compiler import compile
 from .loss import MSE, CrossEntropy, TorchLoss
 from .optim import SGD, Adam, AdamW
 from .runtime.program import Program

@@ -1,5 +1,5 @@
 """User-facing functions; the CLI only parses arguments and calls these."""
 
-from .compile import compile
+from .compiler import compile
 
 __all__ = ["compile"]

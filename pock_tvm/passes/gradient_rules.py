@@ -21,12 +21,12 @@ def _shape(expr) -> list[int]:
 
 
 def _clip(var, call, grad, ctx):
-    """ReLU6 and friends: pass the gradient where ``lo <= x <= hi`` (torch's hardtanh rule)."""
+    """ReLU6 and friends: pass the gradient where ``lo < x < hi`` (torch hardtanh_backward)."""
     x, lo, hi = call.args
     dtype = x.ty.dtype
     lo_c = relax.const(float(lo.value), dtype)
     hi_c = relax.const(float(hi.value), dtype)
-    inside = R.logical_and(R.greater_equal(x, lo_c), R.less_equal(x, hi_c))
+    inside = R.logical_and(R.greater(x, lo_c), R.less(x, hi_c))
     return [R.where(inside, grad, R.zeros_like(grad)), no_grad(lo), no_grad(hi)]
 
 
@@ -52,6 +52,14 @@ def _adaptive_avg_pool2d(var, call, grad, ctx):
     return [avg_pool2d_backward(grad, x, kernel, kernel, (0, 0, 0, 0), (1, 1), False, True)]
 
 
+def _relu(var, call, grad, ctx):
+    """Pass the gradient where ``x > 0`` only. TVM's own rule also passes it at ``x == 0``, which
+    differs from torch wherever an activation is exactly zero (common after ReLU + conv without
+    bias: all-zero windows)."""
+    x = call.args[0]
+    return [R.where(R.greater(x, relax.const(0.0, x.ty.dtype)), grad, R.zeros_like(grad))]
+
+
 def _rsqrt(var, call, grad, ctx):
     """d/dx x^-1/2 = -1/2 * x^-3/2 = -1/2 * y^3."""
     half = relax.const(-0.5, var.ty.dtype)
@@ -72,7 +80,7 @@ def _erf(var, call, grad, ctx):
     return [R.multiply(grad, R.multiply(scale, R.exp(R.negative(R.multiply(x, x)))))]
 
 
-# op name -> rule. Only installed where TVM has no rule of its own.
+# op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
     "relax.clip": _clip,
     "relax.squeeze": _to_input_shape,
@@ -83,12 +91,27 @@ GRADIENT_RULES = {
     "relax.erf": _erf,
 }
 
+# op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.
+GRADIENT_OVERRIDES = {
+    "relax.nn.relu": _relu,
+}
+
 
 def has_gradient_rule(op_name: str) -> bool:
     return tvm.ir.Op.get(op_name).get_attr("FPrimalGradient") is not None
 
 
+_OVERRIDE_LEVEL = 11  # above TVM's default level 10
+_registered = False
+
+
 def register_gradient_rules() -> None:
+    global _registered
+    if _registered:
+        return
     for name, rule in GRADIENT_RULES.items():
         if not has_gradient_rule(name):
             relax.op.register_gradient(name, rule)
+    for name, rule in GRADIENT_OVERRIDES.items():
+        relax.op.register_gradient(name, rule, level=_OVERRIDE_LEVEL)
+    _registered = True

@@ -1,0 +1,65 @@
+"""PyTorch autograd reference for a compiled program: same scheme, same loss, same optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+import pock_tvm
+
+
+def torch_optimizer(opt, tensors):
+    if isinstance(opt, pock_tvm.SGD):
+        return torch.optim.SGD(tensors, lr=opt.lr, momentum=opt.momentum, dampening=opt.dampening,
+                               weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+    cls = torch.optim.AdamW if opt.decoupled else torch.optim.Adam
+    return cls(tensors, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+class Reference:
+    """Trains a copy of ``model`` in eval mode with autograd, updating what ``program`` updates.
+
+    A partially updated weight is rebuilt every step as ``cat(trainable slice, frozen rest)``,
+    so torch differentiates w.r.t. exactly the slice the program trains.
+    """
+
+    def __init__(self, model, program, optimizer, loss_fn=torch.nn.functional.cross_entropy):
+        self.model = copy.deepcopy(model).eval()
+        self.loss_fn = loss_fn
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.trained: dict[str, list] = {}
+        leaves = []
+        for p in program.layout.params:
+            if p.trainable:
+                full = self.state[p.source]
+                piece = full if p.axis is None else full.narrow(p.axis, p.start, p.stop - p.start)
+                leaf = torch.nn.Parameter(piece.clone())
+                leaves.append(leaf)
+                self.trained[p.source] = (p, leaf)
+        self.opt = torch_optimizer(optimizer, leaves)
+
+    def _params(self):
+        params = dict(self.state)
+        for source, (p, leaf) in self.trained.items():
+            if p.axis is None:
+                params[source] = leaf
+            else:
+                full = self.state[source]
+                rest = full.narrow(p.axis, p.stop, full.shape[p.axis] - p.stop)
+                params[source] = torch.cat([leaf, rest], dim=p.axis)
+        return params
+
+    def step(self, *args) -> float:
+        *inputs, target = [torch.as_tensor(a) for a in args]
+        self.opt.zero_grad()
+        loss = self.loss_fn(functional_call(self.model, self._params(), tuple(inputs)), target)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {k: v.detach().numpy().copy() for k, v in self._params().items()}
