@@ -57,26 +57,37 @@ class GraphCost:
     backward_ops: dict[str, int]
 
 
+def adjoint_parts(mod: tvm.IRModule, loss_name: str = "loss"):
+    """Forward and backward bindings of the adjoint: ``<loss>_adjoint`` computes the frozen
+    prefix, ``<loss>__tail_adjoint`` the rest of the forward and then the backward."""
+    tail = mod[loss_name + "__tail_adjoint"]
+    split = int(tail.attrs["pock_tvm.num_forward_bindings"])
+    tail_bindings = bindings(tail)
+    return bindings(mod[loss_name + "_adjoint"]) + tail_bindings[:split], tail_bindings[split:]
+
+
 def training_cost(mod: tvm.IRModule, trainable: list[str], loss_name: str = "loss") -> GraphCost:
-    """Split ``<loss>_adjoint`` into its forward part (the bindings of ``loss``) and backward."""
-    forward_names = {b.var.name for b in bindings(mod[loss_name])}
-    params = {p.name for p in mod[loss_name].params}
-    fwd = bwd = 0
+    """FLOPs of both parts, bytes of forward values the backward reads, bytes of gradients."""
+    forward, backward = adjoint_parts(mod, loss_name)
+    forward_ty = {b.var: b.var.ty for b in forward}
+    forward_ty.update({p: p.ty for p in mod[loss_name + "__tail_adjoint"].params
+                       if p.name not in {q.name for q in mod[loss_name].params}})
+    fwd = sum(flops(b.value, b.var.ty) for b in forward if _is_op_call(b.value))
+    bwd = 0
     ops: dict[str, int] = {}
-    saved: dict[str, int] = {}
-    forward_ty = {b.var.name: b.var.ty for b in bindings(mod[loss_name])}
-    for binding in bindings(mod[loss_name + "_adjoint"]):
+    saved: dict = {}
+    for binding in backward:
         value = binding.value
-        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        if not _is_op_call(value):
             continue
-        cost = flops(value, binding.var.ty)
-        if binding.var.name in forward_names:
-            fwd += cost
-            continue
-        bwd += cost
+        bwd += flops(value, binding.var.ty)
         ops[value.op.name] = ops.get(value.op.name, 0) + 1
         for arg in value.args:
-            if isinstance(arg, relax.Var) and arg.name in forward_ty and arg.name not in params:
-                saved[arg.name] = nbytes(forward_ty[arg.name])
+            if isinstance(arg, relax.Var) and arg in forward_ty:
+                saved[arg] = nbytes(forward_ty[arg])
     grads = sum(nbytes(p.ty) for p in mod[loss_name].params if p.name in set(trainable))
     return GraphCost(fwd, bwd, sum(saved.values()), grads, ops)
+
+
+def _is_op_call(value) -> bool:
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)

@@ -128,15 +128,21 @@ def _optimizer_json(optimizer) -> dict:
 
 def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer) -> Report:
     sparse = training_cost(train_mod, trainable)
-    full_updates = Scheme.preset("full").resolve(imported)
-    _, dense_trainable, _ = plan(imported, full_updates)
-    dense_mod = pock_tvm_pipeline(trainable=dense_trainable, loss_function=loss.relax_function(imported.output),
-                                  optimizer=optimizer, lower=False)(imported.mod)
-    dense = training_cost(dense_mod, dense_trainable)
+    _, dense_trainable, _ = plan(imported, Scheme.preset("full").resolve(imported))
+    try:
+        dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer)
+        dense = training_cost(dense_mod, dense_trainable)
+    except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
+        logger.info("no full-backprop baseline for the report: %s", err)
+        dense = None
     params = train_mod["loss"].params
     state = len(optimizer.state_names()) * sum(nbytes(p.ty) for p in params if p.name in set(trainable))
     param_bytes = sum(int(p.value.nbytes) for p in imported.params)
-    report = Report.build(scheme.name, _layer_rows(imported, updates), dense, sparse, state, param_bytes)
+    report = Report.build(scheme.name, _layer_rows(imported, updates), dense or sparse, sparse, state,
+                          param_bytes)
+    if dense is None:
+        report.notes.append("full backprop is not possible for this model (an op lacks a gradient "
+                            "rule below the updated layers): its column repeats this scheme")
     if any(p.is_buffer for p in imported.params):
         report.notes.append("BatchNorm is frozen: running statistics are fixed inputs, not updated.")
     if math.isclose(sum(r.trainable_elements for r in report.layers), 0):

@@ -94,7 +94,8 @@ class _Splitter(PyExprMutator):
                 f"SplitPartialChannels: {op_name} reads a partially updated weight ({used}); only "
                 "conv2d and linear weights can be updated partially, set this one to full or frozen"
             )
-        self.set_var_remap(binding.var, self.builder_.emit(out, binding.var.name))
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(out, binding.var.name))
         return None
 
     def _conv(self, call: relax.Call, name: str) -> relax.Expr:
