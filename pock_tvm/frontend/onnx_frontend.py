@@ -6,6 +6,7 @@ statistics inputs of ``BatchNormalization`` are marked as buffers (never trained
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -51,6 +52,30 @@ def _origins(graph) -> dict[str, str]:
     return {f"onnx:{op}": ", ".join(names[:6]) for op, names in by_type.items()}
 
 
+def _materialize_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each ``Identity(initializer)`` output its own initializer.
+
+    torch's exporter deduplicates equal tensors: a fresh BatchNorm's running_var (ones) and
+    weight (ones) become one initializer plus an ``Identity``. Training the weight would then
+    move the running statistics too; a copy per name keeps them apart and keeps the names.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    if not any(n.op_type == "Identity" and n.input[0] in inits for n in model.graph.node):
+        return model
+    model = copy.deepcopy(model)
+    inits = {init.name: init for init in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            array = numpy_helper.to_array(inits[node.input[0]])
+            model.graph.initializer.append(numpy_helper.from_array(array.copy(), node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
 def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = None) -> ImportedModel:
     """Import ``model``; ``input_shapes`` overrides dynamic input dimensions."""
     if not isinstance(model, onnx.ModelProto):
@@ -58,6 +83,7 @@ def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = N
         if not path.exists():
             raise ValueError(f"from_onnx: no such file '{path}'")
         model = onnx.load(str(path))
+    model = _materialize_identities(model)
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     inputs = _input_specs(graph, set(initializers), input_shapes)

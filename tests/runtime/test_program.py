@@ -1,0 +1,93 @@
+"""Program: predict, state dicts, save/load (atomic) and input checking at step()."""
+
+import numpy as np
+import pytest
+import torch
+
+import pock_tvm
+from pock_tvm.models import MLP
+from pock_tvm.runtime import program as program_module
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = torch.randn(4, 32), torch.randint(0, 10, (4,))
+    scheme = pock_tvm.Scheme(rules=[pock_tvm.Rule("fc2.weight", "partial", 0.5), pock_tvm.Rule("fc3", "full")])
+    program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer=pock_tvm.Adam(lr=1e-2))
+    return model, program, x.numpy(), y.numpy()
+
+
+def test_predict_matches_torch(setup):
+    model, program, x, _ = setup
+    np.testing.assert_allclose(program.predict(x), model(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_has_source_names_and_reassembles_partial_weights(setup):
+    model, program, x, y = setup
+    state = program.state_dict()
+    assert set(state) == set(model.state_dict())
+    assert state["fc2.weight"].shape == (64, 64)
+    program.step(x, y)
+    after = program.state_dict()
+    assert not np.array_equal(after["fc2.weight"][:, :32], state["fc2.weight"][:, :32])
+    assert np.array_equal(after["fc2.weight"][:, 32:], state["fc2.weight"][:, 32:])
+
+
+def test_load_state_dict_round_trip_and_errors(setup):
+    model, program, x, y = setup
+    fresh = {k: v.detach().numpy() * 0.5 for k, v in model.state_dict().items()}
+    program.load_state_dict(fresh)
+    for key, value in program.state_dict().items():
+        np.testing.assert_array_equal(value, fresh[key])
+    with pytest.raises(ValueError, match=r"missing keys \['fc1.bias'\]"):
+        program.load_state_dict({k: v for k, v in fresh.items() if k != "fc1.bias"})
+    with pytest.raises(ValueError, match=r"'fc1.bias' has shape \(3,\), expected \(64,\)"):
+        program.load_state_dict({**fresh, "fc1.bias": np.zeros(3, "float32")})
+
+
+def test_save_load_continues_training_identically(setup, tmp_path):
+    _, program, x, y = setup
+    program.step(x, y)
+    program.save(tmp_path / "prog")
+    loaded = pock_tvm.load(tmp_path / "prog")
+    assert loaded.steps_done == 1
+    assert [program.step(x, y) for _ in range(2)] == [loaded.step(x, y) for _ in range(2)]
+    for key, value in program.state_dict().items():
+        np.testing.assert_array_equal(value, loaded.state_dict()[key])
+    assert str(loaded.report()) == str(program.report())
+
+
+def test_failed_save_leaves_the_previous_program_intact(setup, tmp_path, monkeypatch):
+    _, program, x, y = setup
+    program.save(tmp_path / "prog")
+    before = (tmp_path / "prog" / "state.npz").read_bytes()
+    program.step(x, y)
+
+    def broken(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(program_module.np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        program.save(tmp_path / "prog")
+    assert (tmp_path / "prog" / "state.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prog"]  # no temporary left behind
+    assert pock_tvm.load(tmp_path / "prog").steps_done == 0
+
+
+def test_step_rejects_wrong_shape_dtype_and_count(setup):
+    _, program, x, y = setup
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(3, 32\).*compiled for \(4, 32\)"):
+        program.step(x[:3], y)
+    with pytest.raises(ValueError, match=r"input 'target' has dtype int32, the program expects int64"):
+        program.step(x, y.astype("int32"))
+    with pytest.raises(ValueError, match=r"input 'x' has dtype float64"):
+        program.step(x.astype("float64"), y)
+    with pytest.raises(ValueError, match=r"expected 2 arguments \(x, target\), got 1"):
+        program.step(x)
+
+
+def test_load_of_a_non_program_directory_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="has no lib.so"):
+        pock_tvm.load(tmp_path)
