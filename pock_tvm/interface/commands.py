@@ -1,0 +1,118 @@
+"""What the CLI commands do: compile to a directory, show info, train on a data file, demo."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.program import Program
+from .compiler import compile
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(spec: str, input_shape: tuple[int, ...] | None):
+    """``file.onnx``, a reference model name (``mobilenetv2``), or ``module_or_file.py:factory``.
+
+    Returns ``(model, example_inputs)``; ONNX models carry their own shapes.
+    """
+    import torch
+
+    from ..models import _REGISTRY, build
+
+    if spec.endswith(".onnx"):
+        return spec, None
+    if spec in _REGISTRY:
+        model = build(spec)
+        shape = input_shape or {"mlp": (8, 32)}.get(spec, (8, 3, 128, 128))
+        return model, (torch.randn(*shape),)
+    if ":" in spec:
+        where, name = spec.rsplit(":", 1)
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if module_spec is None or not Path(where).exists():
+                raise ValueError(f"no such file '{where}'")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        if input_shape is None:
+            raise ValueError(f"model '{spec}' needs --input-shape (e.g. 8,3,128,128)")
+        return getattr(module, name)(), (torch.randn(*input_shape),)
+    raise ValueError(f"unknown model '{spec}': give an .onnx file, a reference model "
+                     f"({', '.join(sorted(_REGISTRY))}) or module.py:factory")
+
+
+def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str = "host",
+                   input_shape: tuple[int, ...] | None = None, loss: str = "cross_entropy",
+                   optimizer=None) -> Program:
+    model_obj, example = load_model(model, input_shape)
+    shapes = None
+    if example is None and input_shape is not None:
+        import onnx
+
+        first = onnx.load(model).graph.input[0].name
+        shapes = {first: input_shape}
+    program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
+                      target=target, input_shapes=shapes)
+    program.save(out)
+    return program
+
+
+def info(path: str) -> str:
+    program = Program.load(path)
+    layout = program.layout
+    lines = [f"program: {path}", f"target: {layout.target_name}",
+             "inputs: " + ", ".join(f"{s.name}{list(s.shape)} {s.dtype}" for s in [*layout.inputs, layout.target]),
+             f"loss: {layout.loss}, optimizer: {layout.optimizer}", f"steps done: {program.steps_done}", ""]
+    report = program.report()
+    return "\n".join(lines) + (str(report) if report else "(no report stored)")
+
+
+def load_data(path: str, program: Program) -> tuple[list[np.ndarray], np.ndarray]:
+    """An ``.npz`` with one array per input (by name, or ``x``) and ``y`` or ``target``."""
+    if not Path(path).exists():
+        raise ValueError(f"no such data file '{path}'")
+    with np.load(path) as data:
+        keys = set(data.files)
+        names = [s.name for s in program.layout.inputs]
+        if len(names) == 1 and names[0] not in keys and "x" in keys:
+            inputs = [data["x"]]
+        else:
+            missing = [n for n in names if n not in keys]
+            if missing:
+                raise ValueError(f"data file '{path}' lacks arrays {missing} (it has {sorted(keys)})")
+            inputs = [data[n] for n in names]
+        target_key = "y" if "y" in keys else "target"
+        if target_key not in keys:
+            raise ValueError(f"data file '{path}' needs the targets as array 'y' or 'target'")
+        return inputs, data[target_key]
+
+
+def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: bool = True) -> list[float]:
+    """Run training steps over ``data`` in batches of the compiled batch size."""
+    program = Program.load(path)
+    inputs, target = load_data(data, program)
+    batch = program.layout.target.shape[0] if program.layout.target.shape else 1
+    count = len(target) // batch
+    if count == 0:
+        raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
+    dtypes = [s.dtype for s in program.layout.inputs]
+    losses = []
+    for epoch in range(epochs):
+        for i in range(count):
+            sl = slice(i * batch, (i + 1) * batch)
+            start = time.perf_counter()
+            loss = program.step(*[x[sl].astype(d, copy=False) for x, d in zip(inputs, dtypes)],
+                                target[sl].astype(program.layout.target.dtype, copy=False), lr=lr)
+            losses.append(loss)
+            logger.info("epoch %d step %d loss %.5f time %.1f ms", epoch, i, loss,
+                        1e3 * (time.perf_counter() - start))
+    if save:
+        program.save_state(Path(path) / "state.npz")
+    return losses

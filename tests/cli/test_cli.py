@@ -1,0 +1,42 @@
+"""pock-tvm compile / info / train, and the errors they print."""
+
+import numpy as np
+import pytest
+
+from pock_tvm.cli.main import main
+
+
+def test_compile_info_train(tmp_path, capsys):
+    out = tmp_path / "prog"
+    assert main(["compile", "mlp", "--scheme", "bias-only", "--input-shape", "4,32",
+                 "--optimizer", "sgd", "--lr", "0.1", "-o", str(out)]) == 0
+    assert "fc1" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "scheme: bias-only" in shown and "x[4, 32] float32" in shown and "steps done: 0" in shown
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((12, 32)).astype("float32"),
+             y=rng.integers(0, 10, 12))
+    assert main(["train", str(out), "--data", str(tmp_path / "data.npz"), "--epochs", "2"]) == 0
+    assert "6 steps" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "steps done: 6" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_the_fix(tmp_path, capsys):
+    assert main(["compile", "nosuchmodel", "-o", str(tmp_path / "p")]) == 2
+    assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "has no lib.so" in capsys.readouterr().err
+    assert main(["compile", "mlp", "--input-shape", "4,32", "--scheme", "last-1", "-o", str(tmp_path / "p")]) == 0
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 32), "float32"))
+    assert main(["train", str(tmp_path / "p"), "--data", str(tmp_path / "bad.npz")]) == 2
+    assert "lacks arrays ['x']" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert all(cmd in shown for cmd in ("compile", "info", "train", "demo"))
