@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import numpy as np
@@ -145,6 +144,6 @@ def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer) ->
                             "rule below the updated layers): its column repeats this scheme")
     if any(p.is_buffer for p in imported.params):
         report.notes.append("BatchNorm is frozen: running statistics are fixed inputs, not updated.")
-    if math.isclose(sum(r.trainable_elements for r in report.layers), 0):
+    if sum(r.trainable_elements for r in report.layers) == 0:
         report.notes.append("warning: the scheme updates nothing")
     return report

@@ -29,7 +29,6 @@ class AppendLoss:
         if not isinstance(ret, relax.TensorType) or len(ret.shape) != 0:
             raise ValueError(f"AppendLoss: the loss must return a scalar tensor, it returns {ret}")
         func = mod[self.func_name]
-        # the stock pass wants the backbone free of non-dataflow wrappers and attributes it ignores
         mod = _RelaxAppendLoss(self.func_name, self.loss_function, 1, self.new_func_name)(mod)
         new = mod[self.new_func_name]
         for key in ("pock_tvm.partial",):

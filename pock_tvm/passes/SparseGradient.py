@@ -50,8 +50,7 @@ class SparseGradient:
         # Gradient keeps the forward bindings first: record where the backward part starts
         adjoint = mod[tail_name + "_adjoint"].with_attr(FORWARD_BINDINGS, len(tail))
         mod[mod.get_global_var(tail_name + "_adjoint")] = adjoint
-        return _add_adjoint(mod, func, prefix, frontier, tail_name + "_adjoint",
-                            self.func_name + "_adjoint")
+        return _add_adjoint(mod, func, prefix, frontier, tail_name, self.func_name + "_adjoint")
 
 
 def _vars_in(expr) -> set[relax.Var]:
@@ -111,11 +110,14 @@ def _tail_function(func, prefix, tail):
     return bb.get()["tail"], frontier
 
 
-def _add_adjoint(mod, func, prefix, frontier, tail_adjoint_name, name) -> tvm.IRModule:
-    """Add ``name``: the frozen prefix as inference, then a call of the tail's adjoint."""
+def _add_adjoint(mod, func, prefix, frontier, tail_name, name) -> tvm.IRModule:
+    """Add ``name``: the frozen prefix as inference, then a call of the tail's adjoint. The tail
+    itself is dropped (only its adjoint is used)."""
+    tail_adjoint_name = tail_name + "_adjoint"
     new_params = [relax.Var(p.name, p.ty) for p in func.params]
     # re-add the tail adjoint through the builder so that its GlobalVar carries a type
-    others = {gv: f for gv, f in mod.functions.items() if gv.name_hint != tail_adjoint_name}
+    others = {gv: f for gv, f in mod.functions.items()
+              if gv.name_hint not in (tail_name, tail_adjoint_name)}
     bb = relax.BlockBuilder(tvm.IRModule(others, attrs=mod.attrs))
     adjoint_gv = bb.add_func(mod[tail_adjoint_name], tail_adjoint_name)
     remap = dict(zip(func.params, new_params))
