@@ -5,8 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from .model import ImportedModel, ParamInfo, TensorSpec
-from .onnx_frontend import from_onnx
-from .torch_frontend import from_torch
+
+
+def from_torch(model, example_inputs) -> ImportedModel:
+    """See :func:`pock_tvm.frontend.torch_frontend.from_torch` (imports torch on first use)."""
+    from .torch_frontend import from_torch as convert
+
+    return convert(model, example_inputs)
+
+
+def from_onnx(model, input_shapes: dict | None = None) -> ImportedModel:
+    """See :func:`pock_tvm.frontend.onnx_frontend.from_onnx` (imports onnx on first use)."""
+    from .onnx_frontend import from_onnx as convert
+
+    return convert(model, input_shapes)
 
 __all__ = ["ImportedModel", "ParamInfo", "TensorSpec", "from_onnx", "from_torch", "import_model"]
 

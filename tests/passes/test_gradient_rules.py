@@ -6,7 +6,7 @@ import torch
 import tvm
 from tvm import relax
 
-import pock_tvm  # noqa: F401  (registers the rules)
+import pock_tvm.passes  # noqa: F401  (registers the rules)
 
 R = relax.op
 
