@@ -10,11 +10,11 @@ from pock_tvm.analysis.cost import adjoint_parts
 from pock_tvm.interface.compiler import build_training_graph, plan
 
 
-def training_graph(imported, scheme, optimizer="sgd"):
+def training_graph(imported, scheme, optimizer="sgd", **settings):
     updates = pock_tvm.Scheme.load(scheme).resolve(imported)
     _, trainable, partial = plan(imported, updates)
     mod = build_training_graph(imported, trainable, partial, pock_tvm.loss.make_loss("ce"),
-                               pock_tvm.optim.make_optimizer(optimizer))
+                               pock_tvm.optim.make_optimizer(optimizer), **settings)
     return mod, trainable
 
 

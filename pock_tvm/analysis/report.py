@@ -26,6 +26,7 @@ class Report:
     optimizer_state_bytes: int
     param_bytes: int
     notes: list[str] = field(default_factory=list)
+    planned: dict = field(default_factory=dict)  # bytes of planned storage: train_step, forward
 
     @staticmethod
     def build(scheme: str, layers: list[LayerRow], dense: GraphCost, sparse: GraphCost,
@@ -42,7 +43,7 @@ class Report:
     def from_json(data: dict) -> Report:
         return Report(data["scheme"], [LayerRow(**r) for r in data["layers"]], data["dense"],
                       data["sparse"], data["optimizer_state_bytes"], data["param_bytes"],
-                      list(data.get("notes", [])))
+                      list(data.get("notes", [])), dict(data.get("planned", {})))
 
     def __str__(self) -> str:
         lines = [f"scheme: {self.scheme}", "", f"{'layer':<34} {'updated':<40} trainable/total"]
@@ -62,6 +63,9 @@ class Report:
             lines.append(f"{label:<28} {fmt(d):>16} {fmt(s):>16} {ratio:>8}")
         lines.append(f"{'optimizer state':<28} {'':>16} {_bytes(self.optimizer_state_bytes):>16}")
         lines.append(f"{'parameters':<28} {_bytes(self.param_bytes):>16} {_bytes(self.param_bytes):>16}")
+        if self.planned:
+            lines.append(f"{'planned step storage':<28} {'':>16} {_bytes(self.planned['train_step']):>16}"
+                         f"   (forward alone: {_bytes(self.planned['forward'])})")
         ops = ", ".join(f"{k.replace('relax.', '')} x{v}" for k, v in sorted(self.sparse["backward_ops"].items()))
         lines += ["", f"backward ops kept: {ops}"] + self.notes
         return "\n".join(lines)

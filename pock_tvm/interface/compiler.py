@@ -10,6 +10,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.cost import nbytes, training_cost
+from ..analysis.memory import planned_bytes
 from ..analysis.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
@@ -71,20 +72,22 @@ def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[Lay
     return list(rows.values())
 
 
-def build_training_graph(imported, trainable, partial, loss, optimizer) -> tvm.IRModule:
+def build_training_graph(imported, trainable, partial, loss, optimizer, **settings) -> tvm.IRModule:
+    """Phases 1-2 of the pipeline; ``settings`` are further pipeline keywords."""
     return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins,
                              loss_function=loss.relax_function(imported.output),
-                             optimizer=optimizer, lower=False)(imported.mod)
+                             optimizer=optimizer, lower=False, **settings)(imported.mod)
 
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
-            target="host", input_shapes: dict | None = None) -> Program:
+            target="host", input_shapes: dict | None = None, **pipeline_settings) -> Program:
     """Compile ``model`` into a training :class:`Program`.
 
     ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), an ONNX path or ``ModelProto``.
     ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
     ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
+    ``pipeline_settings`` switch optimizations of the pipeline (e.g. ``reorder_updates=False``).
     """
     if target != "host":
         raise ValueError(f"compile: target {target!r} is not available yet; use target='host'")
@@ -93,13 +96,15 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
     updates = scheme.resolve(imported)
     params, trainable, partial = plan(imported, updates)
-    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer)
+    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, **pipeline_settings)
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer)
 
     tgt = host_target()
-    lowering = pock_tvm_pipeline(build_training_graph=False)
-    with tvm.transform.PassContext(opt_level=3):
-        exe = tvm.compile(train_mod, target=tgt, relax_pipeline=lowering)
+    with tgt, tvm.transform.PassContext(opt_level=3):
+        lowered = pock_tvm_pipeline(build_training_graph=False)(train_mod)
+        report.planned = {"train_step": planned_bytes(lowered)["storage"],
+                          "forward": planned_bytes(lowered, "forward")["storage"]}
+        exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
                     scheme.to_dict(), "host")

@@ -49,6 +49,7 @@ class SparseGradient:
         mod = relax.transform.Gradient(tail_name, require_grads=require)(mod)
         # Gradient keeps the forward bindings first: record where the backward part starts
         adjoint = mod[tail_name + "_adjoint"].with_attr(FORWARD_BINDINGS, len(tail))
+        adjoint = adjoint.without_attr("global_symbol")  # internal: DCE may drop it once inlined
         mod[mod.get_global_var(tail_name + "_adjoint")] = adjoint
         return _add_adjoint(mod, func, prefix, frontier, tail_name, self.func_name + "_adjoint")
 
@@ -128,4 +129,7 @@ def _add_adjoint(mod, func, prefix, frontier, tail_name, name) -> tvm.IRModule:
             args = [*new_params, *[remap[v] for v in frontier]]
             out = bb.emit_output(relax.Call(adjoint_gv, args), "result")
         bb.emit_func_output(out)
-    return bb.get()
+    result = bb.get()
+    gv = result.get_global_var(name)
+    result[gv] = result[gv].without_attr("global_symbol")  # internal, like the tail adjoint
+    return result

@@ -6,11 +6,12 @@ from .CheckGradientRules import CheckGradientRules
 from .FreezeBatchNorm import FreezeBatchNorm
 from .gradient_rules import GRADIENT_RULES, register_gradient_rules
 from .pipeline import pock_tvm_pipeline
+from .ReorderUpdates import ReorderUpdates
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
 
 register_gradient_rules()
 
 __all__ = ["AppendLoss", "AppendOptimizer", "CheckGradientRules", "FreezeBatchNorm",
-           "GRADIENT_RULES", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
+           "GRADIENT_RULES", "ReorderUpdates", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
            "register_gradient_rules"]

@@ -14,6 +14,7 @@ from .AppendOptimizer import AppendOptimizer
 from .CheckGradientRules import CheckGradientRules
 from .FreezeBatchNorm import FreezeBatchNorm
 from .gradient_rules import register_gradient_rules
+from .ReorderUpdates import ReorderUpdates
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
 
@@ -28,12 +29,14 @@ def pock_tvm_pipeline(
     loss_function: relax.Function | None = None,
     optimizer=None,
     origins: dict[str, str] | None = None,
+    reorder_updates: bool = True,
     build_training_graph: bool = True,
     lower: bool = True,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``. ``lower=False`` stops at the training graph (for
-    analysis); ``build_training_graph=False`` only lowers an already built training graph."""
+    analysis); ``build_training_graph=False`` only lowers an already built training graph;
+    ``reorder_updates=False`` keeps all updates after the whole backward pass (for measuring)."""
     register_gradient_rules()
     passes = []
     if build_training_graph:
@@ -46,11 +49,12 @@ def pock_tvm_pipeline(
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
             SparseGradient(trainable),  # adjoints only for what the scheme updates
             AppendOptimizer(optimizer, trainable),  # train_step = loss_adjoint + update
-            relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # drop unused bindings
+            *([ReorderUpdates()] if reorder_updates else []),  # update right after its gradient
         ]
     if lower:
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
+            relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
             relax.transform.LegalizeOps(),  # every op to a TIR kernel
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
             relax.transform.FoldConstant(),  # constants from the loss and optimizer

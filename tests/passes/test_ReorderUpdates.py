@@ -1,0 +1,56 @@
+"""ReorderUpdates: updates follow their gradients; the values are those of the unordered step."""
+
+import numpy as np
+import torch
+from tvm import relax
+
+import pock_tvm
+from graphs import training_graph
+from pock_tvm.analysis.layers import bindings
+from pock_tvm.models import MLP
+
+
+def _positions(func):
+    return {b.var.name: i for i, b in enumerate(bindings(func))}
+
+
+def test_each_update_follows_its_gradient(small_cnn):
+    mod, trainable = training_graph(small_cnn, "last-2", optimizer="adam")
+    step = mod["train_step"]
+    calls = [b.value for b in bindings(step) if isinstance(b.value, relax.Call)]
+    assert not any(isinstance(c.op, relax.GlobalVar) for c in calls), "adjoints are inlined"
+    pos = _positions(step)
+    order = sorted(trainable, key=lambda t: pos[t + "_adjoint"])
+    for earlier, later in zip(order, order[1:]):
+        # the whole update of `earlier` (its new value is read by the output tuple) comes before
+        # the gradient of `later` is even computed
+        new_value = _output_var(step, trainable.index(earlier) + 1)
+        assert pos[new_value] < pos[later + "_adjoint"]
+
+
+def test_without_reordering_updates_come_after_the_backward_pass(small_cnn):
+    mod, trainable = training_graph(small_cnn, "last-2", optimizer="adam", reorder_updates=False)
+    first = bindings(mod["train_step"])[0].value
+    assert isinstance(first.op, relax.GlobalVar) and first.op.name_hint == "loss_adjoint"
+
+
+def test_same_numbers_as_the_unordered_step():
+    model, x, y = MLP(), torch.randn(4, 32), torch.randint(0, 10, (4,))
+    opt = pock_tvm.Adam(lr=1e-2)
+    results = []
+    for reorder in (True, False):
+        program = pock_tvm.compile(model, (x,), scheme="last-2", optimizer=opt, reorder_updates=reorder)
+        losses = [program.step(x.numpy(), y.numpy()) for _ in range(3)]
+        results.append((losses, program.state_dict()))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for name, value in results[0][1].items():
+        np.testing.assert_allclose(value, results[1][1][name], rtol=1e-6, atol=1e-7)
+
+
+def _output_var(step, index) -> str:
+    ret = step.body.body
+    last = bindings(step)[-1]
+    tup = last.value if last.var.same_as(ret) else ret
+    while isinstance(tup, relax.Var):
+        tup = next(b.value for b in bindings(step) if b.var.same_as(tup))
+    return tup.fields[index].name
