@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
+	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

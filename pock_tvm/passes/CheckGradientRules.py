@@ -7,6 +7,7 @@ from tvm import relax
 
 from ..analysis.layers import bindings
 from .gradient_rules import has_gradient_rule
+from .utils import vars_in
 
 # ops that make no gradient flow through them, whatever they read
 _NO_FLOW = {"relax.shape_of"}
@@ -33,8 +34,7 @@ class CheckGradientRules:
         missing = []
         for binding in bindings(mod[self.func_name]):
             value = binding.value
-            reads = _vars_read(value)
-            if not reads & tainted:
+            if not {v.name for v in vars_in(value)} & tainted:
                 continue
             tainted.add(binding.var.name)
             if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
@@ -57,14 +57,3 @@ class CheckGradientRules:
             if key.lower().replace("_", "") == onnx_key:
                 return f"ONNX node(s) {nodes}"
         return "an unknown source node"
-
-
-def _vars_read(expr) -> set[str]:
-    names: set[str] = set()
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            names.add(e.name)
-
-    relax.analysis.post_order_visit(expr, visit)
-    return names

@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.layers import bindings
-from .SparseGradient import _substitute, _vars_in
+from .utils import substitute, vars_in
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ReorderUpdates")
@@ -34,13 +34,13 @@ class ReorderUpdates:
         bb = relax.BlockBuilder()
         params = [relax.Var(p.name, p.ty) for p in step.params]
         remap: dict = dict(zip(step.params, params))
-        with bb.function(self.func_name, params):
+        with bb.function(self.func_name, params, attrs=dict(step.attrs or {})):
             with bb.dataflow():
                 own = _inline(bb, mod, bindings(step), remap, top=True)
-                out = bb.emit_output(_substitute(step.body.body, remap), "result")
+                out = bb.emit_output(substitute(step.body.body, remap), "result")
             bb.emit_func_output(out)
         flat = bb.get()[self.func_name]
-        new = _reorder(flat, own).with_attrs(dict(step.attrs)) if step.attrs else _reorder(flat, own)
+        new = _reorder(flat, own)
         result = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
         result[result.get_global_var(self.func_name)] = new
         return result
@@ -54,19 +54,19 @@ def _inline(bb, mod, body, remap, top=False) -> set:
         value = binding.value
         if isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar):
             callee = mod[value.op.name_hint]
-            inner = dict(zip(callee.params, [_substitute(a, remap) for a in value.args]))
+            inner = dict(zip(callee.params, [substitute(a, remap) for a in value.args]))
             _inline(bb, mod, bindings(callee), inner)
-            remap[binding.var] = _substitute(callee.body.body, inner)
+            remap[binding.var] = substitute(callee.body.body, inner)
             continue
         if isinstance(value, relax.Var):  # an alias (Gradient's `x_adjoint_out = x_adjoint`)
-            remap[binding.var] = _substitute(value, remap)
+            remap[binding.var] = substitute(value, remap)
             continue
         if isinstance(value, relax.TupleGetItem):
-            tup = _substitute(value.tuple_value, remap)
+            tup = substitute(value.tuple_value, remap)
             if isinstance(tup, relax.Tuple):  # item of an inlined return: no binding needed
                 remap[binding.var] = tup.fields[value.index]
                 continue
-        new = bb.emit(_substitute(value, remap), binding.var.name)
+        new = bb.emit(substitute(value, remap), binding.var.name)
         remap[binding.var] = new
         if top:
             own.add(new)
@@ -83,11 +83,11 @@ def _reorder(func: relax.Function, own: set) -> relax.Function:
     reads_grad: dict = {}
     for b in optimizer:  # already in dependency order
         reads_grad[b.var] = any((v in bound and v not in own) or reads_grad.get(v, False)
-                                for v in _vars_in(b.value))
+                                for v in vars_in(b.value))
     order, placed = [], set()
 
     def place(b):
-        for v in _vars_in(b.value):
+        for v in vars_in(b.value):
             if v in by_var and v not in placed:
                 place(by_var[v])
         placed.add(b.var)
@@ -95,7 +95,7 @@ def _reorder(func: relax.Function, own: set) -> relax.Function:
 
     def ready(b) -> bool:
         return all(v not in bound or v in placed or (v in by_var and not reads_grad[v])
-                   for v in _vars_in(b.value))
+                   for v in vars_in(b.value))
 
     for b in adjoint:
         order.append(b)

@@ -6,6 +6,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.layers import bindings
+from .utils import substitute, vars_in
 
 TAIL = "__tail"
 FORWARD_BINDINGS = "pock_tvm.num_forward_bindings"
@@ -54,18 +55,12 @@ class SparseGradient:
         return _add_adjoint(mod, func, prefix, frontier, tail_name, self.func_name + "_adjoint")
 
 
-def _vars_in(expr) -> set[relax.Var]:
-    found: set[relax.Var] = set()
-    relax.analysis.post_order_visit(expr, lambda e: found.add(e) if isinstance(e, relax.Var) else None)
-    return found
-
-
 def _partition(func: relax.Function, trainable: set[str]):
     """Bindings no trainable parameter reaches (prefix) and the rest (tail), in order."""
     reached = {p for p in func.params if p.name in trainable}
     prefix, tail = [], []
     for binding in bindings(func):
-        if _vars_in(binding.value) & reached:
+        if vars_in(binding.value) & reached:
             reached.add(binding.var)
             tail.append(binding)
         else:
@@ -73,22 +68,8 @@ def _partition(func: relax.Function, trainable: set[str]):
     return prefix, tail
 
 
-def _substitute(expr, remap: dict[relax.Var, relax.Expr]):
-    """``expr`` with variables replaced (binding values: calls, tuples, tuple items)."""
-    if isinstance(expr, relax.Var):
-        return remap.get(expr, expr)
-    if isinstance(expr, relax.Call):
-        args = [_substitute(a, remap) for a in expr.args]
-        return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
-    if isinstance(expr, relax.TupleGetItem):
-        return relax.TupleGetItem(_substitute(expr.tuple_value, remap), expr.index)
-    if isinstance(expr, relax.Tuple):
-        return relax.Tuple([_substitute(f, remap) for f in expr.fields])
-    return expr
-
-
 def _emit(bb, binding, remap, output=False):
-    value = _substitute(binding.value, remap)
+    value = substitute(binding.value, remap)
     new = (bb.emit_output if output else bb.emit)(value, binding.var.name)
     remap[binding.var] = new
     return new
@@ -96,7 +77,7 @@ def _emit(bb, binding, remap, output=False):
 
 def _tail_function(func, prefix, tail):
     """``loss__tail(frontier..., params read by the tail..., ) -> loss`` over the tail bindings."""
-    read = set().union(*[_vars_in(b.value) for b in tail])
+    read = set().union(*[vars_in(b.value) for b in tail])
     frontier = [b.var for b in prefix if b.var in read]
     # every parameter of loss stays a parameter (fixed signature); then the frontier
     originals = list(func.params) + frontier

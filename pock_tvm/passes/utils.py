@@ -1,0 +1,26 @@
+"""Small rewriting helpers shared by the passes."""
+
+from __future__ import annotations
+
+from tvm import relax
+
+
+def vars_in(expr) -> set[relax.Var]:
+    """Every variable ``expr`` reads."""
+    found: set[relax.Var] = set()
+    relax.analysis.post_order_visit(expr, lambda e: found.add(e) if isinstance(e, relax.Var) else None)
+    return found
+
+
+def substitute(expr, remap: dict[relax.Var, relax.Expr]):
+    """``expr`` with variables replaced (binding values: calls, tuples, tuple items)."""
+    if isinstance(expr, relax.Var):
+        return remap.get(expr, expr)
+    if isinstance(expr, relax.Call):
+        args = [substitute(a, remap) for a in expr.args]
+        return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(substitute(expr.tuple_value, remap), expr.index)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([substitute(f, remap) for f in expr.fields])
+    return expr
