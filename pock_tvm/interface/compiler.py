@@ -134,7 +134,8 @@ def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer) ->
     sparse = training_cost(train_mod, trainable)
     _, dense_trainable, _ = plan(imported, Scheme.preset("full").resolve(imported))
     try:
-        dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer)
+        dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer,
+                                         reorder_updates=False)  # order does not change the cost
         dense = training_cost(dense_mod, dense_trainable)
     except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
         logger.info("no full-backprop baseline for the report: %s", err)

@@ -76,34 +76,43 @@ def _inline(bb, mod, body, remap, top=False) -> set:
 def _reorder(func: relax.Function, own: set) -> relax.Function:
     """Move each binding of ``own`` right after its inputs (gradient-free ones before first use)."""
     (block,) = func.body.blocks
-    adjoint = [b for b in block.bindings if b.var not in own]
-    optimizer = [b for b in block.bindings if b.var in own]
     bound = {b.var for b in block.bindings}
-    by_var = {b.var: b for b in optimizer}
+    deps = {b.var: vars_in(b.value) & bound for b in block.bindings}
+    optimizer = {b.var: b for b in block.bindings if b.var in own}
+    readers: dict = {}
     reads_grad: dict = {}
-    for b in optimizer:  # already in dependency order
-        reads_grad[b.var] = any((v in bound and v not in own) or reads_grad.get(v, False)
-                                for v in vars_in(b.value))
+    for b in block.bindings:
+        if b.var not in own:
+            continue
+        for v in deps[b.var]:
+            readers.setdefault(v, []).append(b)
+        reads_grad[b.var] = any(v not in own or reads_grad[v] for v in deps[b.var])
     order, placed = [], set()
 
-    def place(b):
-        for v in vars_in(b.value):
-            if v in by_var and v not in placed:
-                place(by_var[v])
+    def place(b) -> None:
+        if b.var in placed:
+            return
+        for v in deps[b.var]:  # gradient-free inputs go right before their first user
+            if v not in placed:
+                place(optimizer[v])
+        if b.var in placed:  # placing an input may already have woken this binding
+            return
         placed.add(b.var)
         order.append(b)
+        wake(b.var)
 
-    def ready(b) -> bool:
-        return all(v not in bound or v in placed or (v in by_var and not reads_grad[v])
-                   for v in vars_in(b.value))
+    def wake(var) -> None:
+        for reader in readers.get(var, ()):
+            if reader.var not in placed and reads_grad[reader.var] and all(
+                    v in placed or not reads_grad.get(v, True) for v in deps[reader.var]):
+                place(reader)
 
-    for b in adjoint:
-        order.append(b)
-        placed.add(b.var)
-        for candidate in optimizer:
-            if candidate.var not in placed and reads_grad[candidate.var] and ready(candidate):
-                place(candidate)
-    for b in optimizer:
+    for b in block.bindings:
+        if b.var not in own:
+            placed.add(b.var)
+            order.append(b)
+            wake(b.var)
+    for b in block.bindings:
         if b.var not in placed:
             place(b)
     new_block = relax.DataflowBlock(order, block.span)
