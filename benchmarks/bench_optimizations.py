@@ -20,7 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import _run_child  # noqa: E402
 
 # name -> pipeline keywords; "none" is the unoptimized baseline
-SETTINGS = {"none": {"reorder_updates": False}, "reorder": {"reorder_updates": True}}
+SETTINGS = {
+    "none": {"reorder_updates": False, "in_place": False},
+    "reorder": {"reorder_updates": True, "in_place": False},
+    "reorder+in-place": {"reorder_updates": True, "in_place": True},
+}
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
 
     tgt = host_target()
     with tgt, tvm.transform.PassContext(opt_level=3):
-        lowered = pock_tvm_pipeline(build_training_graph=False)(train_mod)
+        lowered = pock_tvm_pipeline(build_training_graph=False, **pipeline_settings)(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
                           "forward": planned_bytes(lowered, "forward")["storage"]}
         exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))

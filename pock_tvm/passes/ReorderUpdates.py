@@ -18,7 +18,8 @@ class ReorderUpdates:
     parameter follows its gradient, so the gradient buffer dies at once instead of living until
     the end of the backward pass (TTE's operator reordering; the static memory planner reuses it).
     Optimizer bindings that read no gradient (bias-correction scalars, the step counter) move
-    just before their first user. Only the order changes, never a value. The adjoint functions
+    just before their first user. An update also waits for the backward ops that read the old
+    value of its parameter, so that ``InPlaceUpdates`` can overwrite it. Only the order changes, never a value. The adjoint functions
     stay in the module (analysis reads them); lowering's dead-code elimination drops them.
     """
 
@@ -78,6 +79,17 @@ def _reorder(func: relax.Function, own: set) -> relax.Function:
     (block,) = func.body.blocks
     bound = {b.var for b in block.bindings}
     deps = {b.var: vars_in(b.value) & bound for b in block.bindings}
+    # an update that reads an old parameter also waits for every backward op reading it (the
+    # input gradient reads the weight), so the old value is dead once the update has run
+    param_readers: dict = {}
+    for b in block.bindings:
+        if b.var not in own:
+            for v in vars_in(b.value) - bound:
+                param_readers.setdefault(v, set()).add(b.var)
+    for b in block.bindings:
+        if b.var in own:
+            for v in vars_in(b.value) - bound:
+                deps[b.var] |= param_readers.get(v, set())
     optimizer = {b.var: b for b in block.bindings if b.var in own}
     readers: dict = {}
     reads_grad: dict = {}

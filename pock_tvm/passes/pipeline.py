@@ -13,6 +13,7 @@ from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
 from .CheckGradientRules import CheckGradientRules
 from .FreezeBatchNorm import FreezeBatchNorm
+from .InPlaceUpdates import InPlaceUpdates
 from .gradient_rules import register_gradient_rules
 from .ReorderUpdates import ReorderUpdates
 from .SparseGradient import SparseGradient
@@ -30,13 +31,15 @@ def pock_tvm_pipeline(
     optimizer=None,
     origins: dict[str, str] | None = None,
     reorder_updates: bool = True,
+    in_place: bool = True,
     build_training_graph: bool = True,
     lower: bool = True,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``. ``lower=False`` stops at the training graph (for
     analysis); ``build_training_graph=False`` only lowers an already built training graph;
-    ``reorder_updates=False`` keeps all updates after the whole backward pass (for measuring)."""
+    ``reorder_updates=False`` keeps all updates after the whole backward pass and
+    ``in_place=False`` returns new parameter tensors every step (both for measuring)."""
     register_gradient_rules()
     passes = []
     if build_training_graph:
@@ -60,6 +63,23 @@ def pock_tvm_pipeline(
             relax.transform.FoldConstant(),  # constants from the loss and optimizer
             relax.transform.FuseOps(),  # elementwise into producers, backward included
             relax.transform.FuseTIR(),  # one kernel per fused group
-            relax.get_pipeline("default_build"),  # memory planning, VM lowering
+            relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
+            # Phase 4: TVM's default build, with in-place updates before memory planning
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),  # kernels get explicit output tensors
+            *([InPlaceUpdates()] if in_place else []),  # new params/state overwrite the old
+            relax.transform.StaticPlanBlockMemory(),  # one storage pool, reused by liveness
+            relax.transform.RewriteCUDAGraph(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
         ]
     return tvm.transform.Sequential(passes, name="pock_tvm")
