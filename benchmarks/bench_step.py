@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -117,6 +118,7 @@ def main() -> None:
         return
 
     import torch
+    import tvm
 
     import pock_tvm
     from pock_tvm.models import MobileNetV2
@@ -146,8 +148,8 @@ def main() -> None:
     meta = {"command": "python benchmarks/bench_step.py --out " + args.out,
             "model": "MobileNetV2 width 0.35, 128x128, 10 classes, frozen BN, SGD momentum 0.9",
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-                       f"{__import__('os').cpu_count()} cores",
-            "torch": torch.__version__, "tvm": __import__("tvm").__version__,
+                       f"{os.cpu_count()} cores",
+            "torch": torch.__version__, "tvm": tvm.__version__,
             "date": time.strftime("%Y-%m-%d")}
     (out / "step_mbv2_host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# MobileNetV2-w0.35@128, training step on the host CPU ({meta['date']})", "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 import warnings
 
 import numpy as np
@@ -125,8 +126,6 @@ def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict
 
 
 def _optimizer_json(optimizer) -> dict:
-    from dataclasses import asdict
-
     return asdict(optimizer)
 
 

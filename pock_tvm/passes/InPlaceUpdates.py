@@ -41,7 +41,7 @@ class InPlaceUpdates:
             return mod
         old_of_output = _old_values(func)
         params = {p.name: p for p in func.params}
-        (block,) = [b for b in func.body.blocks]
+        (block,) = func.body.blocks
         binds = list(block.bindings)
         last_use: dict = {}
         for i, b in enumerate(binds):
