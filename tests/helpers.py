@@ -51,13 +51,14 @@ ADAM = pock_tvm.Adam(lr=1e-3, weight_decay=1e-4)
 ADAM_DEEP = pock_tvm.Adam(lr=1e-3, eps=1e-6, weight_decay=1e-4)
 
 
-def assert_setting_keeps_numbers(model, x, y, optimizer, scheme, setting: str):
-    """Three steps with a pipeline ``setting`` on and off give the same losses and parameters."""
+def assert_setting_keeps_numbers(model, x, y, optimizer, scheme, setting: str, rtol: float = 1e-6):
+    """Three steps with a pipeline ``setting`` on and off give the same losses and parameters
+    (``rtol`` above float32 rounding for settings that reassociate arithmetic)."""
     runs = []
     for value in (True, False):
         program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer=optimizer, **{setting: value})
         losses = [program.step(x.numpy(), y.numpy()) for _ in range(3)]
         runs.append((losses, program.state_dict()))
-    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=rtol)
     for name, value in runs[0][1].items():
-        np.testing.assert_allclose(value, runs[1][1][name], rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(value, runs[1][1][name], rtol=rtol, atol=rtol / 10, err_msg=name)

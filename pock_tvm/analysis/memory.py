@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -36,3 +39,24 @@ def planned_bytes(lowered: tvm.IRModule, func_name: str = "train_step") -> dict[
 
     visit_func(func_name)
     return {"storage": total, "dynamic": dynamic}
+
+
+def kernel_workspace(lowered: tvm.IRModule) -> dict[str, int]:
+    """``{"peak": bytes, "kernel": name}``: the largest scratch memory one kernel allocates for its
+    own intermediates (e.g. a padded input, a conv result before its fused epilogue). Kernels run
+    one at a time, so the step needs the largest of them on top of its planned storage."""
+    peak, name = 0, ""
+    for gvar, func in lowered.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or not hasattr(func.body, "block"):
+            continue
+        size = sum(math.prod(int(d) for d in buf.shape) * np.dtype(str(buf.dtype)).itemsize
+                   for buf in _alloc_buffers(func.body))
+        if size > peak:
+            peak, name = size, gvar.name_hint
+    return {"peak": peak, "kernel": name}
+
+
+def _alloc_buffers(realize) -> list:
+    """Buffers allocated by the root block and the blocks nested directly in its body."""
+    found = list(realize.block.alloc_buffers)
+    return found

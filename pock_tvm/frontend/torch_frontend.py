@@ -83,9 +83,10 @@ def _buffers_to_params(model: torch.nn.Module) -> set[str]:
 
 def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
     """Export ``model`` with ``example_inputs`` (a tensor or a tuple) and import it into Relax."""
-    if isinstance(example_inputs, torch.Tensor):
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
+    example_inputs = tuple(torch.from_numpy(np.asarray(t)) if isinstance(t, np.ndarray) else t
+                           for t in example_inputs)
     model = copy.deepcopy(model).eval()
     buffer_names = _buffers_to_params(model)
     with torch.no_grad():

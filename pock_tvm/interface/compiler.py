@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import warnings
 
 import numpy as np
@@ -75,6 +75,7 @@ def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[Lay
 
 def build_training_graph(imported, trainable, partial, loss, optimizer, **settings) -> tvm.IRModule:
     """Phases 1-2 of the pipeline; ``settings`` are further pipeline keywords."""
+    settings.setdefault("fold_frozen", False)  # analysis without frozen values bound, by default
     return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins,
                              loss_function=loss.relax_function(imported.output),
                              optimizer=optimizer, lower=False, **settings)(imported.mod)
@@ -88,7 +89,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
     ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
-    ``pipeline_settings`` switch optimizations of the pipeline (e.g. ``reorder_updates=False``).
+    ``pipeline_settings`` switch optimizations of the pipeline (e.g. ``reorder_updates=False``;
+    ``fold_frozen=False`` keeps frozen tensors as runtime inputs so that they can be reloaded).
     """
     if target != "host":
         raise ValueError(f"compile: target {target!r} is not available yet; use target='host'")
@@ -97,7 +99,13 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
     updates = scheme.resolve(imported)
     params, trainable, partial = plan(imported, updates)
-    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, **pipeline_settings)
+    values = _initial_values(imported, params)
+    fold = pipeline_settings.setdefault("fold_frozen", True)
+    if fold:
+        params = [replace(p, folded=not p.trainable) for p in params]
+    frozen = {p.var: values[p.var] for p in params if p.folded}
+    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer,
+                                     frozen_values=frozen, **pipeline_settings)
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer)
 
     tgt = host_target()
@@ -109,8 +117,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
                     scheme.to_dict(), "host")
-    values = _initial_values(imported, params)
-    logger.info("compiled %d trainable tensors of %d", len(trainable), len(params))
+    logger.info("compiled %d trainable tensors of %d (%d frozen folded into the step)",
+                len(trainable), len(params), len(frozen))
     return Program(exe, layout, values, report)
 
 

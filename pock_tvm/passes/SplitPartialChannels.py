@@ -23,8 +23,8 @@ class SplitPartialChannels:
     - depthwise conv2d (axis 0): ``concat(dwconv(x[:, :k], W__upd), dwconv(x[:, k:], W__frz))``
     - linear ``x @ W.T`` (axis 1): ``x[..., :k] @ W__upd.T + x[..., k:] @ W__frz.T``
 
-    Sets the function attribute ``pock_tvm.partial`` to ``{param: [axis, k]}``. Runs after
-    ``FreezeBatchNorm`` and before ``AppendLoss``.
+    Sets the function attribute ``pock_tvm.partial`` to ``{param: [axis, k]}``. Runs first,
+    before ``BindFrozenParams`` (which binds the ``W__frz`` halves) and ``AppendLoss``.
     """
 
     def __init__(self, partial: dict[str, tuple[int, int]] | None = None, func_name: str = "forward"):

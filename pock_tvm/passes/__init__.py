@@ -2,7 +2,9 @@
 
 from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
+from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
+from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
 from .gradient_rules import GRADIENT_RULES, register_gradient_rules
 from .pipeline import pock_tvm_pipeline
@@ -12,6 +14,7 @@ from .SplitPartialChannels import SplitPartialChannels
 
 register_gradient_rules()
 
-__all__ = ["AppendLoss", "AppendOptimizer", "CheckGradientRules", "FreezeBatchNorm",
+__all__ = ["AppendLoss", "AppendOptimizer", "BindFrozenParams", "CheckGradientRules", "FoldBatchNorm",
+           "FreezeBatchNorm", "InlineKernelIntermediates",
            "GRADIENT_RULES", "ReorderUpdates", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
            "register_gradient_rules"]

@@ -11,9 +11,12 @@ from tvm import relax
 
 from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
+from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
+from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
 from .InPlaceUpdates import InPlaceUpdates
+from .InlineKernelIntermediates import InlineKernelIntermediates
 from .gradient_rules import register_gradient_rules
 from .ReorderUpdates import ReorderUpdates
 from .SparseGradient import SparseGradient
@@ -30,23 +33,30 @@ def pock_tvm_pipeline(
     loss_function: relax.Function | None = None,
     optimizer=None,
     origins: dict[str, str] | None = None,
+    frozen_values: dict | None = None,
+    fold_frozen: bool = True,
     reorder_updates: bool = True,
     in_place: bool = True,
+    inline_intermediates: bool = True,
     build_training_graph: bool = True,
     lower: bool = True,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
-    ``partial``: ``{weight: (axis, k)}``. ``lower=False`` stops at the training graph (for
+    ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
+    tensors, bound as constants unless ``fold_frozen=False``. ``lower=False`` stops at the training graph (for
     analysis); ``build_training_graph=False`` only lowers an already built training graph;
     ``reorder_updates=False`` keeps all updates after the whole backward pass and
-    ``in_place=False`` returns new parameter tensors every step (both for measuring)."""
+    ``in_place=False`` returns new parameter tensors every step, ``inline_intermediates=False``
+    lets every stage of a fused kernel write its own scratch buffer (all for measuring)."""
     register_gradient_rules()
     passes = []
     if build_training_graph:
         passes += [
-            # Phase 1: make forward differentiable and sparse-friendly
-            FreezeBatchNorm(),  # BN uses fixed running stats; autodiff has no batch_norm rule
+            # Phase 1: make forward differentiable, sparse-friendly and free of frozen work
             SplitPartialChannels(partial),  # k-channel weights get their own tensor and op
+            *([BindFrozenParams(frozen_values, trainable), FoldBatchNorm()] if fold_frozen else []),
+            # frozen tensors are constants; frozen conv+BN pairs become one conv
+            FreezeBatchNorm(),  # BN uses fixed running stats; autodiff has no batch_norm rule
             CheckGradientRules(trainable, origins),  # name the source node of an op with no rule
             # Phase 2: the training graph, built once at compile time
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
@@ -60,9 +70,10 @@ def pock_tvm_pipeline(
             relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
             relax.transform.LegalizeOps(),  # every op to a TIR kernel
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
-            relax.transform.FoldConstant(),  # constants from the loss and optimizer
+            relax.transform.FoldConstant(),  # what depends only on frozen tensors and constants
             relax.transform.FuseOps(),  # elementwise into producers, backward included
             relax.transform.FuseTIR(),  # one kernel per fused group
+            *([InlineKernelIntermediates()] if inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
             # Phase 4: TVM's default build, with in-place updates before memory planning
             relax.backend.DispatchSampling(),

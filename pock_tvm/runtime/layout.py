@@ -13,7 +13,9 @@ from ..frontend.model import TensorSpec
 
 @dataclass
 class RuntimeParam:
-    """One runtime tensor: a whole source parameter, or the slice ``[start, stop)`` on ``axis``."""
+    """One runtime tensor: a whole source parameter, or the slice ``[start, stop)`` on ``axis``.
+
+    ``folded``: frozen and bound into the compiled step as a constant (not passed at run time)."""
 
     var: str
     source: str
@@ -23,6 +25,7 @@ class RuntimeParam:
     axis: int | None = None
     start: int = 0
     stop: int | None = None
+    folded: bool = False
 
 
 @dataclass
@@ -41,6 +44,11 @@ class Layout:
     @property
     def trainable(self) -> list[RuntimeParam]:
         return [p for p in self.params if p.trainable]
+
+    @property
+    def passed(self) -> list[RuntimeParam]:
+        """The parameters the compiled functions take, in their order."""
+        return [p for p in self.params if not p.folded]
 
     def state_keys(self) -> list[str]:
         return [f"{p.var}.{s}" for p in self.trainable for s in self.state_names]

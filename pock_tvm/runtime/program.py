@@ -34,7 +34,8 @@ class Program:
         self._exe = executable
         self._dev = device or tvm.cpu()
         self._vm = relax.VirtualMachine(executable, self._dev)
-        self._tensors = {p.var: self._put(values[p.var]) for p in layout.params}
+        self._tensors = {p.var: self._put(values[p.var]) for p in layout.passed}
+        self._folded = {p.var: np.asarray(values[p.var]) for p in layout.params if p.folded}
         self._states = {k: self._put(values.get(k, np.zeros(self._state_shape(k), "float32")))
                         for k in layout.state_keys()}
         self._step = self._put(np.asarray(values.get("step", 0.0), "float32"))
@@ -48,7 +49,7 @@ class Program:
             raise ValueError(f"step: expected {len(specs)} arguments "
                              f"({', '.join(s.name for s in specs)}), got {len(args)}")
         tensors = [self._checked(a, s) for a, s in zip(args, specs)]
-        params = [self._tensors[p.var] for p in self.layout.params]
+        params = [self._tensors[p.var] for p in self.layout.passed]
         states = [self._states[k] for k in self.layout.state_keys()]
         lr_t = self._put(np.asarray(self.lr if lr is None else lr, "float32"))
         *inputs, target = tensors
@@ -65,7 +66,7 @@ class Program:
         if len(inputs) != len(self.layout.inputs):
             raise ValueError(f"predict: expected {len(self.layout.inputs)} inputs, got {len(inputs)}")
         tensors = [self._checked(a, s) for a, s in zip(inputs, self.layout.inputs)]
-        return self._vm["forward"](*tensors, *[self._tensors[p.var] for p in self.layout.params]).numpy()
+        return self._vm["forward"](*tensors, *[self._tensors[p.var] for p in self.layout.passed]).numpy()
 
     @property
     def steps_done(self) -> int:
@@ -80,7 +81,7 @@ class Program:
         """Parameters and buffers under their source names, partial weights reassembled."""
         parts: dict[str, list] = {}
         for p in self.layout.params:
-            parts.setdefault(p.source, []).append((p, self._tensors[p.var].numpy()))
+            parts.setdefault(p.source, []).append((p, self._value(p)))
         out = {}
         for source, pieces in parts.items():
             if len(pieces) == 1 and pieces[0][0].axis is None:
@@ -105,6 +106,12 @@ class Program:
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(f"load_state_dict: '{p.source}' has shape {value.shape}, "
                                  f"expected {p.shape}")
+            if p.folded:
+                if not np.array_equal(value, self._folded[p.var]):
+                    raise ValueError(f"load_state_dict: '{p.source}' is frozen and folded into the "
+                                     "compiled step as a constant; recompile with fold_frozen=False "
+                                     "to load new values for frozen tensors")
+                continue
             self._tensors[p.var] = self._put(value.astype(p.dtype))
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
@@ -133,7 +140,7 @@ class Program:
         self._write_state(Path(path))
 
     def _write_state(self, path: Path) -> None:
-        arrays = {f"param/{p.var}": self._tensors[p.var].numpy() for p in self.layout.params}
+        arrays = {f"param/{p.var}": self._value(p) for p in self.layout.params}
         arrays.update({f"state/{k}": v for k, v in self.optimizer_state().items()})
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
@@ -164,6 +171,9 @@ class Program:
         return Program(exe, layout, values, report)
 
     # ---- helpers --------------------------------------------------------------------------
+    def _value(self, p) -> np.ndarray:
+        return self._folded[p.var] if p.folded else self._tensors[p.var].numpy()
+
     def _put(self, array: np.ndarray):
         array = np.asarray(array)
         if not array.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into 1-d

@@ -36,7 +36,9 @@ def test_state_dict_has_source_names_and_reassembles_partial_weights(setup):
 
 
 def test_load_state_dict_round_trip_and_errors(setup):
-    model, program, x, y = setup
+    model, folded, x, y = setup
+    scheme = pock_tvm.Scheme(rules=[pock_tvm.Rule("fc2.weight", "partial", 0.5), pock_tvm.Rule("fc3", "full")])
+    program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer="adam", fold_frozen=False)
     fresh = {k: v.detach().numpy() * 0.5 for k, v in model.state_dict().items()}
     program.load_state_dict(fresh)
     for key, value in program.state_dict().items():
@@ -45,6 +47,9 @@ def test_load_state_dict_round_trip_and_errors(setup):
         program.load_state_dict({k: v for k, v in fresh.items() if k != "fc1.bias"})
     with pytest.raises(ValueError, match=r"'fc1.bias' has shape \(3,\), expected \(64,\)"):
         program.load_state_dict({**fresh, "fc1.bias": np.zeros(3, "float32")})
+    folded.load_state_dict(folded.state_dict())  # same frozen values: accepted
+    with pytest.raises(ValueError, match=r"'fc1.weight' is frozen and folded .* fold_frozen=False"):
+        folded.load_state_dict(fresh)
 
 
 def test_save_load_continues_training_identically(setup, tmp_path):
