@@ -26,7 +26,8 @@ class Report:
     optimizer_state_bytes: int
     param_bytes: int
     notes: list[str] = field(default_factory=list)
-    planned: dict = field(default_factory=dict)  # bytes of planned storage: train_step, forward
+    planned: dict = field(default_factory=dict)  # bytes: train_step, forward, kernel_scratch, folded_bytes
+    phases: list[dict] = field(default_factory=list)  # planned memory after each optimization phase
 
     @staticmethod
     def build(scheme: str, layers: list[LayerRow], dense: GraphCost, sparse: GraphCost,
@@ -43,7 +44,8 @@ class Report:
     def from_json(data: dict) -> Report:
         return Report(data["scheme"], [LayerRow(**r) for r in data["layers"]], data["dense"],
                       data["sparse"], data["optimizer_state_bytes"], data["param_bytes"],
-                      list(data.get("notes", [])), dict(data.get("planned", {})))
+                      list(data.get("notes", [])), dict(data.get("planned", {})),
+                      list(data.get("phases", [])))
 
     def __str__(self) -> str:
         lines = [f"scheme: {self.scheme}", "", f"{'layer':<34} {'updated':<40} trainable/total"]
@@ -63,12 +65,31 @@ class Report:
             lines.append(f"{label:<28} {fmt(d):>16} {fmt(s):>16} {ratio:>8}")
         lines.append(f"{'optimizer state':<28} {'':>16} {_bytes(self.optimizer_state_bytes):>16}")
         lines.append(f"{'parameters':<28} {_bytes(self.param_bytes):>16} {_bytes(self.param_bytes):>16}")
-        if self.planned:
-            lines.append(f"{'planned step storage':<28} {'':>16} {_bytes(self.planned['train_step']):>16}"
-                         f"   (forward alone: {_bytes(self.planned['forward'])})")
+        lines += self._memory_lines()
         ops = ", ".join(f"{k.replace('relax.', '')} x{v}" for k, v in sorted(self.sparse["backward_ops"].items()))
         lines += ["", f"backward ops kept: {ops}"] + self.notes
         return "\n".join(lines)
+
+    def _memory_lines(self) -> list[str]:
+        if not self.planned:
+            return []
+        p = self.planned
+        storage, scratch = p["train_step"], p.get("kernel_scratch", 0)
+        peak = self.param_bytes + self.optimizer_state_bytes + storage + scratch
+        lines = ["", "planned memory of one training step (static plan, nothing allocated at run time):",
+                 f"  parameters         {_bytes(self.param_bytes):>12}"
+                 + (f"   ({_bytes(p['folded_bytes'])} frozen, folded into the step as constants)"
+                    if p.get("folded_bytes") else ""),
+                 f"  optimizer state    {_bytes(self.optimizer_state_bytes):>12}",
+                 f"  step storage       {_bytes(storage):>12}   (saved activations, gradients and "
+                 f"intermediates, reused by liveness; forward alone: {_bytes(p['forward'])})",
+                 f"  kernel scratch     {_bytes(scratch):>12}   (the largest one kernel needs)",
+                 f"  peak               {_bytes(peak):>12}"]
+        if self.phases:
+            keys = ["saved_activations", "gradients", "step_storage", "kernel_scratch", "peak"]
+            lines += ["", f"{'after phase':<26}" + "".join(f"{k.replace('_', ' '):>19}" for k in keys)]
+            lines += [f"{r['phase']:<26}" + "".join(f"{_bytes(r[k]):>19}" for k in keys) for r in self.phases]
+        return lines
 
 
 def _num(value: int) -> str:

@@ -114,5 +114,5 @@ def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: 
             logger.info("epoch %d step %d loss %.5f time %.1f ms", epoch, i, loss,
                         1e3 * (time.perf_counter() - start))
     if save:
-        program.save_state(Path(path) / "state.npz")
+        program.save(path)
     return losses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, replace
 import warnings
@@ -11,7 +12,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.cost import nbytes, training_cost
-from ..analysis.memory import planned_bytes
+from ..analysis.memory import kernel_workspace, planned_bytes
 from ..analysis.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
@@ -21,13 +22,12 @@ from ..passes.SplitPartialChannels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
 from ..runtime.program import Program
 from ..scheme import Scheme, Update
+from ..targets import load_target
+from ..targets.toolchain import cuda_build_env, cuda_info, exporter, tvm_target
+from .phases import memory_by_phase
 
 logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-
-
-def host_target() -> tvm.target.Target:
-    return tvm.target.Target({"kind": "llvm"})
 
 
 def plan(imported: ImportedModel, updates: dict[str, Update]):
@@ -82,18 +82,25 @@ def build_training_graph(imported, trainable, partial, loss, optimizer, **settin
 
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
-            target="host", input_shapes: dict | None = None, **pipeline_settings) -> Program:
+            target="host", input_shapes: dict | None = None, memory_phases: bool = False,
+            **pipeline_settings) -> Program:
     """Compile ``model`` into a training :class:`Program`.
 
+    ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
+    jetson-orin, jetson-nano, cuda) or a target file; a program for another machine cannot
+    ``step`` here, ``save`` writes its bundle for the device runner.
     ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), an ONNX path or ``ModelProto``.
     ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
     ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
     ``pipeline_settings`` switch optimizations of the pipeline (e.g. ``reorder_updates=False``;
     ``fold_frozen=False`` keeps frozen tensors as runtime inputs so that they can be reloaded).
+    ``memory_phases=True`` adds the planned memory after each optimization phase to the report
+    (one more lowering per phase, no code generation).
     """
-    if target != "host":
-        raise ValueError(f"compile: target {target!r} is not available yet; use target='host'")
+    preset = load_target(target)
+    tgt = tvm_target(preset)
+    gpu = tgt.kind.name == "cuda"
     imported = import_model(model, example_inputs, input_shapes)
     scheme = Scheme.load(scheme)
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
@@ -107,19 +114,32 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     train_mod = build_training_graph(imported, trainable, partial, loss, optimizer,
                                      frozen_values=frozen, **pipeline_settings)
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer)
+    if memory_phases:
+        report.phases = memory_by_phase(
+            lambda **s: build_training_graph(imported, trainable, partial, loss, optimizer,
+                                             frozen_values=frozen, **s),
+            trainable, report.param_bytes, report.optimizer_state_bytes, tgt)
 
-    tgt = host_target()
     with tgt, tvm.transform.PassContext(opt_level=3):
-        lowered = pock_tvm_pipeline(build_training_graph=False, **pipeline_settings)(train_mod)
+        lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, **pipeline_settings)(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
-                          "forward": planned_bytes(lowered, "forward")["storage"]}
-        exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
+                          "forward": planned_bytes(lowered, "forward")["storage"],
+                          "kernel_scratch": kernel_workspace(lowered)["peak"],
+                          "folded_bytes": sum(int(v.nbytes) for v in frozen.values())}
+        with cuda_build_env(preset):
+            exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
-                    scheme.to_dict(), "host")
+                    scheme.to_dict(), preset.name)
     logger.info("compiled %d trainable tensors of %d (%d frozen folded into the step)",
                 len(trainable), len(params), len(frozen))
-    return Program(exe, layout, values, report)
+    extra = {"target": {**preset.to_json(), "tvm_target": json.loads(str(tgt))}}
+    if gpu:
+        extra["cuda"] = cuda_info(tgt)
+    device = tvm.cuda() if gpu and tvm.cuda().exist else None
+    program = Program(exe, layout, values, report, device, extra)
+    program.exporter = exporter(preset)
+    return program
 
 
 def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from .InPlaceUpdates import InPlaceUpdates
 from .InlineKernelIntermediates import InlineKernelIntermediates
 from .gradient_rules import register_gradient_rules
 from .ReorderUpdates import ReorderUpdates
+from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
 
@@ -38,6 +39,7 @@ def pock_tvm_pipeline(
     reorder_updates: bool = True,
     in_place: bool = True,
     inline_intermediates: bool = True,
+    gpu: bool = False,
     build_training_graph: bool = True,
     lower: bool = True,
 ) -> tvm.transform.Pass:
@@ -47,7 +49,8 @@ def pock_tvm_pipeline(
     analysis); ``build_training_graph=False`` only lowers an already built training graph;
     ``reorder_updates=False`` keeps all updates after the whole backward pass and
     ``in_place=False`` returns new parameter tensors every step, ``inline_intermediates=False``
-    lets every stage of a fused kernel write its own scratch buffer (all for measuring)."""
+    lets every stage of a fused kernel write its own scratch buffer (all for measuring).
+    ``gpu=True`` schedules kernels for a GPU target (call inside ``with target``)."""
     register_gradient_rules()
     passes = []
     if build_training_graph:
@@ -75,6 +78,7 @@ def pock_tvm_pipeline(
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
+            *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
             # Phase 4: TVM's default build, with in-place updates before memory planning
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
@@ -94,3 +98,4 @@ def pock_tvm_pipeline(
             relax.transform.AttachGlobalSymbol(),
         ]
     return tvm.transform.Sequential(passes, name="pock_tvm")
+

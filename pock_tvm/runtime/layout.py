@@ -1,6 +1,6 @@
 """The runtime contract of a compiled step: which tensors go in, in what order, from which source.
 
-It is plain JSON (``meta.json`` in a saved program) so that a device runner without Python can
+It is plain JSON (in ``manifest.json`` of a bundle) so that a device runner without Python can
 read it too.
 """
 

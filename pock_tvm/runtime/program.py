@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -13,11 +12,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .bundle import read_manifest, read_state, write_bundle
 from .layout import Layout
 
 logger = logging.getLogger(__name__)
 
-LIB, META, STATE = "lib.so", "meta.json", "state.npz"
 
 
 class Program:
@@ -28,12 +27,16 @@ class Program:
     """
 
     def __init__(self, executable, layout: Layout, values: dict[str, np.ndarray],
-                 report=None, device=None):
+                 report=None, device=None, extra: dict | None = None):
         self.layout = layout
+        self.extra = dict(extra or {})  # JSON: target preset, CUDA toolkit; stored in the manifest
         self.report_data = report
+        self.exporter = None  # (executable, file) -> None for cross targets; set by compile
+        self.library_source: Path | None = None  # the library file of a loaded bundle
         self._exe = executable
         self._dev = device or tvm.cpu()
-        self._vm = relax.VirtualMachine(executable, self._dev)
+        self.runs_here = _runs_here(self.extra.get("target", {}))
+        self._vm = relax.VirtualMachine(executable, self._dev) if self.runs_here else None
         self._tensors = {p.var: self._put(values[p.var]) for p in layout.passed}
         self._folded = {p.var: np.asarray(values[p.var]) for p in layout.params if p.folded}
         self._states = {k: self._put(values.get(k, np.zeros(self._state_shape(k), "float32")))
@@ -44,6 +47,7 @@ class Program:
     # ---- running --------------------------------------------------------------------------
     def step(self, *args, lr: float | None = None) -> float:
         """One training step on ``(*inputs, target)``; returns the loss of this batch."""
+        self._check_runs_here("step")
         specs = [*self.layout.inputs, self.layout.target]
         if len(args) != len(specs):
             raise ValueError(f"step: expected {len(specs)} arguments "
@@ -63,6 +67,7 @@ class Program:
         return float(out[0].numpy())
 
     def predict(self, *inputs) -> np.ndarray:
+        self._check_runs_here("predict")
         if len(inputs) != len(self.layout.inputs):
             raise ValueError(f"predict: expected {len(self.layout.inputs)} inputs, got {len(inputs)}")
         tensors = [self._checked(a, s) for a, s in zip(inputs, self.layout.inputs)]
@@ -70,7 +75,7 @@ class Program:
 
     @property
     def steps_done(self) -> int:
-        return int(self._step.numpy())
+        return int(_numpy(self._step))
 
     def report(self):
         """The compile-time analysis (:class:`pock_tvm.analysis.report.Report`)."""
@@ -115,37 +120,25 @@ class Program:
             self._tensors[p.var] = self._put(value.astype(p.dtype))
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return {"step": self._step.numpy(), **{k: v.numpy() for k, v in self._states.items()}}
+        return {"step": _numpy(self._step), **{k: _numpy(v) for k, v in self._states.items()}}
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write library, layout and state to directory ``path`` atomically (all or nothing)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self._exe.export_library(str(tmp / LIB))
-            (tmp / META).write_text(json.dumps({"layout": self.layout.to_json(),
-                                                "report": self.report_data.to_json() if self.report_data else None},
-                                               indent=1))
-            self._write_state(tmp / STATE)
-            _replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Write the bundle (library, ``manifest.json``, ``params.bin``) to directory ``path``
+        atomically (all or nothing); see :mod:`pock_tvm.runtime.bundle` for the format."""
+        library = self.extra.get("target", {}).get("export_format", "so")
+        path = write_bundle(Path(path), self._export, f"lib.{library}", self.layout, self._all_values(),
+                            {**self.extra, "report": self.report_data.to_json() if self.report_data else None})
         logger.info("saved program to %s", path)
         return path
 
     def save_state(self, path: str | Path) -> None:
         """Write parameters and optimizer state only (``.npz``), atomically."""
-        self._write_state(Path(path))
-
-    def _write_state(self, path: Path) -> None:
-        arrays = {f"param/{p.var}": self._value(p) for p in self.layout.params}
-        arrays.update({f"state/{k}": v for k, v in self.optimizer_state().items()})
+        path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **self._all_values())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -155,27 +148,55 @@ class Program:
 
     @staticmethod
     def load(path: str | Path) -> Program:
+        """Load a bundle written by :meth:`save` or ``pock-tvm compile -o`` (or updated by the runner)."""
         from ..analysis.report import Report
 
         path = Path(path)
-        for name in (LIB, META, STATE):
-            if not (path / name).exists():
-                raise ValueError(f"Program.load: '{path}' has no {name}; is it a pock_tvm program "
-                                 "directory written by Program.save or `pock-tvm compile -o`?")
-        meta = json.loads((path / META).read_text())
-        layout = Layout.from_json(meta["layout"])
-        with np.load(path / STATE) as data:
-            values = {k.split("/", 1)[1]: data[k] for k in data.files}
-        exe = tvm.runtime.load_module(str(path / LIB))
-        report = Report.from_json(meta["report"]) if meta.get("report") else None
-        return Program(exe, layout, values, report)
+        manifest = read_manifest(path)
+        layout = Layout.from_json(manifest["layout"])
+        values = read_state(path, manifest)
+        target = manifest.get("target", {})
+        if not _runs_here(target):
+            raise ValueError(f"Program.load: bundle '{path}' is built for {target.get('name')} "
+                             f"({target.get('arch')}, {target.get('os')}, {target.get('device')}); run it "
+                             "there with the device runner (`pock-tvm build-runner`) or over RPC "
+                             "(`pock-tvm run --rpc`)")
+        exe = tvm.runtime.load_module(str(path / manifest["library"]))
+        report = Report.from_json(manifest["report"]) if manifest.get("report") else None
+        extra = {k: manifest[k] for k in ("target", "cuda") if k in manifest}
+        device = tvm.cuda() if target.get("device") == "cuda" else None
+        program = Program(exe, layout, values, report, device, extra)
+        program.library_source = path / manifest["library"]
+        return program
+
+    def _all_values(self) -> dict[str, np.ndarray]:
+        out = {p.var: self._value(p) for p in self.layout.params}
+        out.update(self.optimizer_state())
+        return out
+
+    def _export(self, file: Path) -> None:
+        if self.library_source is not None:
+            shutil.copyfile(self.library_source, file)
+        elif self.exporter is not None:
+            self.exporter(self._exe, file)
+        else:
+            self._exe.export_library(str(file))
+
+    def _check_runs_here(self, what: str) -> None:
+        if not self.runs_here:
+            t = self.extra["target"]
+            raise ValueError(f"{what}: this program is compiled for {t['name']} ({t['arch']}, {t['os']}, "
+                             f"{t['device']}); save it (`save`) and run the bundle there, or compile "
+                             "with target='host'")
 
     # ---- helpers --------------------------------------------------------------------------
     def _value(self, p) -> np.ndarray:
-        return self._folded[p.var] if p.folded else self._tensors[p.var].numpy()
+        return self._folded[p.var] if p.folded else _numpy(self._tensors[p.var])
 
     def _put(self, array: np.ndarray):
         array = np.asarray(array)
+        if not self.runs_here:
+            return array  # kept on the host for saving; this machine cannot run the program
         if not array.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into 1-d
             array = array.copy(order="C")
         return tvm.runtime.tensor(array, self._dev)
@@ -195,13 +216,16 @@ class Program:
         return self._put(array)
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move directory ``new`` to ``dest``; an existing ``dest`` is swapped out, then removed."""
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old, ignore_errors=True)
+
+def _numpy(value) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def _runs_here(target: dict) -> bool:
+    from ..targets import host_arch
+
+    if not target:
+        return True
+    if target.get("device") == "cuda":
+        return target.get("arch") == host_arch() and tvm.cuda().exist
+    return target.get("arch") == host_arch() and target.get("os", "linux") == "linux"

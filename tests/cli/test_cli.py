@@ -28,7 +28,7 @@ def test_errors_are_one_line_with_the_fix(tmp_path, capsys):
     assert main(["compile", "nosuchmodel", "-o", str(tmp_path / "p")]) == 2
     assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
     assert main(["info", str(tmp_path)]) == 2
-    assert "has no lib.so" in capsys.readouterr().err
+    assert "has no manifest.json" in capsys.readouterr().err
     assert main(["compile", "mlp", "--input-shape", "4,32", "--scheme", "last-1", "-o", str(tmp_path / "p")]) == 0
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 32), "float32"))
     assert main(["train", str(tmp_path / "p"), "--data", str(tmp_path / "bad.npz")]) == 2

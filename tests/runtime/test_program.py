@@ -6,7 +6,7 @@ import torch
 
 import pock_tvm
 from pock_tvm.models import MLP
-from pock_tvm.runtime import program as program_module
+from pock_tvm.runtime import bundle as bundle_module
 
 
 @pytest.fixture()
@@ -67,16 +67,16 @@ def test_save_load_continues_training_identically(setup, tmp_path):
 def test_failed_save_leaves_the_previous_program_intact(setup, tmp_path, monkeypatch):
     _, program, x, y = setup
     program.save(tmp_path / "prog")
-    before = (tmp_path / "prog" / "state.npz").read_bytes()
+    before = (tmp_path / "prog" / "params.bin").read_bytes()
     program.step(x, y)
 
     def broken(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(program_module.np, "savez", broken)
+    monkeypatch.setattr(bundle_module, "write_state_file", broken)
     with pytest.raises(OSError, match="disk full"):
         program.save(tmp_path / "prog")
-    assert (tmp_path / "prog" / "state.npz").read_bytes() == before
+    assert (tmp_path / "prog" / "params.bin").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prog"]  # no temporary left behind
     assert pock_tvm.load(tmp_path / "prog").steps_done == 0
 
@@ -92,7 +92,3 @@ def test_step_rejects_wrong_shape_dtype_and_count(setup):
     with pytest.raises(ValueError, match=r"expected 2 arguments \(x, target\), got 1"):
         program.step(x)
 
-
-def test_load_of_a_non_program_directory_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="has no lib.so"):
-        pock_tvm.load(tmp_path)
