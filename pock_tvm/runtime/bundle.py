@@ -55,6 +55,7 @@ def tensor_entries(layout, values: dict[str, np.ndarray]) -> list[tuple[dict, np
 
     for p in layout.params:
         add(p.var, "param", values[p.var], not p.folded, p.source)
+        out[-1][0]["trainable"] = p.trainable
     add("step", "step", np.asarray(values["step"], "float32"))
     for key in layout.state_keys():
         add(key, "state", values[key])
@@ -131,3 +132,23 @@ def _replace_dir(new: Path, dest: Path) -> None:
     os.replace(dest, old)
     os.replace(new, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_batches(path: Path, layout, inputs: list[np.ndarray], target: np.ndarray) -> int:
+    """Write samples as the runner's data file: whole batches back to back, each the inputs then
+    the target, raw little-endian C-order with the bundle's shapes and dtypes. A last partial
+    batch is dropped. Returns the number of batches."""
+    batch = layout.target.shape[0] if layout.target.shape else 1
+    count = len(target) // batch
+    if count == 0:
+        raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
+    specs = [*layout.inputs, layout.target]
+    with open(path, "wb") as f:
+        for i in range(count):
+            for array, spec in zip([*inputs, target], specs):
+                part = np.asarray(array[i * batch:(i + 1) * batch])
+                if tuple(part.shape) != tuple(spec.shape):
+                    raise ValueError(f"'{spec.name}' batches have shape {part.shape}, the bundle expects "
+                                     f"{tuple(spec.shape)}")
+                f.write(part.astype(np.dtype(spec.dtype).newbyteorder("<")).tobytes())
+    return count
