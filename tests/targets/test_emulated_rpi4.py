@@ -1,0 +1,86 @@
+"""The rpi4 bundle and runner, cross-built here and run under qemu-aarch64, train like the host."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import pock_tvm
+from pock_tvm.models import SmallCNN
+from pock_tvm.runtime.bundle import read_manifest, read_state, write_batches
+from conftest import needs_cross_tools
+
+pytestmark = needs_cross_tools
+STEPS = 3
+
+
+def _run(runner, *args, qemu=True):
+    cmd = (["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu"] if qemu else []) + [str(runner / "pock_runner"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _losses(stdout):
+    return [float(line.split()[3]) for line in stdout.splitlines() if line.startswith("step ")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, rpi4_runner):
+    tmp = tmp_path_factory.mktemp("rpi4")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((STEPS * 2, 3, 16, 16)).astype("float32")
+    y = (np.arange(STEPS * 2) % 10).astype("int64")
+
+    def compile_for(target):
+        torch.manual_seed(0)
+        return pock_tvm.compile(SmallCNN(), (torch.zeros(2, 3, 16, 16),), scheme="last-2",
+                                optimizer=pock_tvm.Adam(lr=1e-2), target=target)
+
+    host = compile_for("host")
+    host_losses = [host.step(x[2 * i:2 * i + 2], y[2 * i:2 * i + 2]) for i in range(STEPS)]
+    bundle = compile_for("rpi4").save(tmp / "bundle")
+    write_batches(tmp / "data.bin", host.layout, [x], y)
+    result = _run(rpi4_runner, "train", bundle, tmp / "data.bin", "--steps", STEPS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return host, host_losses, bundle, tmp / "data.bin", result.stdout
+
+
+def test_losses_match_the_host(runs):
+    _, host_losses, _, _, stdout = runs
+    np.testing.assert_allclose(_losses(stdout), host_losses, rtol=1e-5)
+
+
+def test_updated_parameters_and_state_match_the_host(runs):
+    host, _, bundle, _, stdout = runs
+    manifest = read_manifest(bundle)  # hashes of the state the runner committed
+    assert manifest["state_file"] == f"params.{STEPS}.bin" and f"saved {bundle}/params.{STEPS}.bin" in stdout
+    device = read_state(bundle, manifest)
+    for name, value in host.optimizer_state().items():
+        np.testing.assert_allclose(device[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    for p in host.layout.params:
+        np.testing.assert_allclose(device[p.var], host._value(p), rtol=1e-5, atol=1e-6, err_msg=p.var)
+
+
+def test_eval_runs_the_forward(runs, rpi4_runner):
+    _, _, bundle, data, _ = runs
+    result = _run(rpi4_runner, "eval", bundle, data)
+    assert result.returncode == 0 and "eval samples 6 accuracy" in result.stdout
+
+
+def test_runner_errors_name_the_problem_and_the_fix(runs, rpi4_runner, host_runner, tmp_path):
+    _, _, bundle, data, _ = runs
+    wrong = _run(host_runner, "info", bundle, qemu=False)
+    assert wrong.returncode == 1
+    assert "bundle is built for rpi4 (aarch64, linux)" in wrong.stderr and "build-runner --target rpi4" in wrong.stderr
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(bundle), str(copy)], check=True)
+    state = copy / read_manifest(copy)["state_file"]
+    state.write_bytes(state.read_bytes()[:-4])
+    damaged = _run(rpi4_runner, "train", copy, data)
+    assert damaged.returncode == 1 and "does not match its SHA-256 in manifest.json" in damaged.stderr
+    (copy / "lib.so").unlink()
+    missing = _run(rpi4_runner, "train", copy, data)
+    assert "is missing lib.so, named in manifest.json" in missing.stderr
+    (tmp_path / "short.bin").write_bytes(b"\0" * 10)
+    short = _run(rpi4_runner, "train", bundle, tmp_path / "short.bin")
+    assert short.returncode == 1 and "not a whole number of batches" in short.stderr

@@ -1,0 +1,58 @@
+"""Target presets are data: each one's fields are pinned; user files load; bad names are explained."""
+
+import json
+
+import pytest
+
+from pock_tvm.targets import PRESETS, load_target
+from pock_tvm.targets.presets import host_arch
+
+AARCH64 = {"arch": "aarch64", "os": "linux", "cross_compiler": "aarch64-linux-gnu-g++", "export_format": "so",
+           "runtime_platform": "manylinux_2_28_aarch64", "cmake_toolchain": "aarch64-linux-gnu.cmake"}
+EXPECTED = {
+    "host": ({"kind": "llvm"}, {"arch": host_arch(), "os": "linux", "device": "cpu", "cross_compiler": None}),
+    "rpi4": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]},
+             {**AARCH64, "device": "cpu"}),
+    "rpi5": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]},
+             {**AARCH64, "device": "cpu"}),
+    "apple-m1": ({"kind": "llvm", "mtriple": "arm64-apple-macos", "mcpu": "apple-m1"},
+                 {"arch": "arm64", "os": "macos", "linker": "ld64.lld", "export_format": "dylib",
+                  "runtime_platform": "macosx_11_0_arm64"}),
+    "jetson-orin": ({"kind": "cuda", "arch": "sm_87", "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                               "mcpu": "cortex-a78", "mattr": ["+neon"]}},
+                    {**AARCH64, "device": "cuda", "cuda_arch": "sm_87"}),
+    "jetson-nano": ({"kind": "cuda", "arch": "sm_53", "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                                               "mcpu": "cortex-a57", "mattr": ["+neon"]}},
+                    {**AARCH64, "device": "cuda", "cuda_arch": "sm_53"}),
+    "cuda": ({"kind": "cuda", "arch": "auto", "host": {"kind": "llvm"}},
+             {"arch": host_arch(), "device": "cuda", "cuda_arch": "auto"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preset_fields_are_pinned(name):
+    tvm_target, fields = EXPECTED[name]
+    preset = PRESETS[name]
+    assert preset.tvm_target == tvm_target
+    for key, value in fields.items():
+        assert getattr(preset, key) == value, key
+    assert set(PRESETS) == set(EXPECTED)
+
+
+def test_user_target_file(tmp_path):
+    path = tmp_path / "pi-zero2.toml"
+    path.write_text('[target]\nname = "pi-zero2"\ndescription = "Cortex-A53"\narch = "aarch64"\nos = "linux"\n'
+                    'cross_compiler = "aarch64-linux-gnu-g++"\nruntime_platform = "manylinux_2_28_aarch64"\n'
+                    'cmake_toolchain = "aarch64-linux-gnu.cmake"\n'
+                    '[target.tvm_target]\nkind = "llvm"\nmtriple = "aarch64-linux-gnu"\nmcpu = "cortex-a53"\n')
+    preset = load_target(str(path))
+    assert (preset.name, preset.tvm_target["mcpu"], preset.is_cross) == ("pi-zero2", "cortex-a53", host_arch() != "aarch64")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "cpu": "a53"}))
+    with pytest.raises(ValueError, match=r"unknown fields \['cpu'\], missing fields \['description', 'tvm_target'"):
+        load_target(str(bad))
+
+
+def test_unknown_target_lists_presets():
+    with pytest.raises(ValueError, match=r"unknown target 'rpi3'; presets: host, rpi4, rpi5, apple-m1"):
+        load_target("rpi3")
