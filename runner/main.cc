@@ -3,6 +3,7 @@
 //   pock_runner info  BUNDLE
 //   pock_runner train BUNDLE DATA [--steps N] [--lr LR] [--no-save]
 //   pock_runner eval  BUNDLE DATA
+//   pock_runner serve [--port 9090] [--dir WORKDIR]   (TVM RPC server, see serve.cc)
 //
 // DATA holds whole batches back to back: for each batch the inputs, then the target, each as
 // raw little-endian C-order bytes with the shapes and dtypes of manifest.json (`pock-tvm pack-data`).
@@ -28,6 +29,10 @@ using pock::Entry;
 using pock::Error;
 using pock::Manifest;
 using pock::Spec;
+
+namespace pock {
+int Serve(int port, const std::string& workdir);
+}
 
 namespace {
 
@@ -246,13 +251,30 @@ int Usage() {
   std::fprintf(stderr,
                "usage: pock_runner info BUNDLE\n"
                "       pock_runner train BUNDLE DATA [--steps N] [--lr LR] [--no-save]\n"
-               "       pock_runner eval BUNDLE DATA\n");
+               "       pock_runner eval BUNDLE DATA\n"
+               "       pock_runner serve [--port 9090] [--dir WORKDIR]\n");
   return 2;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "serve") {
+    int port = 9090;
+    std::string workdir = ".";
+    for (int i = 2; i + 1 < argc; i += 2) {
+      std::string a = argv[i];
+      if (a == "--port") port = std::atoi(argv[i + 1]);
+      else if (a == "--dir") workdir = argv[i + 1];
+      else return Usage();
+    }
+    try {
+      return pock::Serve(port, workdir);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "pock_runner: error: %s\n", e.what());
+      return 1;
+    }
+  }
   if (argc < 3) return Usage();
   std::string cmd = argv[1], dir = argv[2];
   try {

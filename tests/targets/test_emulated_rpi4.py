@@ -1,5 +1,6 @@
 """The rpi4 bundle and runner, cross-built here and run under qemu-aarch64, train like the host."""
 
+import socket
 import subprocess
 
 import numpy as np
@@ -84,3 +85,26 @@ def test_runner_errors_name_the_problem_and_the_fix(runs, rpi4_runner, host_runn
     (tmp_path / "short.bin").write_bytes(b"\0" * 10)
     short = _run(rpi4_runner, "train", bundle, tmp_path / "short.bin")
     assert short.returncode == 1 and "not a whole number of batches" in short.stderr
+
+
+def test_rpc_server_on_the_board_runs_the_step_for_the_host(runs, rpi4_runner, tmp_path):
+    from pock_tvm.interface.remote import run_remote
+
+    host, host_losses, bundle, data, _ = runs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu", str(rpi4_runner / "pock_runner"),
+                               "serve", "--port", str(port), "--dir", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "serving TVM RPC" in server.stdout.readline()
+        fresh = tmp_path / "fresh"
+        torch.manual_seed(0)
+        pock_tvm.compile(SmallCNN(), (torch.zeros(2, 3, 16, 16),), scheme="last-2",
+                         optimizer=pock_tvm.Adam(lr=1e-2), target="rpi4").save(fresh)
+        rows = run_remote(fresh, data, f"127.0.0.1:{port}", steps=STEPS)
+    finally:
+        server.kill()
+    np.testing.assert_allclose([r["loss"] for r in rows], host_losses, rtol=1e-5)
+    assert all(r["time_ms"] > 0 for r in rows)
