@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup clean tools runner
 
 setup: $(STAMP)
 
@@ -18,12 +18,28 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m pock_tvm.cli.main demo
 
-test: $(STAMP)
+# Cross tools for the emulated-board tests (aarch64 runner under qemu, M1 dylib): installed with
+# apt when missing and running as root; otherwise those tests are skipped with the reason.
+CROSS_PKGS := g++-aarch64-linux-gnu qemu-user-static lld cmake
+tools:
+	@missing=0; \
+	for t in aarch64-linux-gnu-g++ qemu-aarch64-static cmake; do command -v $$t >/dev/null || missing=1; done; \
+	command -v ld64.lld >/dev/null || ls /usr/bin/ld64.lld-* >/dev/null 2>&1 || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CROSS_PKGS); \
+	  else echo "note: $(CROSS_PKGS) missing and not root: cross/emulated tests will be skipped"; fi; \
+	fi
+
+test: $(STAMP) tools
 	$(PY) -m pytest -q
+
+runner: $(STAMP)
+	$(PY) -m pock_tvm.cli.main build-runner --target $(or $(TARGET),host)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into a training program directory")
     c.add_argument("model", help="file.onnx, a reference model (mobilenetv2, resnet18, mlp, smallcnn) or file.py:factory")
     c.add_argument("--scheme", default="full", help="preset (full, bias-only, last-N, tte-mbv2) or .toml/.json")
-    c.add_argument("--target", default="host")
+    c.add_argument("--target", default="host", help="preset (host, rpi4, rpi5, apple-m1, jetson-orin, "
+                   "jetson-nano, cuda) or a target .toml/.json; writes a bundle for that device")
     c.add_argument("--input-shape", type=_shape, help="e.g. 8,3,128,128")
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
@@ -40,6 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--lr", type=float)
     t.add_argument("--no-save", action="store_true", help="do not write the updated state back")
+
+    b = sub.add_parser("build-runner", help="build the C++ device runner (cross-builds for ARM targets)")
+    b.add_argument("--target", default="host")
+    b.add_argument("-o", "--output", help="directory for pock_runner and its libraries (default dist/runner-TARGET)")
+
+    p = sub.add_parser("pack-data", help="write an .npz data file as the runner's batch file")
+    p.add_argument("bundle")
+    p.add_argument("data", help=".npz with 'x' (or one array per input) and 'y'")
+    p.add_argument("-o", "--output", required=True)
+
+    r = sub.add_parser("run", help="run and time training steps of a bundle on a device over TVM RPC")
+    r.add_argument("bundle")
+    r.add_argument("--data", required=True, help="batch file from pack-data")
+    r.add_argument("--rpc", required=True, metavar="HOST:PORT", help="device running `pock_runner serve`")
+    r.add_argument("--steps", type=int, default=0, help="default: one per batch")
+    r.add_argument("--lr", type=float)
 
     d = sub.add_parser("demo", help="compile and fine-tune MobileNetV2-w0.35@128 on the host")
     d.add_argument("--steps", type=int, default=20)
@@ -76,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             losses = commands.train(args.program, args.data, args.epochs, args.lr, not args.no_save)
             print(f"{len(losses)} steps, loss {losses[0]:.5f} -> {losses[-1]:.5f}")
+        elif args.command == "build-runner":
+            from ..targets.runner_build import build_runner
+
+            print(f"built {build_runner(args.target, args.output)}/pock_runner")
+        elif args.command == "pack-data":
+            print(f"wrote {commands.pack_data(args.bundle, args.data, args.output)} batches to {args.output}")
+        elif args.command == "run":
+            rows = commands.run_remote(args.bundle, args.data, args.rpc, args.steps, args.lr)
+            for row in rows:
+                print(f"step {row['step']} loss {row['loss']:.7g} time_ms {row['time_ms']:.3f}")
+            print(f"steps {len(rows)} mean_time_ms {sum(r['time_ms'] for r in rows) / len(rows):.3f}")
         elif args.command == "demo":
             demo.demo(args.steps, args.batch, args.scheme)
     except ValueError as err:

@@ -65,22 +65,58 @@ def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str 
 
 
 def info(path: str) -> str:
-    program = Program.load(path)
-    layout = program.layout
-    lines = [f"program: {path}", f"target: {layout.target_name}",
+    """What a bundle holds and what its step costs (reads the manifest; any target)."""
+    from ..analysis.report import Report
+    from ..runtime.bundle import read_manifest, read_state
+    from ..runtime.layout import Layout
+    from ..targets.inspect import cubin_archs, library_kind
+
+    manifest = read_manifest(Path(path))
+    layout = Layout.from_json(manifest["layout"])
+    target = manifest.get("target", {})
+    library = Path(path) / manifest["library"]
+    kind = library_kind(library)
+    steps = int(read_state(Path(path), manifest)["step"])
+    lines = [f"bundle: {path}",
+             f"target: {target.get('name')} ({target.get('arch')}, {target.get('os')}, {target.get('device')}); "
+             f"{manifest['library']}: {kind['format']} {kind['machine']}",
              "inputs: " + ", ".join(f"{s.name}{list(s.shape)} {s.dtype}" for s in [*layout.inputs, layout.target]),
-             f"loss: {layout.loss}, optimizer: {layout.optimizer}", f"steps done: {program.steps_done}", ""]
-    report = program.report()
-    return "\n".join(lines) + (str(report) if report else "(no report stored)")
+             f"loss: {layout.loss}, optimizer: {layout.optimizer}", f"steps done: {steps}"]
+    if target.get("device") == "cuda":
+        lines.append(f"CUDA kernels: {', '.join(sorted(set(cubin_archs(library)))) or 'source only'} "
+                     f"(built with nvcc {manifest.get('cuda', {}).get('nvcc_release', '?')})")
+    report = manifest.get("report")
+    return "\n".join(lines + [""]) + (str(Report.from_json(report)) if report else "(no report stored)")
+
+
+def pack_data(bundle: str, data: str, out: str) -> int:
+    """Write ``data`` (.npz) as the device runner's batch file for ``bundle``."""
+    from ..runtime.bundle import read_manifest, write_batches
+    from ..runtime.layout import Layout
+
+    layout = Layout.from_json(read_manifest(Path(bundle))["layout"])
+    inputs, target = _npz_arrays(data, layout)
+    inputs = [x.astype(s.dtype, copy=False) for x, s in zip(inputs, layout.inputs)]
+    return write_batches(Path(out), layout, inputs, target.astype(layout.target.dtype, copy=False))
+
+
+def run_remote(bundle: str, data: str, address: str, steps: int = 0, lr: float | None = None) -> list[dict]:
+    from .remote import run_remote as run
+
+    return run(bundle, data, address, steps, lr)
 
 
 def load_data(path: str, program: Program) -> tuple[list[np.ndarray], np.ndarray]:
     """An ``.npz`` with one array per input (by name, or ``x``) and ``y`` or ``target``."""
+    return _npz_arrays(path, program.layout)
+
+
+def _npz_arrays(path: str, layout) -> tuple[list[np.ndarray], np.ndarray]:
     if not Path(path).exists():
         raise ValueError(f"no such data file '{path}'")
     with np.load(path) as data:
         keys = set(data.files)
-        names = [s.name for s in program.layout.inputs]
+        names = [s.name for s in layout.inputs]
         if len(names) == 1 and names[0] not in keys and "x" in keys:
             inputs = [data["x"]]
         else:

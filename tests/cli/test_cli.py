@@ -40,3 +40,39 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     shown = capsys.readouterr().out
     assert all(cmd in shown for cmd in ("compile", "info", "train", "demo"))
+
+
+def test_deploy_flow_compile_for_rpi4_pack_data_and_run_over_rpc(tmp_path, capsys):
+    import socket
+    import subprocess
+
+    from pock_tvm.targets.runner_build import build_runner
+
+    bundle = tmp_path / "rpi4"
+    assert main(["compile", "mlp", "--target", "rpi4", "--input-shape", "4,32", "-o", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(bundle)]) == 0
+    assert "target: rpi4 (aarch64, linux, cpu); lib.so: elf aarch64" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((9, 32)), y=rng.integers(0, 10, 9))
+    assert main(["pack-data", str(bundle), str(tmp_path / "d.npz"), "-o", str(tmp_path / "d.bin")]) == 0
+    assert "wrote 2 batches" in capsys.readouterr().out  # 9 samples, batch 4
+    assert main(["run", str(bundle), "--data", str(tmp_path / "d.bin"), "--rpc", "nohost"]) == 2
+    assert "--rpc expects HOST:PORT, got 'nohost'" in capsys.readouterr().err
+    # the host runner serves host bundles; the emulated-board tests cover rpi4 over RPC
+    host_bundle = tmp_path / "host"
+    assert main(["compile", "mlp", "--input-shape", "4,32", "-o", str(host_bundle)]) == 0
+    runner = build_runner("host", tmp_path / "runner")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(runner / "pock_runner"), "serve", "--port", str(port), "--dir", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        capsys.readouterr()
+        assert main(["run", str(host_bundle), "--data", str(tmp_path / "d.bin"), "--rpc", f"127.0.0.1:{port}"]) == 0
+    finally:
+        server.kill()
+    out = capsys.readouterr().out
+    assert "step 2 loss" in out and "steps 2 mean_time_ms" in out
