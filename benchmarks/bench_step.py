@@ -45,7 +45,7 @@ def _peak_mib() -> float:
 
 
 def _batch(batch: int):
-    from pock_tvm.interface.demo import synthetic_task
+    from pock_tvm.models.synthetic import synthetic_task
 
     return synthetic_task(batch, 10)
 
@@ -66,19 +66,30 @@ def measure_pock(program_dir: str, batch: int, warmup: int, steps: int) -> dict:
             "train_mib": _peak_mib() - base}
 
 
-def measure_torch(scheme: str, batch: int, warmup: int, steps: int) -> dict:
+def trained_names(scheme: str) -> list[str]:
+    """Parameters a scheme updates (resolved in the parent: the torch child loads no TVM)."""
     import torch
 
     import pock_tvm
     from pock_tvm.frontend import from_torch
     from pock_tvm.models import MobileNetV2
 
+    model = MobileNetV2(width_mult=0.35, num_classes=10).eval()
+    updates = pock_tvm.Scheme.load(scheme).resolve(from_torch(model, torch.zeros(1, 3, 128, 128)))
+    return sorted(name for name, u in updates.items() if u.mode != "frozen")
+
+
+def measure_torch(names: str, batch: int, warmup: int, steps: int) -> dict:
+    import torch
+
+    from pock_tvm.models import MobileNetV2  # plain torch modules; TVM is not loaded here
+
+    trained = set(names.split(","))
     torch.manual_seed(0)
     model = MobileNetV2(width_mult=0.35, num_classes=10).eval()  # frozen BN, as pock_tvm
-    updates = pock_tvm.Scheme.load(scheme).resolve(from_torch(model, torch.zeros(1, 3, 128, 128)))
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(updates.get(name, None) is not None and updates[name].mode != "frozen")
+        p.requires_grad_(name in trained)
         if p.requires_grad:
             params.append(p)
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
@@ -96,10 +107,35 @@ def measure_torch(scheme: str, batch: int, warmup: int, steps: int) -> dict:
             "train_mib": _peak_mib() - base, "threads": torch.get_num_threads()}
 
 
-def _run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+def _run_child(args: list[str], warmup: int = 3, steps: int = 20) -> dict:
+    """``["pock_tvm", bundle, batch]`` runs the C++ runner (TVM runtime only, no Python or compiler);
+    ``["torch", scheme, batch]`` a Python process with torch only."""
+    if args[0] == "pock_tvm":
+        return measure_runner(args[1], int(args[2]), warmup, steps)
+    out = subprocess.run([sys.executable, __file__, "--child", *args, "--warmup", str(warmup),
+                          "--steps", str(steps)], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_runner(bundle: str, batch: int, warmup: int, steps: int) -> dict:
+    """Step time and training memory of ``pock_runner train`` (built for the host once)."""
+    from pock_tvm.runtime.bundle import read_manifest, write_batches
+    from pock_tvm.runtime.layout import Layout
+    from pock_tvm.targets.runner_build import build_runner
+
+    runner = ROOT / "dist" / "runner-host" / "pock_runner"
+    if not runner.exists():
+        build_runner("host")
+    layout = Layout.from_json(read_manifest(Path(bundle))["layout"])
+    x, y = _batch(batch)
+    data = Path(bundle).with_suffix(".data.bin")
+    write_batches(data, layout, [x], y)
+    out = subprocess.run([str(runner), "train", bundle, str(data), "--steps", str(warmup + steps), "--no-save"],
+                         capture_output=True, text=True, check=True).stdout
+    times = [float(line.split()[5]) for line in out.splitlines() if line.startswith("step ")][warmup:]
+    loaded, peak = next(line.split()[2::2] for line in out.splitlines() if line.startswith("memory "))
+    return {"step_ms": statistics.median(times), "rss_loaded_mib": int(loaded) / 1024,
+            "train_mib": int(peak) / 1024, "process": "pock_runner (TVM runtime only)"}
 
 
 def main() -> None:
@@ -137,7 +173,7 @@ def main() -> None:
                 program.save(path)
                 report = program.report()
                 ours = _run_child(["pock_tvm", str(path), str(batch)])
-                theirs = _run_child(["torch", scheme, str(batch)])
+                theirs = _run_child(["torch", ",".join(trained_names(scheme)), str(batch)])
                 rows.append({"scheme": scheme, "batch": batch, "compile_s": round(compile_s, 1),
                              "pock_tvm": ours, "torch": theirs,
                              "backward_flops": report.sparse["backward_flops"],
@@ -155,7 +191,8 @@ def main() -> None:
     lines = [f"# MobileNetV2-w0.35@128, training step on the host CPU ({meta['date']})", "",
              f"`{meta['command']}` on {meta['machine']}; torch {meta['torch']}, TVM {meta['tvm']}.",
              "pock_tvm kernels are untuned (no MetaSchedule yet). Memory: peak RSS during the steps "
-             "minus RSS with model, optimizer state and batch loaded, each framework in its own process.",
+             "minus RSS with model, optimizer state and batch loaded, each framework in its own process: "
+             "pock_tvm in the C++ `pock_runner` (TVM runtime only), torch in Python with torch only.",
              "", "| scheme | batch | pock_tvm step ms | torch step ms | pock_tvm train MiB | torch train MiB |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,18 +1,17 @@
 """pock_tvm: compile an inference model into a sparse, ahead-of-time training step on TVM.
 
-``import pock_tvm`` stays light (numpy + the TVM runtime for :func:`load`); the compiler, its
-frontends and torch load on first use of :func:`compile` or the other compile-time names.
+``import pock_tvm`` stays light: TVM loads on first use of :func:`load` / :class:`Program`, the
+compiler, its frontends and torch on first use of :func:`compile` or the other compile-time names
+(so ``pock_tvm.models`` can be used beside plain torch without loading TVM).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .runtime.program import Program
-
-load = Program.load
-
 _LAZY = {
+    "Program": ("pock_tvm.runtime.program", "Program"),
+    "load": ("pock_tvm.runtime.program", "load_program"),
     "compile": ("pock_tvm.interface.compiler", "compile"),
     "Scheme": ("pock_tvm.scheme", "Scheme"),
     "Rule": ("pock_tvm.scheme", "Rule"),

@@ -145,6 +145,28 @@ std::vector<ffi::Tensor> Batch(const Session& s, const Data& d, size_t index, ff
   return inputs;
 }
 
+// Linux: KiB of a /proc/self/status field (0 elsewhere). ResetPeak makes VmHWM cover what follows.
+long StatusKiB(const char* field) {
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  long value = 0;
+  size_t n = std::strlen(field);
+  while (std::fgets(line, sizeof(line), f)) {
+    if (std::strncmp(line, field, n) == 0 && line[n] == ':') value = std::atol(line + n + 1);
+  }
+  std::fclose(f);
+  return value;
+}
+
+void ResetPeak() {
+  FILE* f = std::fopen("/proc/self/clear_refs", "w");
+  if (f) {
+    std::fputs("5", f);
+    std::fclose(f);
+  }
+}
+
 float Scalar(const Runtime& rt, const ffi::Tensor& t) {
   std::string b = rt.Get(t, sizeof(float));
   float v;
@@ -166,6 +188,8 @@ int Train(const std::string& dir, const std::string& data_path, int steps, doubl
   float lr_value = static_cast<float>(lr);
   ffi::Tensor lr_t = s.rt.Put(Spec{"lr", {}, "float32", 4}, reinterpret_cast<const char*>(&lr_value));
   double total_ms = 0;
+  ResetPeak();
+  long base_kib = StatusKiB("VmRSS");
   for (int i = 0; i < steps; ++i) {
     ffi::Tensor target;
     std::vector<ffi::Tensor> inputs = Batch(s, d, static_cast<size_t>(i), &target);
@@ -189,6 +213,7 @@ int Train(const std::string& dir, const std::string& data_path, int steps, doubl
                                           "; lower the learning rate (--lr); parameters not saved");
   }
   std::printf("steps %d mean_time_ms %.3f\n", steps, total_ms / steps);
+  std::printf("memory loaded_kib %ld train_peak_kib %ld\n", base_kib, StatusKiB("VmHWM") - base_kib);
   if (save) {
     int64_t done = static_cast<int64_t>(std::lround(Scalar(s.rt, s.tensors[step_index])));
     pock::CommitState(&s.m, s.CurrentState(), done);

@@ -6,22 +6,11 @@ import logging
 import statistics
 import time
 
-import numpy as np
-
 from ..models import MobileNetV2
+from ..models.synthetic import synthetic_task
 from .compiler import compile
 
 logger = logging.getLogger(__name__)
-
-
-def synthetic_task(batch: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is readable from a per-class colour bias: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, batch)
-    images = rng.standard_normal((batch, 3, 128, 128)).astype("float32") * 0.5
-    tint = np.linspace(-1.0, 1.0, classes, dtype="float32")
-    images[:, 0] += tint[labels][:, None, None]
-    return images, labels.astype("int64")
 
 
 def demo(steps: int = 20, batch: int = 8, scheme: str = "tte-mbv2", lr: float = 0.05) -> dict:

@@ -229,3 +229,8 @@ def _runs_here(target: dict) -> bool:
     if target.get("device") == "cuda":
         return target.get("arch") == host_arch() and tvm.cuda().exist
     return target.get("arch") == host_arch() and target.get("os", "linux") == "linux"
+
+
+def load_program(path: str | Path) -> Program:
+    """Load a bundle (``pock_tvm.load``); see :meth:`Program.load`."""
+    return Program.load(path)
