@@ -27,7 +27,7 @@ class ScheduleForGPU:
         from tvm.s_tir import dlight as dl
 
         target = tvm.target.Target.current(allow_none=False)
-        rules = self.rules or [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+        rules = self.rules if self.rules is not None else [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
         updates = {}
         for gvar, func in mod.functions.items():
