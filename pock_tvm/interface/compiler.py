@@ -107,8 +107,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     updates = scheme.resolve(imported)
     params, trainable, partial = plan(imported, updates)
     values = _initial_values(imported, params)
-    fold = pipeline_settings.setdefault("fold_frozen", True)
-    if fold:
+    all_frozen = {p.var: values[p.var] for p in params if not p.trainable}
+    if pipeline_settings.setdefault("fold_frozen", True):
         params = [replace(p, folded=not p.trainable) for p in params]
     frozen = {p.var: values[p.var] for p in params if p.folded}
     train_mod = build_training_graph(imported, trainable, partial, loss, optimizer,
@@ -117,7 +117,7 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     if memory_phases:
         report.phases = memory_by_phase(
             lambda **s: build_training_graph(imported, trainable, partial, loss, optimizer,
-                                             frozen_values=frozen, **s),
+                                             frozen_values=all_frozen, **s),
             trainable, report.param_bytes, report.optimizer_state_bytes, tgt)
 
     with tgt, tvm.transform.PassContext(opt_level=3):
