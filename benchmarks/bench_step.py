@@ -50,22 +50,6 @@ def _batch(batch: int):
     return synthetic_task(batch, 10)
 
 
-def measure_pock(program_dir: str, batch: int, warmup: int, steps: int) -> dict:
-    import pock_tvm
-
-    program = pock_tvm.load(program_dir)
-    x, y = _batch(batch)
-    base = _rss_mib()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        program.step(x, y)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"step_ms": 1e3 * statistics.median(times), "rss_loaded_mib": base,
-            "train_mib": _peak_mib() - base}
-
-
 def trained_names(scheme: str) -> list[str]:
     """Parameters a scheme updates (resolved in the parent: the torch child loads no TVM)."""
     import torch
@@ -148,9 +132,8 @@ def main() -> None:
     parser.add_argument("--child", nargs="*")
     args = parser.parse_args()
     if args.child:
-        kind, what, batch = args.child
-        fn = measure_pock if kind == "pock_tvm" else measure_torch
-        print(json.dumps(fn(what, int(batch), args.warmup, args.steps)))
+        _, names, batch = args.child  # ["torch", names, batch]: the pock_tvm side runs in pock_runner
+        print(json.dumps(measure_torch(names, int(batch), args.warmup, args.steps)))
         return
 
     import torch
@@ -172,8 +155,8 @@ def main() -> None:
                 path = Path(tmp) / f"{scheme}-{batch}"
                 program.save(path)
                 report = program.report()
-                ours = _run_child(["pock_tvm", str(path), str(batch)])
-                theirs = _run_child(["torch", ",".join(trained_names(scheme)), str(batch)])
+                ours = _run_child(["pock_tvm", str(path), str(batch)], args.warmup, args.steps)
+                theirs = _run_child(["torch", ",".join(trained_names(scheme)), str(batch)], args.warmup, args.steps)
                 rows.append({"scheme": scheme, "batch": batch, "compile_s": round(compile_s, 1),
                              "pock_tvm": ours, "torch": theirs,
                              "backward_flops": report.sparse["backward_flops"],

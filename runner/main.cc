@@ -87,10 +87,11 @@ struct Session {
     }
   }
 
-  std::vector<size_t> Indices(const char* role, bool passed_only = true) const {
+  // Manifest positions of the passed (non-folded) tensors of one role, in call order.
+  std::vector<size_t> Indices(const char* role) const {
     std::vector<size_t> out;
     for (size_t i = 0; i < m.tensors.size(); ++i) {
-      if (m.tensors[i].role == role && (!passed_only || m.tensors[i].passed)) out.push_back(i);
+      if (m.tensors[i].role == role && m.tensors[i].passed) out.push_back(i);
     }
     return out;
   }

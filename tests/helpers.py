@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
 import pock_tvm
@@ -62,3 +65,9 @@ def assert_setting_keeps_numbers(model, x, y, optimizer, scheme, setting: str, r
     np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=rtol)
     for name, value in runs[0][1].items():
         np.testing.assert_allclose(value, runs[1][1][name], rtol=rtol, atol=rtol / 10, err_msg=name)
+
+
+_CROSS_TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64-static", "cmake")
+_missing_cross = [t for t in _CROSS_TOOLS if shutil.which(t) is None]
+needs_cross_tools = pytest.mark.skipif(
+    bool(_missing_cross), reason=f"needs {_missing_cross} (`make test` installs them when run as root)")

@@ -49,14 +49,10 @@ def kernel_workspace(lowered: tvm.IRModule) -> dict[str, int]:
     for gvar, func in lowered.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or not hasattr(func.body, "block"):
             continue
+        # unscheduled kernels (legalized, fused) declare every intermediate on their root block
         size = sum(math.prod(int(d) for d in buf.shape) * np.dtype(str(buf.dtype)).itemsize
-                   for buf in _alloc_buffers(func.body))
+                   for buf in func.body.block.alloc_buffers)
         if size > peak:
             peak, name = size, gvar.name_hint
     return {"peak": peak, "kernel": name}
 
-
-def _alloc_buffers(realize) -> list:
-    """Buffers allocated by the root block and the blocks nested directly in its body."""
-    found = list(realize.block.alloc_buffers)
-    return found

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pack-data":
             print(f"wrote {commands.pack_data(args.bundle, args.data, args.output)} batches to {args.output}")
         elif args.command == "run":
-            rows = commands.run_remote(args.bundle, args.data, args.rpc, args.steps, args.lr)
+            from ..interface.remote import run_remote
+
+            rows = run_remote(args.bundle, args.data, args.rpc, args.steps, args.lr)
             for row in rows:
                 print(f"step {row['step']} loss {row['loss']:.7g} time_ms {row['time_ms']:.3f}")
             print(f"steps {len(rows)} mean_time_ms {sum(r['time_ms'] for r in rows) / len(rows):.3f}")

@@ -100,12 +100,6 @@ def pack_data(bundle: str, data: str, out: str) -> int:
     return write_batches(Path(out), layout, inputs, target.astype(layout.target.dtype, copy=False))
 
 
-def run_remote(bundle: str, data: str, address: str, steps: int = 0, lr: float | None = None) -> list[dict]:
-    from .remote import run_remote as run
-
-    return run(bundle, data, address, steps, lr)
-
-
 def load_data(path: str, program: Program) -> tuple[list[np.ndarray], np.ndarray]:
     """An ``.npz`` with one array per input (by name, or ``x``) and ``y`` or ``target``."""
     return _npz_arrays(path, program.layout)

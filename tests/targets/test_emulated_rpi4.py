@@ -10,7 +10,7 @@ import torch
 import pock_tvm
 from pock_tvm.models import SmallCNN
 from pock_tvm.runtime.bundle import read_manifest, read_state, write_batches
-from conftest import needs_cross_tools
+from helpers import needs_cross_tools
 
 pytestmark = needs_cross_tools
 STEPS = 3
