@@ -34,23 +34,27 @@ def main() -> None:
     import torch
 
     import pock_tvm
-    from pock_tvm.interface.phases import ALL_OFF, PHASES
+    from dataclasses import replace
+
+    from pock_tvm.interface.phases import PHASES
+    from pock_tvm.options import NONE
     from pock_tvm.models import MobileNetV2
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch in map(int, args.batches.split(",")):
             for scheme in args.schemes.split(","):
-                settings = dict(ALL_OFF)
+                options = NONE
                 for index, (phase, change) in enumerate(PHASES):
-                    settings.update(change)
+                    if change:
+                        options = replace(options, **{change: True})
                     if batch != args.all_phases_batch and 0 < index < len(PHASES) - 1:
                         continue
                     torch.manual_seed(0)
                     model = MobileNetV2(width_mult=0.35, num_classes=10)
                     start = time.perf_counter()
                     program = pock_tvm.compile(model, (torch.zeros(batch, 3, 128, 128),), scheme=scheme,
-                                               optimizer=pock_tvm.SGD(lr=0.05, momentum=0.9), **settings)
+                                               optimizer=pock_tvm.SGD(lr=0.05, momentum=0.9), options=options)
                     compile_s = time.perf_counter() - start
                     path = Path(tmp) / f"{scheme}-{batch}-{index}"
                     program.save(path)

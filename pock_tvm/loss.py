@@ -18,6 +18,11 @@ def _tensor_type(spec: TensorSpec) -> relax.TensorType:
     return relax.TensorType(spec.shape, spec.dtype)
 
 
+def _target_var(spec: TensorSpec) -> relax.Var:
+    """The loss function's target parameter, under the spec's name (what the compiled step calls it)."""
+    return relax.Var(spec.name, _tensor_type(spec))
+
+
 @dataclass
 class CrossEntropy:
     """Softmax cross-entropy on integer class labels (``F.cross_entropy``, mean reduction)."""
@@ -31,7 +36,7 @@ class CrossEntropy:
 
     def relax_function(self, output: TensorSpec) -> relax.Function:
         return relax_loss.CrossEntropyLoss(reduction="mean")(
-            _tensor_type(output), _tensor_type(self.target_spec(output)))
+            _tensor_type(output), _target_var(self.target_spec(output)))
 
 
 @dataclass
@@ -45,7 +50,7 @@ class MSE:
 
     def relax_function(self, output: TensorSpec) -> relax.Function:
         return relax_loss.MSELoss(reduction="mean")(
-            _tensor_type(output), _tensor_type(self.target_spec(output)))
+            _tensor_type(output), _target_var(self.target_spec(output)))
 
 
 @dataclass

@@ -7,6 +7,7 @@ scalar so that schedules need no recompilation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import relax
@@ -16,6 +17,29 @@ R = relax.op
 
 def _c(value: float, dtype: str = "float32") -> relax.Constant:
     return relax.const(value, dtype)
+
+
+def check_lr(lr) -> float:
+    """A learning rate is a finite number >= 0; anything else is refused with the value."""
+    return _check("learning rate", lr, 0.0, math.inf)
+
+
+def _check(what: str, value, low: float, high: float, high_open: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number < low or number > high \
+            or (high_open and number == high):
+        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{what} must be a finite number {bounds}, got {value!r}")
+    return number
+
+
+def _validate(optimizer, ranges: dict) -> None:
+    name = type(optimizer).__name__
+    for field_name, (low, high, high_open) in ranges.items():
+        _check(f"{name}.{field_name}", getattr(optimizer, field_name), low, high, high_open)
 
 
 @dataclass
@@ -28,6 +52,10 @@ class SGD:
     weight_decay: float = 0.0
     nesterov: bool = False
     name: str = "sgd"
+
+    def __post_init__(self) -> None:
+        _validate(self, {"lr": (0, math.inf, False), "momentum": (0, 1, True), "dampening": (0, 1, False),
+                         "weight_decay": (0, math.inf, False)})
 
     def state_names(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum else ()
@@ -60,6 +88,12 @@ class Adam:
     weight_decay: float = 0.0
     decoupled: bool = False
     name: str = "adam"
+
+    def __post_init__(self) -> None:
+        _validate(self, {"lr": (0, math.inf, False), "beta1": (0, 1, True), "beta2": (0, 1, True),
+                         "eps": (0, math.inf, False), "weight_decay": (0, math.inf, False)})
+        if self.eps <= 0:
+            raise ValueError(f"Adam.eps must be > 0, got {self.eps!r}")
 
     def state_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")

@@ -8,13 +8,15 @@ from tvm import relax
 import pock_tvm
 from pock_tvm.analysis.cost import adjoint_parts
 from pock_tvm.interface.compiler import build_training_graph, plan
+from pock_tvm.options import PipelineOptions
 
 
-def training_graph(imported, scheme, optimizer="sgd", **settings):
+def training_graph(imported, scheme, optimizer="sgd", options=PipelineOptions(fold_frozen=False),
+                   frozen_values=None):
     updates = pock_tvm.Scheme.load(scheme).resolve(imported)
     _, trainable, partial = plan(imported, updates)
     mod = build_training_graph(imported, trainable, partial, pock_tvm.loss.make_loss("ce"),
-                               pock_tvm.optim.make_optimizer(optimizer), **settings)
+                               pock_tvm.optim.make_optimizer(optimizer), options, frozen_values)
     return mod, trainable
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pock_tvm
+from pock_tvm.options import PipelineOptions
 from reference import Reference
 
 
@@ -59,7 +60,8 @@ def assert_setting_keeps_numbers(model, x, y, optimizer, scheme, setting: str, r
     (``rtol`` above float32 rounding for settings that reassociate arithmetic)."""
     runs = []
     for value in (True, False):
-        program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer=optimizer, **{setting: value})
+        options = PipelineOptions() if value else PipelineOptions().without(setting)
+        program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer=optimizer, options=options)
         losses = [program.step(x.numpy(), y.numpy()) for _ in range(3)]
         runs.append((losses, program.state_dict()))
     np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=rtol)

@@ -50,7 +50,10 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
 
 def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str = "host",
                    input_shape: tuple[int, ...] | None = None, loss: str = "cross_entropy",
-                   optimizer=None) -> Program:
+                   optimizer=None, options=None, force: bool = False) -> Program:
+    from ..runtime.bundle import check_replaceable
+
+    check_replaceable(Path(out), force)  # before minutes of compiling
     model_obj, example = load_model(model, input_shape)
     shapes = None
     if example is None and input_shape is not None:
@@ -59,8 +62,8 @@ def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str 
         first = onnx.load(model).graph.input[0].name
         shapes = {first: input_shape}
     program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
-                      target=target, input_shapes=shapes)
-    program.save(out)
+                      target=target, input_shapes=shapes, options=options)
+    program.save(out, force=force)
     return program
 
 
@@ -125,24 +128,36 @@ def _npz_arrays(path: str, layout) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: bool = True) -> list[float]:
-    """Run training steps over ``data`` in batches of the compiled batch size."""
-    program = Program.load(path)
-    inputs, target = load_data(data, program)
-    batch = program.layout.target.shape[0] if program.layout.target.shape else 1
-    count = len(target) // batch
-    if count == 0:
-        raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
-    dtypes = [s.dtype for s in program.layout.inputs]
-    losses = []
-    for epoch in range(epochs):
-        for i in range(count):
-            sl = slice(i * batch, (i + 1) * batch)
-            start = time.perf_counter()
-            loss = program.step(*[x[sl].astype(d, copy=False) for x, d in zip(inputs, dtypes)],
-                                target[sl].astype(program.layout.target.dtype, copy=False), lr=lr)
-            losses.append(loss)
-            logger.info("epoch %d step %d loss %.5f time %.1f ms", epoch, i, loss,
-                        1e3 * (time.perf_counter() - start))
-    if save:
-        program.save(path)
+    """Run training steps over ``data`` in batches of the compiled batch size, holding the
+    bundle's lock; the state is saved back only if every loss and every value is finite."""
+    from ..optim import check_lr
+    from ..runtime.bundle import clean_state_leftovers, locked, read_manifest
+
+    if lr is not None:
+        check_lr(lr)
+    with locked(Path(path), "train"):
+        clean_state_leftovers(Path(path), read_manifest(Path(path)))
+        program = Program.load(path)
+        inputs, target = load_data(data, program)
+        batch = program.layout.target.shape[0] if program.layout.target.shape else 1
+        count = len(target) // batch
+        if count == 0:
+            raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
+        target = target.astype(program.layout.target.dtype, copy=False)
+        program.layout.check_target(target[:count * batch], f"data file '{data}'")
+        dtypes = [s.dtype for s in program.layout.inputs]
+        losses = []
+        for epoch in range(epochs):
+            for i in range(count):
+                sl = slice(i * batch, (i + 1) * batch)
+                start = time.perf_counter()
+                loss = program.step(*[x[sl].astype(d, copy=False) for x, d in zip(inputs, dtypes)], target[sl], lr=lr)
+                losses.append(loss)
+                logger.info("epoch %d step %d loss %.5f time %.1f ms", epoch, i, loss,
+                            1e3 * (time.perf_counter() - start))
+                if not np.isfinite(loss):
+                    raise ValueError(f"loss is {loss} at epoch {epoch} step {i}: training diverged; lower the "
+                                     f"learning rate (--lr). '{path}' was not changed")
+        if save:
+            program.save(path)
     return losses

@@ -17,6 +17,7 @@ from ..analysis.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
 from ..optim import make_optimizer
+from ..options import NONE, PipelineOptions
 from ..passes.pipeline import pock_tvm_pipeline
 from ..passes.SplitPartialChannels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
@@ -73,17 +74,18 @@ def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[Lay
     return list(rows.values())
 
 
-def build_training_graph(imported, trainable, partial, loss, optimizer, **settings) -> tvm.IRModule:
-    """Phases 1-2 of the pipeline; ``settings`` are further pipeline keywords."""
-    settings.setdefault("fold_frozen", False)  # analysis without frozen values bound, by default
+def build_training_graph(imported, trainable, partial, loss, optimizer,
+                         options: PipelineOptions = NONE, frozen_values: dict | None = None) -> tvm.IRModule:
+    """Phases 1-2 of the pipeline (the training graph, not lowered). ``options`` default to no
+    optimization: analysis sees every frozen tensor as an input."""
     return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins,
-                             loss_function=loss.relax_function(imported.output),
-                             optimizer=optimizer, lower=False, **settings)(imported.mod)
+                             loss_function=loss.relax_function(imported.output), optimizer=optimizer,
+                             frozen_values=frozen_values, options=options, lower=False)(imported.mod)
 
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
             target="host", input_shapes: dict | None = None, memory_phases: bool = False,
-            **pipeline_settings) -> Program:
+            options: PipelineOptions | str | None = None) -> Program:
     """Compile ``model`` into a training :class:`Program`.
 
     ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
@@ -93,11 +95,13 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
     ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
-    ``pipeline_settings`` switch optimizations of the pipeline (e.g. ``reorder_updates=False``;
-    ``fold_frozen=False`` keeps frozen tensors as runtime inputs so that they can be reloaded).
+    ``options`` switch optimizations of the pipeline: a :class:`PipelineOptions` or a preset
+    ``"O0"``..``"O3"`` (default ``O3``, everything; ``PipelineOptions(fold_frozen=False)`` keeps
+    frozen tensors as runtime inputs so that they can be reloaded).
     ``memory_phases=True`` adds the planned memory after each optimization phase to the report
     (one more lowering per phase, no code generation).
     """
+    options = PipelineOptions.load(options)
     preset = load_target(target)
     tgt = tvm_target(preset)
     gpu = tgt.kind.name == "cuda"
@@ -108,20 +112,18 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     params, trainable, partial = plan(imported, updates)
     values = _initial_values(imported, params)
     all_frozen = {p.var: values[p.var] for p in params if not p.trainable}
-    if pipeline_settings.setdefault("fold_frozen", True):
+    if options.fold_frozen:
         params = [replace(p, folded=not p.trainable) for p in params]
     frozen = {p.var: values[p.var] for p in params if p.folded}
-    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer,
-                                     frozen_values=frozen, **pipeline_settings)
+    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen)
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer)
     if memory_phases:
         report.phases = memory_by_phase(
-            lambda **s: build_training_graph(imported, trainable, partial, loss, optimizer,
-                                             frozen_values=all_frozen, **s),
+            lambda opts: build_training_graph(imported, trainable, partial, loss, optimizer, opts, all_frozen),
             trainable, report.param_bytes, report.optimizer_state_bytes, tgt)
 
     with tgt, tvm.transform.PassContext(opt_level=3):
-        lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, **pipeline_settings)(train_mod)
+        lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, options=options)(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
                           "forward": planned_bytes(lowered, "forward")["storage"],
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
@@ -131,6 +133,10 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
                     scheme.to_dict(), preset.name)
+    expected = layout.signatures()["train_step"]["args"]
+    if [p.name for p in train_mod["train_step"].params] != expected:  # a pipeline bug, not user input
+        raise RuntimeError(f"compile: train_step takes {[p.name for p in train_mod['train_step'].params]}, "
+                           f"the calling convention says {expected}")
     logger.info("compiled %d trainable tensors of %d (%d frozen folded into the step)",
                 len(trainable), len(params), len(frozen))
     extra = {"target": {**preset.to_json(), "tvm_target": json.loads(str(tgt))}}
@@ -161,8 +167,7 @@ def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer) ->
     sparse = training_cost(train_mod, trainable)
     _, dense_trainable, _ = plan(imported, Scheme.preset("full").resolve(imported))
     try:
-        dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer,
-                                         reorder_updates=False)  # order does not change the cost
+        dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer)
         dense = training_cost(dense_mod, dense_trainable)
     except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
         logger.info("no full-backprop baseline for the report: %s", err)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import calling
+from ..optim import check_lr
 from ..runtime.bundle import read_manifest, read_state
 from ..runtime.layout import Layout
 
@@ -37,6 +39,7 @@ def read_batches(path: str | Path, layout: Layout) -> list[list[np.ndarray]]:
             arrays.append(np.frombuffer(raw, spec.dtype, int(np.prod(spec.shape, dtype=np.int64)), offset)
                           .reshape(spec.shape))
             offset += size
+        layout.check_target(arrays[-1], f"data file '{path}'")
         out.append(arrays)
     return out
 
@@ -70,25 +73,23 @@ def run_remote(bundle: str | Path, data: str | Path, address: str, steps: int = 
     def put(array):
         return tvm.runtime.tensor(np.array(array, order="C"), dev)  # keeps 0-d scalars 0-d
 
-    params = {t["name"]: put(values[t["name"]]) for t in manifest["tensors"] if t["passed"] and t["role"] == "param"}
-    states = [put(values[k]) for k in layout.state_keys()]
-    step = put(values["step"])
-    trainable = [p.var for p in layout.trainable]
-    lr_t = put(np.asarray(lr if lr is not None else layout.optimizer.get("lr", 0.01), "float32"))
+    call = manifest["calling"]["train_step"]
+    live = {t["name"]: put(values[t["name"]]) for t in manifest["tensors"] if t["passed"]}
+    live[calling.LR] = put(np.asarray(check_lr(lr if lr is not None else layout.optimizer.get("lr", 0.01)),
+                                      "float32"))
     batches = read_batches(data, layout)
+    specs = [s.name for s in [*layout.inputs, layout.target]]
     rows = []
     for i in range(steps or len(batches)):
-        *inputs, target = (put(a) for a in batches[i % len(batches)])
-        vm.set_input("train_step", *inputs, *params.values(), target, lr_t, step, *states)
+        live.update(zip(specs, (put(a) for a in batches[i % len(batches)])))
+        vm.set_input("train_step", *[live[n] for n in call["args"]])
         start = time.perf_counter()
         vm.invoke_stateful("train_step")
         out = vm.get_outputs("train_step")
-        loss = float(out[0].numpy())  # the round trip waits for the step
+        named = dict(zip(call["outputs"], out))
+        loss = float(named.pop(calling.LOSS).numpy())  # the round trip waits for the step
         elapsed = 1e3 * (time.perf_counter() - start)
-        for k, name in enumerate(trainable):
-            params[name] = out[1 + k]
-        step = out[1 + len(trainable)]
-        states = list(out[2 + len(trainable):])
+        live.update(named)
         rows.append({"step": i + 1, "loss": loss, "time_ms": elapsed})
         logger.info("remote step %d loss %.6f time %.1f ms", i + 1, loss, elapsed)
     return rows

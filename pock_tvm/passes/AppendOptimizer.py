@@ -5,17 +5,18 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-STEP, LR = "step", "lr"
+from .. import calling
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.AppendOptimizer")
 class AppendOptimizer:
     """Reads ``loss`` and ``loss_adjoint``; creates ``train_step``.
 
-    Signature: ``train_step(*loss_params, lr, step, *states)`` where ``loss_params`` are the
-    inputs, parameters and target of ``loss`` (in that order), ``step`` a float32 scalar (updates done so far)
-    and ``states`` the optimizer state tensors, for each trainable parameter in order, one per
-    ``optimizer.state_names()``. Returns ``(loss, *new_trainable, new_step, *new_states)``.
+    Signature: as :mod:`pock_tvm.calling` writes it, ``train_step(*loss_params, lr, step, *states)``
+    where ``loss_params`` are the inputs, parameters and target of ``loss`` (in that order),
+    ``step`` a float32 scalar (updates done so far) and ``states`` the optimizer state tensors, for
+    each trainable parameter in order, one per ``optimizer.state_names()``. Returns
+    ``(loss, *new_trainable, new_step, *new_states)``.
     The optimizer math is emitted inline, so the update of each parameter is ordinary graph code
     that later passes can schedule and fuse. Requires ``SparseGradient``.
     """
@@ -35,25 +36,29 @@ class AppendOptimizer:
         scalar = relax.TensorType((), "float32")
         args = [relax.Var(p.name, p.ty) for p in loss_func.params]
         by_name = {v.name: v for v in args}
-        lr, step = relax.Var(LR, scalar), relax.Var(STEP, scalar)
         names = self.optimizer.state_names()
-        states = {(p, s): relax.Var(f"{p}.{s}", by_name[p].ty) for p in self.trainable for s in names}
+        states = {(p, s): relax.Var(calling.state_key(p, s), by_name[p].ty) for p in self.trainable for s in names}
+        special = {calling.LR: relax.Var(calling.LR, scalar), calling.STEP: relax.Var(calling.STEP, scalar)}
+        lr, step = special[calling.LR], special[calling.STEP]
+        by_name.update(special)
+        by_name.update({v.name: v for v in states.values()})
+        order = calling.train_step_args([v.name for v in args], [v.name for v in states.values()])
 
         bb = relax.BlockBuilder(mod)
-        with bb.function(self.new_func_name, [*args, lr, step, *states.values()]):
+        with bb.function(self.new_func_name, [by_name[n] for n in order]):
             with bb.dataflow():
                 result = bb.emit(relax.Call(adjoint_gv, args), "adjoint")
                 loss = bb.emit(relax.TupleGetItem(result, 0), "loss")
                 grads = bb.emit(relax.TupleGetItem(result, 1), "grads")
-                new_params, new_states = [], []
+                new = {calling.LOSS: loss}
                 for i, name in enumerate(self.trainable):
                     grad = bb.emit(relax.TupleGetItem(grads, i), f"{name}.grad")
                     own = [states[(name, s)] for s in names]
-                    param, updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr)
-                    new_params.append(param)
-                    new_states += updated
-                new_step = bb.emit(relax.op.add(step, relax.const(1.0, "float32")), "next_step")
-                out = bb.emit_output(relax.Tuple([loss, *new_params, new_step, *new_states]))
+                    new[name], updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr)
+                    new.update({calling.state_key(name, s): u for s, u in zip(names, updated)})
+                new[calling.STEP] = bb.emit(relax.op.add(step, relax.const(1.0, "float32")), "next_step")
+                keys = calling.state_keys(self.trainable, names)
+                out = bb.emit_output(relax.Tuple([new[n] for n in calling.train_step_outputs(self.trainable, keys)]))
             bb.emit_func_output(out)
         new_mod = bb.get()
         func = new_mod[self.new_func_name].with_attr("pock_tvm.trainable", self.trainable)

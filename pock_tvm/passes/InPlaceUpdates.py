@@ -7,6 +7,7 @@ import logging
 import tvm
 from tvm import relax
 
+from .. import calling
 from .utils import vars_in
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,11 @@ def _same_tensor_type(a, b) -> bool:
 
 
 def _old_values(func) -> dict[int, str]:
-    """Output position -> name of the parameter it replaces: (loss, *params, step, *states)."""
+    """Output position -> name of the parameter it replaces (``calling.train_step_outputs``)."""
     trainable = list(func.attrs["pock_tvm.trainable"])
-    states = list(func.attrs["pock_tvm.state_names"])
-    names = [*trainable, "step", *[f"{t}.{s}" for t in trainable for s in states]]
-    return {1 + i: name for i, name in enumerate(names)}
+    states = calling.state_keys(trainable, list(func.attrs["pock_tvm.state_names"]))
+    names = calling.train_step_outputs(trainable, states)
+    return {i: name for i, name in enumerate(names) if name != calling.LOSS}
 
 
 def _output_vars(func, binds) -> list:

@@ -1,7 +1,7 @@
 """The pock_tvm pipeline: from an imported ``forward`` to a compiled ``train_step``.
 
 Registered as ``relax.get_pipeline("pock_tvm", ...)``. Read top to bottom; one line of why per
-step. Every setting is a keyword with a default so the pipeline can be built from data.
+step. Every setting is a keyword with a default; the optimizations are one typed ``PipelineOptions``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .FreezeBatchNorm import FreezeBatchNorm
 from .InPlaceUpdates import InPlaceUpdates
 from .InlineKernelIntermediates import InlineKernelIntermediates
 from .gradient_rules import register_gradient_rules
+from ..options import PipelineOptions
 from .ReorderUpdates import ReorderUpdates
 from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
@@ -35,29 +36,26 @@ def pock_tvm_pipeline(
     optimizer=None,
     origins: dict[str, str] | None = None,
     frozen_values: dict | None = None,
-    fold_frozen: bool = True,
-    reorder_updates: bool = True,
-    in_place: bool = True,
-    inline_intermediates: bool = True,
+    options: PipelineOptions | None = None,
     gpu: bool = False,
     build_training_graph: bool = True,
     lower: bool = True,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
-    tensors, bound as constants unless ``fold_frozen=False``. ``lower=False`` stops at the training graph (for
-    analysis); ``build_training_graph=False`` only lowers an already built training graph;
-    ``reorder_updates=False`` keeps all updates after the whole backward pass and
-    ``in_place=False`` returns new parameter tensors every step, ``inline_intermediates=False``
-    lets every stage of a fused kernel write its own scratch buffer (all for measuring).
-    ``gpu=True`` schedules kernels for a GPU target (call inside ``with target``)."""
+    tensors, bound as constants when ``options.fold_frozen``. ``options``
+    (:class:`pock_tvm.options.PipelineOptions`, default ``O3``) switches the optimizations.
+    ``lower=False`` stops at the training graph (for analysis); ``build_training_graph=False``
+    only lowers an already built training graph. ``gpu=True`` schedules kernels for a GPU target
+    (call inside ``with target``)."""
     register_gradient_rules()
+    opt = options or PipelineOptions()
     passes = []
     if build_training_graph:
         passes += [
             # Phase 1: make forward differentiable, sparse-friendly and free of frozen work
             SplitPartialChannels(partial),  # k-channel weights get their own tensor and op
-            *([BindFrozenParams(frozen_values, trainable), FoldBatchNorm()] if fold_frozen else []),
+            *([BindFrozenParams(frozen_values, trainable), FoldBatchNorm()] if opt.fold_frozen else []),
             # frozen tensors are constants; frozen conv+BN pairs become one conv
             FreezeBatchNorm(),  # BN uses fixed running stats; autodiff has no batch_norm rule
             CheckGradientRules(trainable, origins),  # name the source node of an op with no rule
@@ -65,7 +63,7 @@ def pock_tvm_pipeline(
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
             SparseGradient(trainable),  # adjoints only for what the scheme updates
             AppendOptimizer(optimizer, trainable),  # train_step = loss_adjoint + update
-            *([ReorderUpdates()] if reorder_updates else []),  # update right after its gradient
+            *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
         ]
     if lower:
         passes += [
@@ -76,7 +74,7 @@ def pock_tvm_pipeline(
             relax.transform.FoldConstant(),  # what depends only on frozen tensors and constants
             relax.transform.FuseOps(),  # elementwise into producers, backward included
             relax.transform.FuseTIR(),  # one kernel per fused group
-            *([InlineKernelIntermediates()] if inline_intermediates else []),  # no scratch per stage
+            *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
             *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
             # Phase 4: TVM's default build, with in-place updates before memory planning
@@ -87,7 +85,7 @@ def pock_tvm_pipeline(
             relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(),
             relax.transform.CallTIRRewrite(),  # kernels get explicit output tensors
-            *([InPlaceUpdates()] if in_place else []),  # new params/state overwrite the old
+            *([InPlaceUpdates()] if opt.in_place else []),  # new params/state overwrite the old
             relax.transform.StaticPlanBlockMemory(),  # one storage pool, reused by liveness
             relax.transform.RewriteCUDAGraph(),
             relax.transform.LowerAllocTensor(),

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
+from .. import calling
 from ..frontend.model import TensorSpec
 
 
@@ -51,7 +54,25 @@ class Layout:
         return [p for p in self.params if not p.folded]
 
     def state_keys(self) -> list[str]:
-        return [f"{p.var}.{s}" for p in self.trainable for s in self.state_names]
+        return calling.state_keys([p.var for p in self.trainable], self.state_names)
+
+    def signatures(self) -> dict[str, dict[str, list[str]]]:
+        """Argument and output names of ``train_step`` and ``forward`` (:mod:`pock_tvm.calling`)."""
+        return calling.signatures([s.name for s in self.inputs], [p.var for p in self.passed], self.target.name,
+                                  [p.var for p in self.trainable], self.state_names)
+
+    def check_target(self, target: np.ndarray, where: str = "target") -> None:
+        """Class labels of a cross-entropy step lie in ``[0, classes)``: an out-of-range label
+        would read outside the logits. Other losses take any target."""
+        if self.loss != "cross_entropy" or len(self.output.shape) != 2:
+            return
+        classes = self.output.shape[1]
+        bad = (target < 0) | (target >= classes)
+        if np.any(bad):
+            index = int(np.flatnonzero(np.ravel(bad))[0])
+            raise ValueError(f"{where}: label {int(np.ravel(target)[index])} at position {index} is outside "
+                             f"[0, {classes}) for the model's {classes} classes; fix the labels (class "
+                             "indices counted from 0)")
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -12,6 +12,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .. import calling
+from ..optim import check_lr
 from .bundle import read_manifest, read_state, write_bundle
 from .layout import Layout
 
@@ -37,11 +39,15 @@ class Program:
         self._dev = device or tvm.cpu()
         self.runs_here = _runs_here(self.extra.get("target", {}))
         self._vm = relax.VirtualMachine(executable, self._dev) if self.runs_here else None
-        self._tensors = {p.var: self._put(values[p.var]) for p in layout.passed}
+        self._calls = layout.signatures()
+        if self._vm is not None:
+            self._check_library_signatures()
+        # what the step carries from call to call, by calling-convention name
+        self._live = {p.var: self._put(values[p.var]) for p in layout.passed}
+        self._live[calling.STEP] = self._put(np.asarray(values.get(calling.STEP, 0.0), "float32"))
+        for k in layout.state_keys():
+            self._live[k] = self._put(values.get(k, np.zeros(self._state_shape(k), "float32")))
         self._folded = {p.var: np.asarray(values[p.var]) for p in layout.params if p.folded}
-        self._states = {k: self._put(values.get(k, np.zeros(self._state_shape(k), "float32")))
-                        for k in layout.state_keys()}
-        self._step = self._put(np.asarray(values.get("step", 0.0), "float32"))
         self.lr = float(layout.optimizer.get("lr", 0.01))
 
     # ---- running --------------------------------------------------------------------------
@@ -52,30 +58,31 @@ class Program:
         if len(args) != len(specs):
             raise ValueError(f"step: expected {len(specs)} arguments "
                              f"({', '.join(s.name for s in specs)}), got {len(args)}")
-        tensors = [self._checked(a, s) for a, s in zip(args, specs)]
-        params = [self._tensors[p.var] for p in self.layout.passed]
-        states = [self._states[k] for k in self.layout.state_keys()]
-        lr_t = self._put(np.asarray(self.lr if lr is None else lr, "float32"))
-        *inputs, target = tensors
-        out = self._vm["train_step"](*inputs, *params, target, lr_t, self._step, *states)
-        trainable = self.layout.trainable
-        for i, p in enumerate(trainable):
-            self._tensors[p.var] = out[1 + i]
-        self._step = out[1 + len(trainable)]
-        for i, key in enumerate(self.layout.state_keys()):
-            self._states[key] = out[2 + len(trainable) + i]
-        return float(out[0].numpy())
+        arrays = [_array(a) for a in args]
+        self.layout.check_target(arrays[-1], "step")
+        given = {s.name: self._checked(a, s) for a, s in zip(arrays, specs)}
+        given[calling.LR] = self._put(np.asarray(check_lr(self.lr if lr is None else lr), "float32"))
+        call = self._calls["train_step"]
+        out = self._vm["train_step"](*[given[n] if n in given else self._live[n] for n in call["args"]])
+        loss = None
+        for name, value in zip(call["outputs"], out):
+            if name == calling.LOSS:
+                loss = float(value.numpy())
+            else:
+                self._live[name] = value
+        return loss
 
     def predict(self, *inputs) -> np.ndarray:
         self._check_runs_here("predict")
         if len(inputs) != len(self.layout.inputs):
             raise ValueError(f"predict: expected {len(self.layout.inputs)} inputs, got {len(inputs)}")
-        tensors = [self._checked(a, s) for a, s in zip(inputs, self.layout.inputs)]
-        return self._vm["forward"](*tensors, *[self._tensors[p.var] for p in self.layout.passed]).numpy()
+        given = {s.name: self._checked(_array(a), s) for a, s in zip(inputs, self.layout.inputs)}
+        args = self._calls["forward"]["args"]
+        return self._vm["forward"](*[given[n] if n in given else self._live[n] for n in args]).numpy()
 
     @property
     def steps_done(self) -> int:
-        return int(_numpy(self._step))
+        return int(_numpy(self._live[calling.STEP]))
 
     def report(self):
         """The compile-time analysis (:class:`pock_tvm.analysis.report.Report`)."""
@@ -117,18 +124,23 @@ class Program:
                                      "compiled step as a constant; recompile with fold_frozen=False "
                                      "to load new values for frozen tensors")
                 continue
-            self._tensors[p.var] = self._put(value.astype(p.dtype))
+            self._live[p.var] = self._put(value.astype(p.dtype))
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return {"step": _numpy(self._step), **{k: _numpy(v) for k, v in self._states.items()}}
+        keys = [calling.STEP, *self.layout.state_keys()]
+        return {k: _numpy(self._live[k]) for k in keys}
 
     # ---- persistence ----------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, force: bool = False) -> Path:
         """Write the bundle (library, ``manifest.json``, ``params.bin``) to directory ``path``
-        atomically (all or nothing); see :mod:`pock_tvm.runtime.bundle` for the format."""
+        atomically (all or nothing); see :mod:`pock_tvm.runtime.bundle` for the format.
+
+        ``path`` may be new, empty or a bundle; another directory is refused unless ``force``.
+        Non-finite parameters or state (a diverged training) are refused, naming the tensor."""
         library = self.extra.get("target", {}).get("export_format", "so")
         path = write_bundle(Path(path), self._export, f"lib.{library}", self.layout, self._all_values(),
-                            {**self.extra, "report": self.report_data.to_json() if self.report_data else None})
+                            {**self.extra, "report": self.report_data.to_json() if self.report_data else None},
+                            force)
         logger.info("saved program to %s", path)
         return path
 
@@ -182,6 +194,18 @@ class Program:
         else:
             self._exe.export_library(str(file))
 
+    def _check_library_signatures(self) -> None:
+        """The library's functions take exactly the arguments the layout names, in that order."""
+        arity, name = self._vm.module["get_function_arity"], self._vm.module["get_function_param_name"]
+        for func, call in self._calls.items():
+            try:
+                found = [name(func, i) for i in range(arity(func))]
+            except Exception as err:  # noqa: BLE001 -- the runtime raises its own error types
+                raise ValueError(f"the library has no usable '{func}' function ({err}); recompile the model") from None
+            if found != call["args"]:
+                raise ValueError(f"the library's {func} takes {found}, the layout says {call['args']}; the "
+                                 "manifest does not belong to this library, recompile the model")
+
     def _check_runs_here(self, what: str) -> None:
         if not self.runs_here:
             t = self.extra["target"]
@@ -191,7 +215,7 @@ class Program:
 
     # ---- helpers --------------------------------------------------------------------------
     def _value(self, p) -> np.ndarray:
-        return self._folded[p.var] if p.folded else _numpy(self._tensors[p.var])
+        return self._folded[p.var] if p.folded else _numpy(self._live[p.var])
 
     def _put(self, array: np.ndarray):
         array = np.asarray(array)
@@ -205,8 +229,7 @@ class Program:
         var = key.rsplit(".", 1)[0]
         return next(p.shape for p in self.layout.params if p.var == var)
 
-    def _checked(self, value, spec):
-        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    def _checked(self, array: np.ndarray, spec):
         if tuple(array.shape) != tuple(spec.shape):
             raise ValueError(f"input '{spec.name}' has shape {tuple(array.shape)}, the program was "
                              f"compiled for {tuple(spec.shape)}; recompile with that shape")
@@ -215,6 +238,10 @@ class Program:
                              f"{spec.dtype}; convert it (e.g. .astype('{spec.dtype}'))")
         return self._put(array)
 
+
+
+def _array(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
 
 
 def _numpy(value) -> np.ndarray:

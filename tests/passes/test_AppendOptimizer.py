@@ -7,7 +7,7 @@ def test_loss_takes_forward_inputs_then_target(small_cnn):
     mod, _ = training_graph(small_cnn, "last-1")
     forward = [p.name for p in mod["forward"].params]
     loss = [p.name for p in mod["loss"].params]
-    assert loss[:-1] == forward and loss[-1] == "targets"
+    assert loss[:-1] == forward and loss[-1] == "target"
     assert len(mod["loss"].ret_ty.shape) == 0
 
 

@@ -7,6 +7,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 import pock_tvm
+from pock_tvm.options import PipelineOptions
 from pock_tvm.analysis.layers import bindings
 from pock_tvm.models import SmallCNN
 from pock_tvm.passes import BindFrozenParams, FoldBatchNorm
@@ -73,7 +74,7 @@ def test_folded_matches_batch_norm_numerically():
 
 
 def test_bn_whose_conv_is_trained_is_not_folded(small_cnn):
-    mod, _ = training_graph(small_cnn, "full", fold_frozen=True, frozen_values={})
+    mod, _ = training_graph(small_cnn, "full", options=PipelineOptions(), frozen_values={})
     assert not any(isinstance(p, tvm.ir.expr.Constant) for b in bindings(mod["forward"])
                    for p in getattr(b.value, "args", []) if getattr(b.value, "op", None) is not None
                    and getattr(b.value.op, "name", "") == "relax.nn.conv2d")

@@ -3,6 +3,7 @@
 import torch
 
 import pock_tvm
+from pock_tvm.options import PipelineOptions
 from pock_tvm.models import MLP
 from pock_tvm.passes.pipeline import pock_tvm_pipeline
 from graphs import training_graph
@@ -11,7 +12,7 @@ from helpers import assert_setting_keeps_numbers
 
 def _lowered(imported, scheme, optimizer, in_place):
     mod, _ = training_graph(imported, scheme, optimizer=optimizer)
-    return pock_tvm_pipeline(build_training_graph=False, in_place=in_place)(mod)
+    return pock_tvm_pipeline(build_training_graph=False, options=PipelineOptions(in_place=in_place))(mod)
 
 
 def test_every_update_is_in_place_and_planned_storage_shrinks(small_cnn):

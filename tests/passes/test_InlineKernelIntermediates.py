@@ -3,6 +3,7 @@
 import torch
 
 import pock_tvm
+from pock_tvm.options import PipelineOptions
 from pock_tvm.analysis.memory import kernel_workspace
 from pock_tvm.models import SmallCNN
 from pock_tvm.passes.pipeline import pock_tvm_pipeline
@@ -12,7 +13,8 @@ from helpers import assert_setting_keeps_numbers
 
 def _lowered(imported, inline):
     mod, _ = training_graph(imported, "full")
-    return pock_tvm_pipeline(build_training_graph=False, inline_intermediates=inline)(mod)
+    return pock_tvm_pipeline(build_training_graph=False,
+                             options=PipelineOptions(inline_intermediates=inline))(mod)
 
 
 def test_only_reduction_results_stay_in_scratch(small_cnn):

@@ -4,6 +4,7 @@ import torch
 from tvm import relax
 
 import pock_tvm
+from pock_tvm.options import PipelineOptions
 from graphs import training_graph
 from helpers import assert_setting_keeps_numbers
 from pock_tvm.analysis.layers import bindings
@@ -29,7 +30,8 @@ def test_each_update_follows_its_gradient(small_cnn):
 
 
 def test_without_reordering_updates_come_after_the_backward_pass(small_cnn):
-    mod, trainable = training_graph(small_cnn, "last-2", optimizer="adam", reorder_updates=False)
+    mod, trainable = training_graph(small_cnn, "last-2", optimizer="adam",
+                                     options=PipelineOptions(fold_frozen=False, reorder_updates=False))
     first = bindings(mod["train_step"])[0].value
     assert isinstance(first.op, relax.GlobalVar) and first.op.name_hint == "loss_adjoint"
 

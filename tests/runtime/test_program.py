@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pock_tvm
+from pock_tvm.options import PipelineOptions
 from pock_tvm.models import MLP
 from pock_tvm.runtime import bundle as bundle_module
 
@@ -38,7 +39,8 @@ def test_state_dict_has_source_names_and_reassembles_partial_weights(setup):
 def test_load_state_dict_round_trip_and_errors(setup):
     model, folded, x, y = setup
     scheme = pock_tvm.Scheme(rules=[pock_tvm.Rule("fc2.weight", "partial", 0.5), pock_tvm.Rule("fc3", "full")])
-    program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer="adam", fold_frozen=False)
+    program = pock_tvm.compile(model, (x,), scheme=scheme, optimizer="adam",
+                               options=PipelineOptions(fold_frozen=False))
     fresh = {k: v.detach().numpy() * 0.5 for k, v in model.state_dict().items()}
     program.load_state_dict(fresh)
     for key, value in program.state_dict().items():
