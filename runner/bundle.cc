@@ -1,10 +1,17 @@
 #include "bundle.h"
 
-#include <cstdio>
-#include <fstream>
-#include <sstream>
-
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
 
 #include "sha256.h"
 
@@ -54,42 +61,117 @@ std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
-namespace {
-
-json::Object Obj(const ffi::Any& v, const char* what) {
-  auto o = v.try_cast<json::Object>();
-  if (!o) throw Error(std::string("manifest.json: '") + what + "' is not an object");
-  return *o;
+long Manifest::Find(const std::string& name) const {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].name == name) return static_cast<long>(i);
+  }
+  return -1;
 }
 
-ffi::Any Get(const json::Object& o, const char* key) {
+namespace {
+
+// A field that is missing or of the wrong type: the bundle was damaged or edited by hand.
+[[noreturn]] void Bad(const std::string& what) {
+  throw Error("manifest.json: " + what + "; the bundle is damaged or was edited by hand, write it again "
+              "with `pock-tvm compile -o` or Program.save");
+}
+
+ffi::Any Get(const json::Object& o, const std::string& key, const std::string& where) {
   auto it = o.find(ffi::String(key));
-  if (it == o.end()) throw Error(std::string("manifest.json: missing '") + key + "'");
+  if (it == o.end()) Bad("'" + where + key + "' is missing");
   return (*it).second;
 }
 
-std::string Str(const json::Object& o, const char* key) { return Get(o, key).cast<ffi::String>(); }
+json::Object Obj(const ffi::Any& v, const std::string& where) {
+  auto o = v.try_cast<json::Object>();
+  if (!o) Bad("'" + where + "' must be an object");
+  return *o;
+}
 
-Spec ParseSpec(const ffi::Any& v) {
-  json::Object o = Obj(v, "spec");
-  Spec s;
-  s.name = Str(o, "name");
-  s.dtype = Str(o, "dtype");
-  size_t n = 1;
-  for (const ffi::Any& d : Get(o, "shape").cast<json::Array>()) {
-    s.shape.push_back(d.cast<int64_t>());
-    n *= static_cast<size_t>(s.shape.back());
+json::Object ObjAt(const json::Object& o, const std::string& key, const std::string& where = "") {
+  return Obj(Get(o, key, where), where + key);
+}
+
+json::Array ArrAt(const json::Object& o, const std::string& key, const std::string& where = "") {
+  auto a = Get(o, key, where).try_cast<json::Array>();
+  if (!a) Bad("'" + where + key + "' must be a list");
+  return *a;
+}
+
+std::string AsStr(const ffi::Any& v, const std::string& where) {
+  auto s = v.try_cast<ffi::String>();
+  if (!s || v.type_index() == ffi::TypeIndex::kTVMFFINone) Bad("'" + where + "' must be a string");
+  return std::string(*s);
+}
+
+std::string StrAt(const json::Object& o, const std::string& key, const std::string& where = "") {
+  return AsStr(Get(o, key, where), where + key);
+}
+
+int64_t AsInt(const ffi::Any& v, const std::string& where) {
+  if (v.type_index() != ffi::TypeIndex::kTVMFFIInt) Bad("'" + where + "' must be an integer");
+  return v.cast<int64_t>();
+}
+
+bool BoolAt(const json::Object& o, const std::string& key, const std::string& where) {
+  ffi::Any v = Get(o, key, where);
+  if (v.type_index() != ffi::TypeIndex::kTVMFFIBool) Bad("'" + where + key + "' must be true or false");
+  return v.cast<bool>();
+}
+
+// A file named by the manifest: a plain name inside the bundle, never a path out of it.
+std::string PlainName(const std::string& name, const std::string& where) {
+  if (name.empty() || name[0] == '.' || name.find('/') != std::string::npos ||
+      name.find('\\') != std::string::npos || name.find('\0') != std::string::npos) {
+    Bad("'" + where + "' must be a plain file name inside the bundle, got '" + name + "'");
   }
-  s.nbytes = n * DTypeBytes(s.dtype);
+  return name;
+}
+
+Spec ParseSpec(const ffi::Any& v, const std::string& where) {
+  json::Object o = Obj(v, where);
+  Spec s;
+  s.name = StrAt(o, "name", where + ".");
+  s.dtype = StrAt(o, "dtype", where + ".");
+  const char* dtypes[] = {"float32", "float64", "float16", "int64", "int32", "int8", "uint8"};
+  bool known = false;
+  for (const char* d : dtypes) known = known || s.dtype == d;
+  if (!known) Bad("'" + where + ".dtype' is '" + s.dtype + "', not one of float32/float64/float16/int64/int32/int8/uint8");
+  json::Array shape = ArrAt(o, "shape", where + ".");
+  if (shape.size() > 8) Bad("'" + where + ".shape' has more than 8 dimensions");
+  size_t n = DTypeBytes(s.dtype);
+  for (size_t i = 0; i < shape.size(); ++i) {
+    int64_t d = AsInt(shape[i], where + ".shape[" + std::to_string(i) + "]");
+    if (d < 0 || d > (int64_t{1} << 40)) Bad("'" + where + ".shape' has a dimension out of range: " + std::to_string(d));
+    s.shape.push_back(d);
+    if (__builtin_mul_overflow(n, static_cast<size_t>(d), &n)) Bad("'" + where + ".shape' is too large");
+  }
+  s.nbytes = n;
   return s;
 }
 
-void CheckFiles(const Manifest& m) {
-  for (const auto& kv : Obj(Get(m.raw, "files"), "files")) {
-    std::string name = kv.first.cast<ffi::String>();
-    std::string want = kv.second.cast<ffi::String>();
+Signature ParseSignature(const json::Object& calling, const std::string& func) {
+  json::Object o = ObjAt(calling, func, "calling.");
+  Signature sig;
+  for (const char* part : {"args", "outputs"}) {
+    std::string where = "calling." + func + "." + part;
+    json::Array names = ArrAt(o, part, "calling." + func + ".");
+    for (size_t i = 0; i < names.size(); ++i) {
+      (std::string(part) == "args" ? sig.args : sig.outputs)
+          .push_back(AsStr(names[i], where + "[" + std::to_string(i) + "]"));
+    }
+  }
+  return sig;
+}
+
+void CheckFiles(const Manifest& m, const json::Object& files) {
+  for (const auto& kv : files) {
+    std::string name = AsStr(kv.first, "files key");
+    PlainName(name, "files[" + name + "]");
+    std::string want = AsStr(kv.second, "files[" + name + "]");
     std::string path = m.dir + "/" + name;
-    if (access(path.c_str(), R_OK) != 0) {
+    struct stat st{};
+    if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || access(path.c_str(), R_OK) != 0) {
       throw Error("bundle '" + m.dir + "' is missing " + name + ", named in manifest.json; copy the "
                   "whole bundle directory");
     }
@@ -98,6 +180,33 @@ void CheckFiles(const Manifest& m) {
                   "the file was changed or truncated, copy the bundle again");
     }
   }
+}
+
+// The calling convention only names things the runner has: inputs, the target, the learning
+// rate and passed tensors; outputs are the loss and passed tensors.
+void CheckSignatures(const Manifest& m) {
+  std::set<std::string> have{kLR};
+  for (const Spec& s : m.inputs) have.insert(s.name);
+  have.insert(m.target.name);
+  for (const Entry& e : m.tensors) {
+    if (e.passed) have.insert(e.name);
+  }
+  for (const std::string& a : m.train_step.args) {
+    if (!have.count(a)) Bad("'calling.train_step.args' names '" + a + "', which is no input, target or passed tensor");
+  }
+  for (const std::string& a : m.forward.args) {
+    if (!have.count(a) || a == kLR || a == m.target.name) Bad("'calling.forward.args' names '" + a + "'");
+  }
+  bool loss = false;
+  for (const std::string& o : m.train_step.outputs) {
+    if (o == kLoss) {
+      loss = true;
+      continue;
+    }
+    long i = m.Find(o);
+    if (i < 0 || !m.tensors[i].passed) Bad("'calling.train_step.outputs' names '" + o + "', which is no passed tensor");
+  }
+  if (!loss) Bad("'calling.train_step.outputs' has no '" + std::string(kLoss) + "'");
 }
 
 void WriteDurably(const std::string& path, const std::string& data) {
@@ -129,40 +238,80 @@ Manifest LoadManifest(const std::string& dir) {
   ffi::Any parsed = json::Parse(text, &err);
   if (!err.empty()) throw Error("manifest.json is not valid JSON: " + std::string(err));
   m.raw = Obj(parsed, "manifest");
-  if (Str(m.raw, "format") != "pock_tvm.bundle/1") {
-    throw Error("manifest.json has format '" + Str(m.raw, "format") +
-                "', this runner reads pock_tvm.bundle/1; rebuild the runner or recompile");
+  std::string format = StrAt(m.raw, "format");
+  if (format != "pock_tvm.bundle/1") {
+    throw Error("manifest.json has format '" + format + "', this runner reads pock_tvm.bundle/1; rebuild the "
+                "runner or recompile");
   }
-  m.library = Str(m.raw, "library");
-  m.state_file = Str(m.raw, "state_file");
-  json::Object target = Obj(Get(m.raw, "target"), "target");
-  m.target_name = Str(target, "name");
-  m.arch = Str(target, "arch");
-  m.os = Str(target, "os");
-  m.device = Str(target, "device");
+  json::Object files = ObjAt(m.raw, "files");
+  m.library = PlainName(StrAt(m.raw, "library"), "library");
+  m.state_file = PlainName(StrAt(m.raw, "state_file"), "state_file");
+  for (const std::string* name : {&m.library, &m.state_file}) {
+    if (!files.count(ffi::String(*name))) Bad("'" + *name + "' is not listed in 'files', so it cannot be verified");
+  }
+  json::Object target = ObjAt(m.raw, "target");
+  m.target_name = StrAt(target, "name", "target.");
+  m.arch = StrAt(target, "arch", "target.");
+  m.os = StrAt(target, "os", "target.");
+  m.device = StrAt(target, "device", "target.");
   if (m.arch != RunnerArch() || m.os != RunnerOS()) {
     throw Error("bundle is built for " + m.target_name + " (" + m.arch + ", " + m.os +
                 "); this runner is built for " + RunnerArch() + ", " + RunnerOS() +
                 ": use the runner from `pock-tvm build-runner --target " + m.target_name + "`");
   }
-  CheckFiles(m);
-  json::Object layout = Obj(Get(m.raw, "layout"), "layout");
-  for (const ffi::Any& s : Get(layout, "inputs").cast<json::Array>()) m.inputs.push_back(ParseSpec(s));
-  m.target = ParseSpec(Get(layout, "target"));
-  m.output = ParseSpec(Get(layout, "output"));
-  m.loss = Str(layout, "loss");
-  json::Object opt = Obj(Get(layout, "optimizer"), "optimizer");
-  if (opt.count(ffi::String("lr"))) m.lr = Get(opt, "lr").cast<double>();
-  for (const ffi::Any& t : Get(m.raw, "tensors").cast<json::Array>()) {
-    json::Object o = Obj(t, "tensor");
+  CheckFiles(m, files);
+  struct stat st{};
+  if (stat((dir + "/" + m.state_file).c_str(), &st) != 0) throw Error("cannot read " + m.state_file);
+  m.state_bytes = static_cast<size_t>(st.st_size);
+
+  json::Object layout = ObjAt(m.raw, "layout");
+  json::Array inputs = ArrAt(layout, "inputs", "layout.");
+  for (size_t i = 0; i < inputs.size(); ++i) m.inputs.push_back(ParseSpec(inputs[i], "layout.inputs[" + std::to_string(i) + "]"));
+  m.target = ParseSpec(Get(layout, "target", "layout."), "layout.target");
+  m.output = ParseSpec(Get(layout, "output", "layout."), "layout.output");
+  m.loss = StrAt(layout, "loss", "layout.");
+  json::Object opt = ObjAt(layout, "optimizer", "layout.");
+  if (opt.count(ffi::String("lr"))) {
+    auto lr = opt[ffi::String("lr")].try_cast<double>();
+    if (!lr) Bad("'layout.optimizer.lr' must be a number");
+    m.lr = *lr;
+  }
+  json::Array tensors = ArrAt(m.raw, "tensors");
+  std::set<std::string> names;
+  int steps = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    std::string at = "tensors[" + std::to_string(i) + "]";
+    json::Object o = Obj(tensors[i], at);
     Entry e;
-    static_cast<Spec&>(e) = ParseSpec(t);
-    e.role = Str(o, "role");
-    e.offset = static_cast<size_t>(Get(o, "offset").cast<int64_t>());
-    e.passed = Get(o, "passed").cast<bool>();
-    e.trainable = o.count(ffi::String("trainable")) && Get(o, "trainable").cast<bool>();
+    static_cast<Spec&>(e) = ParseSpec(tensors[i], at);
+    if (!names.insert(e.name).second) Bad("'" + at + ".name' (" + e.name + ") is used twice");
+    e.role = StrAt(o, "role", at + ".");
+    if (e.role != "param" && e.role != "step" && e.role != "state") Bad("'" + at + ".role' must be param, step or state");
+    int64_t offset = AsInt(Get(o, "offset", at + "."), at + ".offset");
+    int64_t nbytes = AsInt(Get(o, "nbytes", at + "."), at + ".nbytes");
+    if (offset < 0 || nbytes < 0 || static_cast<size_t>(nbytes) != e.nbytes) {
+      Bad("'" + at + ".offset' must be >= 0 and '" + at + ".nbytes' equal " + std::to_string(e.nbytes) +
+          " (its shape and dtype)");
+    }
+    e.offset = static_cast<size_t>(offset);
+    if (e.offset > m.state_bytes || e.nbytes > m.state_bytes - e.offset) {
+      throw Error("manifest.json: '" + at + "' (" + e.name + ") lies past the end of " + m.state_file +
+                  " (" + std::to_string(m.state_bytes) + " bytes); the bundle is damaged, copy it again");
+    }
+    e.passed = BoolAt(o, "passed", at + ".");
+    e.trainable = o.count(ffi::String("trainable")) && BoolAt(o, "trainable", at + ".");
+    if (o.count(ffi::String("source"))) e.source = StrAt(o, "source", at + ".");
+    if (e.role == "step") {
+      ++steps;
+      if (!e.shape.empty() || e.dtype != "float32") Bad("'" + at + "' (step) must be a float32 scalar");
+    }
     m.tensors.push_back(e);
   }
+  if (steps != 1) Bad("'tensors' must hold exactly one tensor with role 'step'");
+  json::Object calling = ObjAt(m.raw, "calling");
+  m.train_step = ParseSignature(calling, "train_step");
+  m.forward = ParseSignature(calling, "forward");
+  CheckSignatures(m);
   return m;
 }
 
@@ -170,14 +319,49 @@ void CommitState(Manifest* m, const std::string& state, int64_t steps) {
   std::string name = "params." + std::to_string(steps) + ".bin";
   if (name == m->state_file) name = "params." + std::to_string(steps) + ".1.bin";
   WriteDurably(m->dir + "/" + name, state);
-  json::Object files = Obj(Get(m->raw, "files"), "files");
+  json::Object files = ObjAt(m->raw, "files");
   files.erase(ffi::String(m->state_file));
   files.Set(ffi::String(name), ffi::String(Sha256File(m->dir + "/" + name)));
   m->raw.Set(ffi::String("files"), files);
   m->raw.Set(ffi::String("state_file"), ffi::String(name));
   WriteDurably(m->dir + "/manifest.json", std::string(json::Stringify(m->raw, 1)));
-  std::remove((m->dir + "/" + m->state_file).c_str());
+  std::remove((m->dir + "/" + m->state_file).c_str());  // a plain name inside the bundle (checked)
   m->state_file = name;
+}
+
+BundleLock::BundleLock(const std::string& dir) {
+  std::string path = dir + "/.lock";
+  fd_ = open(path.c_str(), O_RDWR | O_CREAT, 0644);
+  if (fd_ < 0) throw Error("cannot open '" + path + "' to lock the bundle: " + std::strerror(errno));
+  if (flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    close(fd_);
+    fd_ = -1;
+    throw Error("bundle '" + dir + "' is in use by another process (a runner or pock-tvm training it); "
+                "wait until it finishes, or copy the bundle");
+  }
+}
+
+BundleLock::~BundleLock() {
+  if (fd_ >= 0) close(fd_);  // releases the lock
+}
+
+void CleanLeftovers(const Manifest& m) {
+  json::Object files = m.raw.count(ffi::String("files")) ? Obj(m.raw[ffi::String("files")], "files") : json::Object();
+  DIR* d = opendir(m.dir.c_str());
+  if (!d) return;
+  std::vector<std::string> remove;
+  while (dirent* ent = readdir(d)) {
+    std::string name = ent->d_name;
+    bool state = name.rfind("params.", 0) == 0 &&
+                 (name.size() > 8 && (name.compare(name.size() - 4, 4, ".bin") == 0 ||
+                                      name.compare(name.size() - 8, 8, ".bin.tmp") == 0));
+    if ((state || name == "manifest.json.tmp") && !files.count(ffi::String(name))) remove.push_back(name);
+  }
+  closedir(d);
+  for (const std::string& name : remove) {
+    std::remove((m.dir + "/" + name).c_str());
+    std::printf("removed leftover %s\n", name.c_str());
+  }
 }
 
 }  // namespace pock

@@ -3,7 +3,8 @@
 //   pock_runner info  BUNDLE
 //   pock_runner train BUNDLE DATA [--steps N] [--lr LR] [--no-save]
 //   pock_runner eval  BUNDLE DATA
-//   pock_runner serve [--port 9090] [--dir WORKDIR]   (TVM RPC server, see serve.cc)
+//   pock_runner serve [--host 127.0.0.1] [--port 9090] [--dir WORKDIR] [--trust BUNDLE]...
+//                     [--allow-remote-code] [--idle-timeout S]   (TVM RPC server, see serve.cc)
 //
 // DATA holds whole batches back to back: for each batch the inputs, then the target, each as
 // raw little-endian C-order bytes with the shapes and dtypes of manifest.json (`pock-tvm pack-data`).
@@ -14,15 +15,18 @@
 
 #include <dlfcn.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "bundle.h"
+#include "serve.h"
 
 namespace ffi = tvm::ffi;
 using pock::Entry;
@@ -30,9 +34,6 @@ using pock::Error;
 using pock::Manifest;
 using pock::Spec;
 
-namespace pock {
-int Serve(int port, const std::string& workdir);
-}
 
 namespace {
 
@@ -80,20 +81,30 @@ struct Session {
     } else {
       vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2);
     }
+    CheckLibrarySignature("train_step", m.train_step);
+    CheckLibrarySignature("forward", m.forward);
     state = pock::ReadFile(m.dir + "/" + m.state_file);
+    if (state.size() != m.state_bytes) throw Error(m.state_file + " changed while it was read; try again");
     for (const Entry& e : m.tensors) {
-      if (e.offset + e.nbytes > state.size()) throw Error(m.state_file + " is shorter than manifest.json says");
       tensors.push_back(e.passed ? rt.Put(e, state.data() + e.offset) : ffi::Tensor());
     }
   }
 
-  // Manifest positions of the passed (non-folded) tensors of one role, in call order.
-  std::vector<size_t> Indices(const char* role) const {
-    std::vector<size_t> out;
-    for (size_t i = 0; i < m.tensors.size(); ++i) {
-      if (m.tensors[i].role == role && m.tensors[i].passed) out.push_back(i);
+  // The library's function takes exactly the arguments the manifest names, in that order.
+  void CheckLibrarySignature(const char* func, const pock::Signature& sig) {
+    ffi::Module vm = vm_holder.value();
+    auto arity = vm->GetFunction("get_function_arity");
+    auto name = vm->GetFunction("get_function_param_name");
+    if (!arity || !name) return;  // an older runtime without the query; the VM still checks each call
+    int64_t n = arity.value()(std::string(func)).cast<int64_t>();
+    bool same = n == static_cast<int64_t>(sig.args.size());
+    for (int64_t i = 0; same && i < n; ++i) {
+      same = name.value()(std::string(func), i).cast<ffi::String>() == sig.args[i];
     }
-    return out;
+    if (!same) {
+      throw Error(std::string("the library's ") + func + " does not take the arguments manifest.json names "
+                  "('calling'); the manifest does not belong to this library, write the bundle again");
+    }
   }
 
   ffi::Any Call(const char* name, const std::vector<ffi::Any>& args) {
@@ -101,6 +112,16 @@ struct Session {
     ffi::Any rv;
     vm_holder.value()->GetFunction(name).value().CallPacked(views.data(), static_cast<int32_t>(views.size()), &rv);
     return rv;
+  }
+
+  // Arguments of `sig` by name: `given` (inputs, target, lr) first, then the bundle's tensors.
+  std::vector<ffi::Any> Args(const pock::Signature& sig, const std::map<std::string, ffi::Tensor>& given) const {
+    std::vector<ffi::Any> args;
+    for (const std::string& name : sig.args) {
+      auto it = given.find(name);
+      args.push_back(it != given.end() ? it->second : tensors[static_cast<size_t>(m.Find(name))]);
+    }
+    return args;
   }
 
   std::string CurrentState() const {
@@ -126,24 +147,59 @@ Data LoadData(const Manifest& m, const std::string& path) {
   d.bytes = pock::ReadFile(path);
   for (const Spec& s : m.inputs) d.batch_bytes += s.nbytes;
   d.batch_bytes += m.target.nbytes;
-  d.batches = d.bytes.size() / d.batch_bytes;
+  d.batches = d.batch_bytes ? d.bytes.size() / d.batch_bytes : 0;
   if (d.batches == 0 || d.bytes.size() % d.batch_bytes != 0) {
     throw Error("data file '" + path + "' has " + std::to_string(d.bytes.size()) +
                 " bytes, not a whole number of batches of " + std::to_string(d.batch_bytes) +
                 " bytes (inputs then target, shapes of manifest.json); write it with `pock-tvm pack-data`");
   }
+  // Class labels index the logits: one out of range would read outside them.
+  if (m.loss == "cross_entropy" && m.output.shape.size() == 2 && m.target.dtype == "int64") {
+    int64_t classes = m.output.shape[1];
+    size_t per_batch = m.target.nbytes / sizeof(int64_t);
+    for (size_t b = 0; b < d.batches; ++b) {
+      const char* t = d.bytes.data() + b * d.batch_bytes + (d.batch_bytes - m.target.nbytes);
+      for (size_t i = 0; i < per_batch; ++i) {
+        int64_t label;
+        std::memcpy(&label, t + i * sizeof(int64_t), sizeof(int64_t));
+        if (label < 0 || label >= classes) {
+          throw Error("data file '" + path + "': label " + std::to_string(label) + " (batch " + std::to_string(b) +
+                      ", sample " + std::to_string(i) + ") is outside [0, " + std::to_string(classes) +
+                      ") for the model's classes; fix the labels and pack the data again");
+        }
+      }
+    }
+  }
   return d;
 }
 
-std::vector<ffi::Tensor> Batch(const Session& s, const Data& d, size_t index, ffi::Tensor* target) {
+std::map<std::string, ffi::Tensor> Batch(const Session& s, const Data& d, size_t index) {
   const char* p = d.bytes.data() + (index % d.batches) * d.batch_bytes;
-  std::vector<ffi::Tensor> inputs;
+  std::map<std::string, ffi::Tensor> out;
   for (const Spec& spec : s.m.inputs) {
-    inputs.push_back(s.rt.Put(spec, p));
+    out[spec.name] = s.rt.Put(spec, p);
     p += spec.nbytes;
   }
-  *target = s.rt.Put(s.m.target, p);
-  return inputs;
+  out[s.m.target.name] = s.rt.Put(s.m.target, p);
+  return out;
+}
+
+// The first tensor of `state` (params.bin layout) holding NaN or inf, as a message; empty if none.
+std::string NonFinite(const Manifest& m, const std::string& state) {
+  for (const Entry& e : m.tensors) {
+    if (e.dtype != "float32") continue;
+    size_t count = 0, n = e.nbytes / sizeof(float);
+    for (size_t i = 0; i < n; ++i) {
+      float v;
+      std::memcpy(&v, state.data() + e.offset + i * sizeof(float), sizeof(float));
+      count += !std::isfinite(v);
+    }
+    if (count) {
+      return "'" + (e.source.empty() ? e.name : e.source) + "' (" + e.name + ") has " + std::to_string(count) +
+             " of " + std::to_string(n) + " values NaN or inf";
+    }
+  }
+  return "";
 }
 
 // Linux: KiB of a /proc/self/status field (0 elsewhere). ResetPeak makes VmHWM cover what follows.
@@ -176,48 +232,52 @@ float Scalar(const Runtime& rt, const ffi::Tensor& t) {
 }
 
 int Train(const std::string& dir, const std::string& data_path, int steps, double lr, bool save) {
+  pock::BundleLock lock(dir);
   Session s(dir);
+  if (save) pock::CleanLeftovers(s.m);
   Data d = LoadData(s.m, data_path);
   if (steps <= 0) steps = static_cast<int>(d.batches);
-  if (lr <= 0) lr = s.m.lr;
-  std::vector<size_t> params = s.Indices("param"), states = s.Indices("state");
-  size_t step_index = s.Indices("step")[0];
-  std::vector<size_t> trainable;
-  for (size_t i : params) {
-    if (s.m.tensors[i].trainable) trainable.push_back(i);
-  }
+  if (lr < 0) lr = s.m.lr;
   float lr_value = static_cast<float>(lr);
-  ffi::Tensor lr_t = s.rt.Put(Spec{"lr", {}, "float32", 4}, reinterpret_cast<const char*>(&lr_value));
+  ffi::Tensor lr_t = s.rt.Put(Spec{pock::kLR, {}, "float32", 4}, reinterpret_cast<const char*>(&lr_value));
   double total_ms = 0;
   ResetPeak();
   long base_kib = StatusKiB("VmRSS");
   for (int i = 0; i < steps; ++i) {
-    ffi::Tensor target;
-    std::vector<ffi::Tensor> inputs = Batch(s, d, static_cast<size_t>(i), &target);
-    std::vector<ffi::Any> args(inputs.begin(), inputs.end());
-    for (size_t p : params) args.push_back(s.tensors[p]);
-    args.push_back(target);
-    args.push_back(lr_t);
-    args.push_back(s.tensors[step_index]);
-    for (size_t k : states) args.push_back(s.tensors[k]);
+    std::map<std::string, ffi::Tensor> given = Batch(s, d, static_cast<size_t>(i));
+    given[pock::kLR] = lr_t;
+    std::vector<ffi::Any> args = s.Args(s.m.train_step, given);
     auto start = std::chrono::steady_clock::now();
     ffi::Array<ffi::Any> out = s.Call("train_step", args).cast<ffi::Array<ffi::Any>>();
-    float loss = Scalar(s.rt, out[0].cast<ffi::Tensor>());  // waits for the step to finish
+    if (out.size() != s.m.train_step.outputs.size()) throw Error("train_step returned an unexpected number of values");
+    float loss = 0;
+    for (size_t o = 0; o < out.size(); ++o) {
+      const std::string& name = s.m.train_step.outputs[o];
+      if (name == pock::kLoss) {
+        loss = Scalar(s.rt, out[o].cast<ffi::Tensor>());  // waits for the step to finish
+      } else {
+        s.tensors[static_cast<size_t>(s.m.Find(name))] = out[o].cast<ffi::Tensor>();
+      }
+    }
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     total_ms += ms;
-    size_t o = 1;
-    for (size_t p : trainable) s.tensors[p] = out[o++].cast<ffi::Tensor>();
-    s.tensors[step_index] = out[o++].cast<ffi::Tensor>();
-    for (size_t k : states) s.tensors[k] = out[o++].cast<ffi::Tensor>();
     std::printf("step %d loss %.7g time_ms %.3f\n", i + 1, loss, ms);
     if (!std::isfinite(loss)) throw Error("loss is not finite at step " + std::to_string(i + 1) +
                                           "; lower the learning rate (--lr); parameters not saved");
   }
   std::printf("steps %d mean_time_ms %.3f\n", steps, total_ms / steps);
   std::printf("memory loaded_kib %ld train_peak_kib %ld\n", base_kib, StatusKiB("VmHWM") - base_kib);
+  std::string current = s.CurrentState();
+  std::string bad = NonFinite(s.m, current);
+  if (!bad.empty()) {
+    throw Error("training diverged: " + bad + "; nothing was saved, lower the learning rate (--lr)");
+  }
   if (save) {
-    int64_t done = static_cast<int64_t>(std::lround(Scalar(s.rt, s.tensors[step_index])));
-    pock::CommitState(&s.m, s.CurrentState(), done);
+    size_t step_index = 0;
+    for (size_t i = 0; i < s.m.tensors.size(); ++i) step_index = s.m.tensors[i].role == "step" ? i : step_index;
+    float done;
+    std::memcpy(&done, current.data() + s.m.tensors[step_index].offset, sizeof(float));
+    pock::CommitState(&s.m, current, static_cast<int64_t>(std::lround(done)));
     std::printf("saved %s/%s\n", dir.c_str(), s.m.state_file.c_str());
   }
   return 0;
@@ -229,11 +289,7 @@ int Eval(const std::string& dir, const std::string& data_path) {
   size_t correct = 0, count = 0;
   double sq = 0;
   for (size_t b = 0; b < d.batches; ++b) {
-    ffi::Tensor target;
-    std::vector<ffi::Tensor> inputs = Batch(s, d, b, &target);
-    std::vector<ffi::Any> args(inputs.begin(), inputs.end());
-    for (size_t p : s.Indices("param")) args.push_back(s.tensors[p]);
-    ffi::Tensor logits = s.Call("forward", args).cast<ffi::Tensor>();
+    ffi::Tensor logits = s.Call("forward", s.Args(s.m.forward, Batch(s, d, b))).cast<ffi::Tensor>();
     std::string out = s.rt.Get(logits, s.m.output.nbytes);
     const float* y = reinterpret_cast<const float*>(out.data());
     const char* t = d.bytes.data() + b * d.batch_bytes + (d.batch_bytes - s.m.target.nbytes);
@@ -278,53 +334,90 @@ int Usage() {
                "usage: pock_runner info BUNDLE\n"
                "       pock_runner train BUNDLE DATA [--steps N] [--lr LR] [--no-save]\n"
                "       pock_runner eval BUNDLE DATA\n"
-               "       pock_runner serve [--port 9090] [--dir WORKDIR]\n");
+               "       pock_runner serve [--host 127.0.0.1] [--port 9090] [--dir WORKDIR] [--trust BUNDLE]...\n"
+               "                         [--allow-remote-code] [--handshake-timeout S] [--idle-timeout S]\n");
   return 2;
+}
+
+// Whole-string numbers only: "10x", "", "1e400" or a value out of range are refused.
+long ParseInt(const std::string& flag, const char* text, long low, long high) {
+  errno = 0;
+  char* end = nullptr;
+  long v = std::strtol(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || v < low || v > high) {
+    throw Error(flag + " takes an integer in [" + std::to_string(low) + ", " + std::to_string(high) + "], got '" +
+                text + "'");
+  }
+  return v;
+}
+
+double ParseLR(const char* text) {
+  errno = 0;
+  char* end = nullptr;
+  double v = std::strtod(text, &end);
+  if (errno != 0 || end == text || *end != '\0' || !std::isfinite(v) || v < 0) {
+    throw Error(std::string("--lr takes a finite number >= 0, got '") + text + "'");
+  }
+  return v;
+}
+
+int Main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "serve") {
+    pock::ServeOptions o;
+    for (int i = 2; i < argc; ++i) {
+      std::string a = argv[i];
+      bool has_value = i + 1 < argc;
+      if (a == "--allow-remote-code") {
+        o.allow_remote_code = true;
+      } else if (a == "--port" && has_value) {
+        o.port = static_cast<int>(ParseInt("--port", argv[++i], 0, 65535));
+      } else if (a == "--host" && has_value) {
+        o.host = argv[++i];
+      } else if (a == "--dir" && has_value) {
+        o.workdir = argv[++i];
+      } else if (a == "--trust" && has_value) {
+        o.trusted_bundles.push_back(argv[++i]);
+      } else if (a == "--handshake-timeout" && has_value) {
+        o.handshake_timeout_s = static_cast<int>(ParseInt("--handshake-timeout", argv[++i], 1, 3600));
+      } else if (a == "--idle-timeout" && has_value) {
+        o.idle_timeout_s = static_cast<int>(ParseInt("--idle-timeout", argv[++i], 1, 86400));
+      } else {
+        std::fprintf(stderr, "pock_runner: unknown or incomplete option '%s'\n", a.c_str());
+        return Usage();
+      }
+    }
+    return pock::Serve(o);
+  }
+  if (argc < 3) return Usage();
+  std::string cmd = argv[1], dir = argv[2];
+  if (cmd == "info") return Info(dir);
+  if (argc < 4) return Usage();
+  if (cmd == "eval") return Eval(dir, argv[3]);
+  if (cmd != "train") return Usage();
+  int steps = 0;
+  double lr = -1;  // the bundle's
+  bool save = true;
+  for (int i = 4; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--steps" && i + 1 < argc) {
+      steps = static_cast<int>(ParseInt("--steps", argv[++i], 1, 1L << 30));
+    } else if (a == "--lr" && i + 1 < argc) {
+      lr = ParseLR(argv[++i]);
+    } else if (a == "--no-save") {
+      save = false;
+    } else {
+      std::fprintf(stderr, "pock_runner: unknown or incomplete option '%s'\n", a.c_str());
+      return Usage();
+    }
+  }
+  return Train(dir, argv[3], steps, lr, save);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc >= 2 && std::string(argv[1]) == "serve") {
-    int port = 9090;
-    std::string workdir = ".";
-    for (int i = 2; i + 1 < argc; i += 2) {
-      std::string a = argv[i];
-      if (a == "--port") port = std::atoi(argv[i + 1]);
-      else if (a == "--dir") workdir = argv[i + 1];
-      else return Usage();
-    }
-    try {
-      return pock::Serve(port, workdir);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "pock_runner: error: %s\n", e.what());
-      return 1;
-    }
-  }
-  if (argc < 3) return Usage();
-  std::string cmd = argv[1], dir = argv[2];
   try {
-    if (cmd == "info") return Info(dir);
-    if (argc < 4) return Usage();
-    if (cmd == "eval") return Eval(dir, argv[3]);
-    if (cmd != "train") return Usage();
-    int steps = 0;
-    double lr = 0;
-    bool save = true;
-    for (int i = 4; i < argc; ++i) {
-      std::string a = argv[i];
-      if (a == "--steps" && i + 1 < argc) {
-        steps = std::atoi(argv[++i]);
-      } else if (a == "--lr" && i + 1 < argc) {
-        lr = std::atof(argv[++i]);
-      } else if (a == "--no-save") {
-        save = false;
-      } else {
-        std::fprintf(stderr, "pock_runner: unknown option '%s'\n", a.c_str());
-        return Usage();
-      }
-    }
-    return Train(dir, argv[3], steps, lr, save);
+    return Main(argc, argv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pock_runner: error: %s\n", e.what());
     return 1;

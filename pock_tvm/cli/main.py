@@ -30,7 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float)
     c.add_argument("--momentum", type=float, default=0.0)
     c.add_argument("--weight-decay", type=float, default=0.0)
+    c.add_argument("--opt", default="O3", choices=["O0", "O1", "O2", "O3"],
+                   help="training-graph optimizations (O3: all; O0: none, for measuring)")
+    c.add_argument("--disable", action="append", default=[], metavar="NAME",
+                   help="switch one optimization off: fold_frozen, reorder_updates, in_place, inline_intermediates")
     c.add_argument("-o", "--output", required=True)
+    c.add_argument("--force", action="store_true", help="replace OUTPUT even if it is not a pock_tvm bundle")
 
     i = sub.add_parser("info", help="show what a program updates and what its step costs")
     i.add_argument("program")
@@ -68,11 +73,14 @@ def _parser() -> argparse.ArgumentParser:
 def _optimizer(args):
     from ..optim import SGD, Adam, AdamW
 
+    def lr(default):
+        return default if args.lr is None else args.lr
+
     if args.optimizer == "sgd":
-        return SGD(lr=args.lr or 0.01, momentum=args.momentum, weight_decay=args.weight_decay)
+        return SGD(lr=lr(0.01), momentum=args.momentum, weight_decay=args.weight_decay)
     if args.optimizer == "adam":
-        return Adam(lr=args.lr or 1e-3, weight_decay=args.weight_decay)
-    return AdamW(lr=args.lr or 1e-3, weight_decay=args.weight_decay or 0.01)
+        return Adam(lr=lr(1e-3), weight_decay=args.weight_decay)
+    return AdamW(lr=lr(1e-3), weight_decay=args.weight_decay or 0.01)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "compile":
+            from ..options import PipelineOptions
+
+            options = PipelineOptions.preset(args.opt).without(*args.disable)
             program = commands.compile_to_dir(args.model, args.output, args.scheme, args.target,
-                                              args.input_shape, args.loss, _optimizer(args))
+                                              args.input_shape, args.loss, _optimizer(args), options, args.force)
             print(program.report())
             print(f"\nwrote {args.output}")
         elif args.command == "info":

@@ -66,7 +66,8 @@ def test_deploy_flow_compile_for_rpi4_pack_data_and_run_over_rpc(tmp_path, capsy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([str(runner / "pock_runner"), "serve", "--port", str(port), "--dir", str(tmp_path)],
+    server = subprocess.Popen([str(runner / "pock_runner"), "serve", "--port", str(port), "--dir", str(tmp_path),
+                               "--trust", str(host_bundle)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert "serving" in server.stdout.readline()
@@ -76,3 +77,20 @@ def test_deploy_flow_compile_for_rpi4_pack_data_and_run_over_rpc(tmp_path, capsy
         server.kill()
     out = capsys.readouterr().out
     assert "step 2 loss" in out and "steps 2 mean_time_ms" in out
+
+
+def test_compile_refuses_to_replace_a_users_folder_and_takes_optimization_levels(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8")
+    assert main(["compile", "mlp", "--input-shape", "4,32", "-o", str(folder)]) == 2
+    assert "is a directory that is not a pock_tvm bundle (it holds cat.jpg)" in capsys.readouterr().err
+    assert (folder / "cat.jpg").exists()
+    assert main(["compile", "mlp", "--input-shape", "4,32", "--lr", "-1", "-o", str(tmp_path / "p")]) == 2
+    assert "SGD.lr must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert main(["compile", "mlp", "--input-shape", "4,32", "--opt", "O0", "-o", str(tmp_path / "p")]) == 0
+    from pock_tvm.runtime.bundle import read_manifest
+
+    assert all(t["passed"] for t in read_manifest(tmp_path / "p")["tensors"])  # O0: nothing folded
+    assert main(["compile", "mlp", "--input-shape", "4,32", "--disable", "in_plce", "-o", str(tmp_path / "q")]) == 2
+    assert "unknown optimization ['in_plce']" in capsys.readouterr().err

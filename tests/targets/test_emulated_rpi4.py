@@ -94,15 +94,16 @@ def test_rpc_server_on_the_board_runs_the_step_for_the_host(runs, rpi4_runner, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    fresh = tmp_path / "fresh"
+    torch.manual_seed(0)
+    pock_tvm.compile(SmallCNN(), (torch.zeros(2, 3, 16, 16),), scheme="last-2",
+                     optimizer=pock_tvm.Adam(lr=1e-2), target="rpi4").save(fresh)
     server = subprocess.Popen(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu", str(rpi4_runner / "pock_runner"),
-                               "serve", "--port", str(port), "--dir", str(tmp_path)],
+                               "serve", "--port", str(port), "--dir", str(tmp_path / "work"), "--trust", str(fresh)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    (tmp_path / "work").mkdir()
     try:
         assert "serving TVM RPC" in server.stdout.readline()
-        fresh = tmp_path / "fresh"
-        torch.manual_seed(0)
-        pock_tvm.compile(SmallCNN(), (torch.zeros(2, 3, 16, 16),), scheme="last-2",
-                         optimizer=pock_tvm.Adam(lr=1e-2), target="rpi4").save(fresh)
         rows = run_remote(fresh, data, f"127.0.0.1:{port}", steps=STEPS)
     finally:
         server.kill()

@@ -1,0 +1,305 @@
+"""Untrusted input to the bundle reader, the runner and its RPC server: clear errors, never a crash,
+never a file outside the bundle or the work directory touched, never a NaN saved, never two writers."""
+
+import copy
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pock_tvm
+from pock_tvm.models import MLP
+from pock_tvm.runtime.bundle import locked, read_manifest, write_batches
+from helpers import needs_cross_tools
+
+pytestmark = needs_cross_tools
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """An SGD bundle of the MLP (full scheme, so the first layer sees the input) and a data file."""
+    tmp = tmp_path_factory.mktemp("trust")
+    torch.manual_seed(0)
+    program = pock_tvm.compile(MLP(), (torch.randn(4, 32),), scheme="full", optimizer=pock_tvm.SGD(lr=0.05))
+    bundle = program.save(tmp / "bundle")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 32)).astype("float32"), rng.integers(0, 10, 8)
+    write_batches(tmp / "data.bin", program.layout, [x], y)
+    return program, bundle, tmp / "data.bin", x, y
+
+
+def _copy(bundle, dest):
+    shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest
+
+
+def _runner(runner, *args, **kwargs):
+    return subprocess.run([str(runner / "pock_runner"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def _state(bundle):
+    return {f.name: f.read_bytes() for f in bundle.iterdir() if f.name != ".lock"}
+
+
+# ---- manifests --------------------------------------------------------------------------------
+def _mutations(manifest):
+    """(what, change) pairs that each break one thing a reader relies on."""
+    first = manifest["tensors"][0]["name"]
+    args = manifest["calling"]["train_step"]["args"]
+    return [
+        ("a file outside the bundle", lambda m: m["files"].update({"../../etc/passwd": "0" * 64})),
+        ("library path out of the bundle", lambda m: m.update(library="../lib.so")),
+        ("absolute state file", lambda m: m.update(state_file="/etc/passwd")),
+        ("hidden state file", lambda m: m.update(state_file=".params.bin")),
+        ("library not hash-listed", lambda m: m["files"].pop(m["library"])),
+        ("negative offset", lambda m: m["tensors"][0].update(offset=-8)),
+        ("offset past the end", lambda m: m["tensors"][0].update(offset=10 ** 12)),
+        ("nbytes disagrees with shape", lambda m: m["tensors"][0].update(nbytes=4)),
+        ("negative dimension", lambda m: m["tensors"][0].update(shape=[-1, 32])),
+        ("shape edited", lambda m: m["tensors"][0].update(shape=[32, 64], nbytes=32 * 64 * 4)),
+        ("unknown dtype", lambda m: m["tensors"][0].update(dtype="complex64")),
+        ("dtype edited", lambda m: m["tensors"][0].update(dtype="int32")),
+        ("no step tensor", lambda m: m.update(tensors=[t for t in m["tensors"] if t["role"] != "step"])),
+        ("duplicate tensor", lambda m: m["tensors"].append(copy.deepcopy(m["tensors"][0]))),
+        ("unknown role", lambda m: m["tensors"][0].update(role="weights")),
+        ("offset of the wrong type", lambda m: m["tensors"][0].update(offset="0")),
+        ("calling names an unknown tensor", lambda m: m["calling"]["train_step"]["args"].__setitem__(1, "nope")),
+        ("calling order swapped", lambda m: m["calling"]["train_step"].update(
+            args=[args[0], args[2], args[1], *args[3:]])),
+        ("no calling convention", lambda m: m.pop("calling")),
+        ("tensors not a list", lambda m: m.update(tensors={first: 0})),
+        ("target not an object", lambda m: m.update(target="host")),
+    ]
+
+
+def test_every_damaged_manifest_is_a_clear_error_in_python_and_the_runner(made, host_runner, tmp_path):
+    _, bundle, data, _, _ = made
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep me")
+    original = json.loads((bundle / "manifest.json").read_text())
+    for i, (what, change) in enumerate(_mutations(original)):
+        copy_dir = _copy(bundle, tmp_path / f"m{i}")
+        manifest = copy.deepcopy(original)
+        change(manifest)
+        (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError) as err:
+            pock_tvm.load(copy_dir)
+        assert "manifest.json" in str(err.value) or "library" in str(err.value), what
+        result = _runner(host_runner, "train", copy_dir, data, "--steps", 1)
+        assert result.returncode == 1, (what, result.returncode, result.stderr[-500:])
+        assert "pock_runner: error:" in result.stderr, what
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_random_manifest_damage_never_crashes(made, host_runner, tmp_path):
+    _, bundle, data, _, _ = made
+    original = json.loads((bundle / "manifest.json").read_text())
+    rng = random.Random(0)
+    junk = [None, -1, 2 ** 62, "../x", "", [], {}, 1.5, True, "abc", [-1], {"a": 1}]
+
+    def paths(node, prefix=()):
+        yield prefix
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, value in children:
+            if key != "report":
+                yield from paths(value, (*prefix, key))
+
+    every = [p for p in paths(original) if p]
+    for i in range(40):
+        manifest = copy.deepcopy(original)
+        path = rng.choice(every)
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = rng.choice(junk)
+        copy_dir = _copy(bundle, tmp_path / f"r{i}")
+        (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            pock_tvm.load(copy_dir)
+        except ValueError:
+            pass  # a clear error; anything else fails the test
+        result = _runner(host_runner, "train", copy_dir, data, "--steps", 1, "--no-save")
+        assert result.returncode in (0, 1), (path, result.returncode, result.stderr[-500:])
+        assert result.returncode == 0 or "pock_runner: error:" in result.stderr, path
+
+
+def test_runner_never_deletes_outside_the_bundle(made, host_runner, tmp_path):
+    _, bundle, data, _, _ = made
+    copy_dir = _copy(bundle, tmp_path / "b")
+    outside = tmp_path / "params.bin"
+    shutil.copy(copy_dir / "params.bin", outside)
+    manifest = json.loads((copy_dir / "manifest.json").read_text())
+    manifest["files"]["../params.bin"] = manifest["files"].pop("params.bin")
+    manifest["state_file"] = "../params.bin"
+    (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = _runner(host_runner, "train", copy_dir, data, "--steps", 1)
+    assert result.returncode == 1 and "plain file name inside the bundle" in result.stderr
+    assert outside.exists()
+
+
+# ---- writers: locks, leftovers, non-finite state ------------------------------------------------
+def test_a_locked_bundle_is_not_trained_twice(made, host_runner, tmp_path):
+    from pock_tvm.interface.commands import train
+
+    _, bundle, data, x, y = made
+    copy_dir = _copy(bundle, tmp_path / "b")
+    before = _state(copy_dir)
+    with locked(copy_dir, "test"):  # as a second trainer would hold it
+        result = _runner(host_runner, "train", copy_dir, data, "--steps", 1)
+    assert result.returncode == 1 and "is in use by another process" in result.stderr
+    holder = subprocess.Popen(["flock", str(copy_dir / ".lock"), "sleep", "30"])
+    try:
+        time.sleep(0.5)
+        np.savez(tmp_path / "d.npz", x=x, y=y)
+        with pytest.raises(ValueError, match="is in use by another process"):
+            train(str(copy_dir), str(tmp_path / "d.npz"))
+    finally:
+        holder.kill()
+    assert _state(copy_dir) == before
+
+
+def test_leftovers_of_a_killed_writer_are_cleaned_on_the_next_open(made, host_runner, tmp_path):
+    _, bundle, data, _, _ = made
+    copy_dir = _copy(bundle, tmp_path / "b")
+    for name in ("params.9.bin.tmp", "params.5.bin", "manifest.json.tmp"):
+        (copy_dir / name).write_bytes(b"partial")
+    result = _runner(host_runner, "train", copy_dir, data, "--steps", 1)
+    assert result.returncode == 0, result.stderr
+    assert sorted(f.name for f in copy_dir.iterdir()) == [".lock", "lib.so", "manifest.json", "params.1.bin"]
+    # a Program.save killed between its two renames, on a system without renameat2
+    dead = tmp_path / ".b.pock-old-999999999-0"
+    os.replace(copy_dir, dead)
+    (tmp_path / ".b.pock-tmp-999999999-abc").mkdir()
+    assert read_manifest(copy_dir)["state_file"] == "params.1.bin"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".b.")) == []
+
+
+def test_diverged_or_nan_weights_are_never_saved(made, host_runner, tmp_path):
+    from pock_tvm.interface.commands import train
+
+    program, bundle, _, x, y = made
+    copy_dir = _copy(bundle, tmp_path / "b")
+    before = _state(copy_dir)
+    # NaN in the input: ReLU turns it into 0, the loss stays finite, the first layer's weights do not
+    nan_x = x.copy()
+    nan_x[0, 0] = np.nan
+    write_batches(tmp_path / "nan.bin", program.layout, [nan_x], y)
+    result = _runner(host_runner, "train", copy_dir, tmp_path / "nan.bin", "--steps", 1)
+    assert result.returncode == 1
+    assert "training diverged: 'fc1.weight'" in result.stderr and "nothing was saved" in result.stderr
+    result = _runner(host_runner, "train", copy_dir, tmp_path / "nan.bin", "--steps", 1, "--lr", "1e38")
+    assert result.returncode == 1
+    assert _state(copy_dir) == before
+    np.savez(tmp_path / "big.npz", x=x * 1e30, y=y)
+    with pytest.raises(ValueError, match=r"non-finite|diverged"):
+        train(str(copy_dir), str(tmp_path / "big.npz"), lr=1e30)
+    assert _state(copy_dir) == before
+
+
+def test_labels_outside_the_classes_are_refused_everywhere(made, host_runner, tmp_path):
+    from pock_tvm.interface.commands import pack_data
+
+    program, bundle, _, x, y = made
+    fresh = pock_tvm.load(bundle)
+    bad = y.copy()
+    bad[3] = 10
+    with pytest.raises(ValueError, match=r"label 10 at position 3 is outside \[0, 10\)"):
+        fresh.step(x[:4], bad[:4])
+    np.savez(tmp_path / "bad.npz", x=x, y=np.where(np.arange(8) == 5, -1, y))
+    with pytest.raises(ValueError, match=r"label -1 at position 5"):
+        pack_data(str(bundle), str(tmp_path / "bad.npz"), str(tmp_path / "bad.bin"))
+    assert not (tmp_path / "bad.bin").exists()
+    raw = bytearray((made[2]).read_bytes())  # the runner reads labels it never saw checked
+    raw[4 * 32 * 4: 4 * 32 * 4 + 8] = np.int64(2 ** 40).tobytes()
+    (tmp_path / "huge.bin").write_bytes(bytes(raw))
+    result = _runner(host_runner, "train", _copy(bundle, tmp_path / "b"), tmp_path / "huge.bin")
+    assert result.returncode == 1 and f"label {2 ** 40} (batch 0, sample 0) is outside [0, 10)" in result.stderr
+
+
+def test_runner_command_line_takes_only_numbers(made, host_runner):
+    _, bundle, data, _, _ = made
+    for args, message in [(["--steps", "3x"], "--steps takes an integer"), (["--lr", "nan"], "--lr takes a finite"),
+                          (["--lr", "-0.1"], "--lr takes a finite"), (["--steps", ""], "--steps takes an integer")]:
+        result = _runner(host_runner, "train", bundle, data, *args)
+        assert result.returncode == 1 and message in result.stderr, args
+    result = _runner(host_runner, "serve", "--port", "http")
+    assert result.returncode == 1 and "--port takes an integer in [0, 65535], got 'http'" in result.stderr
+
+
+# ---- the RPC server -------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(runner, workdir, *args):
+    port = _free_port()
+    server = subprocess.Popen([str(runner / "pock_runner"), "serve", "--port", str(port), "--dir", str(workdir),
+                               *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "serving TVM RPC on 127.0.0.1:" in server.stdout.readline()
+    return server, port
+
+
+def _listening_address(port: int) -> str:
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A" and int(local.split(":")[1], 16) == port:
+            return socket.inet_ntoa(bytes.fromhex(local.split(":")[0])[::-1])
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_rpc_server_binds_loopback_and_keeps_files_in_its_directory(made, host_runner, tmp_path):
+    from tvm import rpc
+
+    _, bundle, _, _, _ = made
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "secret.txt").write_text("secret")
+    server, port = _serve(host_runner, work)
+    try:
+        assert _listening_address(port) == "127.0.0.1"
+        remote = rpc.connect("127.0.0.1", port)
+        for bad in ("../evil.txt", "/tmp/evil.txt", "a/../../evil.txt"):
+            with pytest.raises(Exception, match="files stay inside the server's --dir"):
+                remote.upload(bytearray(b"x"), bad)
+        with pytest.raises(Exception, match="files stay inside"):
+            remote.download("../secret.txt")
+        with pytest.raises(Exception, match="files stay inside"):
+            remote.remove("../secret.txt")
+        remote.upload(bytearray(b"fine"), "ok.txt")
+        assert (work / "ok.txt").read_bytes() == b"fine" and (tmp_path / "secret.txt").exists()
+        assert not (tmp_path / "evil.txt").exists()
+        # an uploaded library is code: refused unless trusted
+        remote.upload(str(bundle / "lib.so"))
+        with pytest.raises(Exception, match="refused to load 'lib.so'.*--trust BUNDLE"):
+            remote.load_module("lib.so")
+        with pytest.raises(Exception, match="'ffi.ModuleLoadFromFile' is disabled"):
+            remote.get_function("ffi.ModuleLoadFromFile")(str(work / "lib.so"))
+    finally:
+        server.kill()
+
+
+def test_rpc_server_loads_trusted_bundles_and_serves_clients_one_after_another(made, host_runner, tmp_path):
+    from tvm import rpc
+
+    _, bundle, _, _, _ = made
+    server, port = _serve(host_runner, tmp_path, "--trust", bundle, "--handshake-timeout", 1)
+    try:
+        idle = socket.create_connection(("127.0.0.1", port))  # says nothing: must not block the next
+        start = time.monotonic()
+        remote = rpc.connect("127.0.0.1", port)
+        remote.upload(str(bundle / "lib.so"))
+        assert remote.load_module("lib.so") is not None
+        assert time.monotonic() - start < 30
+        idle.close()
+    finally:
+        server.kill()
