@@ -64,3 +64,19 @@ class ImportedModel:
             if info.name == name:
                 return info
         raise KeyError(name)
+
+
+def origins_by_binding(func, produced: dict[str, str]) -> dict[str, str]:
+    """Readable source of every binding of ``func``: ``produced`` names the source node of some
+    binding variables (a node's result); the bindings emitted before it, since the previous
+    node's result, belong to the same node."""
+    origins: dict[str, str] = {}
+    pending: list[str] = []
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            pending.append(binding.var.name)
+            if binding.var.name in produced:
+                for var in pending:
+                    origins[var] = produced[binding.var.name]
+                pending = []
+    return origins

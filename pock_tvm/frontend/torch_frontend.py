@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from .model import ImportedModel, ParamInfo, TensorSpec
+from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +55,7 @@ def _origins(mod, converted) -> dict[str, str]:
         hint = getattr(out, "name", None)
         if hint is not None:
             produced.setdefault(str(hint), _describe(node))
-    origins: dict[str, str] = {}
-    pending: list[str] = []
-    for block in mod["main"].body.blocks:
-        for binding in block.bindings:
-            name = binding.var.name
-            pending.append(name)
-            if name in produced:
-                for var in pending:
-                    origins[var] = produced[name]
-                pending = []
-    return origins
+    return origins_by_binding(mod["main"], produced)
 
 
 def _buffers_to_params(model: torch.nn.Module) -> set[str]:

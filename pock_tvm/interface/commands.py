@@ -57,10 +57,9 @@ def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str 
     model_obj, example = load_model(model, input_shape)
     shapes = None
     if example is None and input_shape is not None:
-        import onnx
+        from ..frontend.onnx_frontend import first_input
 
-        first = onnx.load(model).graph.input[0].name
-        shapes = {first: input_shape}
+        shapes = {first_input(model): input_shape}
     program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
                       target=target, input_shapes=shapes, options=options)
     program.save(out, force=force)

@@ -41,19 +41,11 @@ class CheckGradientRules:
                 if value.op.name not in _NO_FLOW and not has_gradient_rule(value.op.name):
                     missing.append((value.op.name, binding.var.name))
         if missing:
-            lines = [f"  {op} -> {var}, from {self._origin(var, op)}" for op, var in missing[:10]]
+            lines = [f"  {op} -> {var}, from {self.origins.get(var, 'an unknown source node')}"
+                     for op, var in missing[:10]]
             raise ValueError(
                 "CheckGradientRules: no gradient rule for these ops between the updated parameters "
                 "and the loss:\n" + "\n".join(lines) + "\nRegister a rule in "
                 "pock_tvm/passes/gradient_rules.py (GRADIENT_RULES), or freeze the layers above them."
             )
         return mod
-
-    def _origin(self, var: str, op: str) -> str:
-        if var in self.origins:
-            return self.origins[var]
-        onnx_key = "onnx:" + op.rsplit(".", 1)[-1].replace("_", "").lower()
-        for key, nodes in self.origins.items():
-            if key.lower().replace("_", "") == onnx_key:
-                return f"ONNX node(s) {nodes}"
-        return "an unknown source node"

@@ -34,8 +34,12 @@ class InlineKernelIntermediates:
             if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
                 continue
             sch = s_tir.Schedule(func)
+            try:
+                root = sch.get_sblock("root")
+            except s_tir.schedule.ScheduleError:
+                continue  # a kernel written as plain loops (the scatter-add of take's gradient): no stages
             count = 0
-            for block in sch.get_child_blocks(sch.get_sblock("root")):
+            for block in sch.get_child_blocks(root):
                 if not self.pad_into_reductions and _feeds_reduction(sch, block):
                     continue
                 try:

@@ -80,6 +80,45 @@ def _erf(var, call, grad, ctx):
     return [R.multiply(grad, R.multiply(scale, R.exp(R.negative(R.multiply(x, x)))))]
 
 
+def _pad(var, call, grad, ctx):
+    """Constant padding: the gradient is the unpadded window of the output gradient."""
+    if call.attrs.pad_mode != "constant":
+        raise ValueError(f"gradient of pad: only constant padding is supported, got {call.attrs.pad_mode!r}")
+    widths = [int(w) for w in call.attrs.pad_width]
+    shape = _shape(call.args[0])
+    axes = list(range(len(shape)))
+    begin = widths[0::2]
+    if any(w < 0 for w in widths):
+        raise ValueError("gradient of pad: negative padding (cropping) is not supported")
+    return [R.strided_slice(grad, axes, begin, [b + n for b, n in zip(begin, shape)])]
+
+
+def _stack(var, call, grad, ctx):
+    """Stacked tensors get their slice of the gradient along the new axis."""
+    axis = int(call.attrs.axis)
+    count = len(call.args[0].ty.fields)
+    parts = R.split(grad, count, axis)
+    return [relax.Tuple([R.squeeze(relax.TupleGetItem(parts, i), [axis]) for i in range(count)])]
+
+
+def _avg_pool3d(var, call, grad, ctx):
+    """3-D average pooling over the first spatial axis only (kernel ``(k, 1, 1)``), which is how
+    exporters write LocalResponseNorm: the last two axes merge into one and the 2-D rule applies."""
+    a = call.attrs
+    if a.layout != "NCDHW" or [int(v) for v in a.pool_size[1:]] != [1, 1] or \
+            [int(v) for v in a.strides[1:]] != [1, 1] or [int(v) for v in a.dilation] != [1, 1, 1] or \
+            any(int(a.padding[i]) for i in (1, 2, 4, 5)):
+        raise ValueError("gradient of avg_pool3d: only pooling over the depth axis (kernel (k, 1, 1), as in "
+                         f"exported LocalResponseNorm) is supported, got kernel {list(a.pool_size)}")
+    x = call.args[0]
+    n, c, d, h, w = _shape(x)
+    flat = lambda t, depth: R.reshape(t, (n, c, depth, h * w))  # noqa: E731
+    back = avg_pool2d_backward(flat(grad, _shape(var)[2]), flat(x, d), (int(a.pool_size[0]), 1),
+                               (int(a.strides[0]), 1), (int(a.padding[0]), 0, int(a.padding[3]), 0), (1, 1),
+                               bool(a.ceil_mode), bool(a.count_include_pad))
+    return [R.reshape(back, (n, c, d, h, w))]
+
+
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
     "relax.clip": _clip,
@@ -89,6 +128,9 @@ GRADIENT_RULES = {
     "relax.rsqrt": _rsqrt,
     "relax.nn.leakyrelu": _leaky_relu,
     "relax.erf": _erf,
+    "relax.nn.pad": _pad,
+    "relax.stack": _stack,
+    "relax.nn.avg_pool3d": _avg_pool3d,
 }
 
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.

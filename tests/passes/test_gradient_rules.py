@@ -49,6 +49,13 @@ CASES = {
     "leaky_relu": (lambda x: R.nn.leakyrelu(x, 0.1),
                    lambda t: torch.nn.functional.leaky_relu(t, 0.1), X.shape),
     "erf": (lambda x: R.erf(R.multiply(x, relax.const(0.25))), lambda t: torch.erf(t * 0.25), X.shape),
+    "pad": (lambda x: R.nn.pad(x, (0, 0, 1, 0, 2, 1, 0, 3)),
+            lambda t: torch.nn.functional.pad(t, (0, 3, 2, 1, 1, 0)), (2, 5, 9, 9)),
+    "stack": (lambda x: R.stack(relax.Tuple([R.multiply(x, relax.const(2.0)), R.exp(R.multiply(x, relax.const(0.1)))]), 1),
+              lambda t: torch.stack([t * 2, torch.exp(t * 0.1)], 1), (2, 2, 4, 6, 6)),
+    # exported LocalResponseNorm: a (k, 1, 1) average over channels of the unsqueezed input
+    "avg_pool3d": (lambda x: R.nn.avg_pool3d(R.expand_dims(x, 1), (3, 1, 1), padding=(1, 0, 0, 1, 0, 0)),
+                   lambda t: torch.nn.functional.avg_pool3d(t.unsqueeze(1), (3, 1, 1), 1, (1, 0, 0)), (2, 1, 4, 6, 6)),
 }
 
 
