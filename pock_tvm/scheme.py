@@ -23,6 +23,45 @@ from .frontend.model import ImportedModel
 MODES = ("full", "partial", "frozen")
 
 
+def _is_bias(value) -> bool:
+    return value in ("all", "none") or (type(value) is int and value >= 0)
+
+
+def _is_ratio(value) -> bool:
+    return type(value) in (int, float) and 0.0 < value <= 1.0
+
+
+# field -> (check, what it accepts): the whole file format of a scheme, in one place
+FIELDS = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "preset": (lambda v: isinstance(v, str), "a preset name: full, bias-only, last-k, last-N or tte-mbv2"),
+    "k": (lambda v: type(v) is int and v > 0, "a positive integer (blocks of the last-k preset)"),
+    "bias": (_is_bias, '"all", "none" or a count of last layers (integer >= 0)'),
+    "norm_affine": (lambda v: type(v) is bool, "true or false (not a string)"),
+    "default": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "rules": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+              "a list of tables ([[rules]] in TOML)"),
+}
+RULE_FIELDS = {
+    "select": (lambda v: isinstance(v, str) and v != "", "a glob over parameter names or a module path"),
+    "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
+    "ratio": (_is_ratio, "a number in (0, 1] (not a string)"),
+}
+
+
+def _check_fields(data: dict, fields: dict, source: str, prefix: str) -> None:
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ValueError(f"Scheme {source}: unknown field '{prefix}{key}'{hint} (fields: {', '.join(fields)})")
+        check, accepted = fields[key]
+        if not check(value):
+            raise ValueError(f"Scheme {source}: field '{prefix}{key}' must be {accepted}, got {value!r}")
+    if fields is RULE_FIELDS and "select" not in data:
+        raise ValueError(f"Scheme {source}: '{prefix}select' is missing (which parameters the rule applies to)")
+
+
 @dataclass
 class Rule:
     select: str
@@ -76,14 +115,20 @@ class Scheme:
         raise ValueError(f"Scheme: unknown preset {name!r}; choose full, bias-only, last-k, last-N or tte-mbv2")
 
     @staticmethod
-    def from_dict(data: dict) -> Scheme:
+    def from_dict(data: dict, source: str = "scheme") -> Scheme:
+        """A scheme from parsed TOML/JSON; every field is checked (:data:`FIELDS`, :data:`RULE_FIELDS`)
+        and a wrong one is one error naming ``source``, the field and what it accepts."""
+        _check_fields(data, FIELDS, source, "")
+        rules = []
+        for i, rule in enumerate(data.get("rules", [])):
+            _check_fields(rule, RULE_FIELDS, source, f"rules[{i}].")
+            rules.append(Rule(**rule))
         if "preset" in data:
             base = Scheme.preset(data["preset"], int(data.get("k", 2)))
-            base.rules += [Rule(**r) for r in data.get("rules", [])]
+            base.rules += rules
             return base
-        rules = [Rule(**r) for r in data.get("rules", [])]
         return Scheme(data.get("name", "custom"), rules, data.get("bias", "none"),
-                      bool(data.get("norm_affine", False)), data.get("default", "frozen"))
+                      data.get("norm_affine", False), data.get("default", "frozen"))
 
     @staticmethod
     def load(spec: str | Path | Scheme | None) -> Scheme:
@@ -97,8 +142,13 @@ class Scheme:
             if not path.exists():
                 raise ValueError(f"Scheme: no such file '{path}'")
             text = path.read_text()
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-            return Scheme.from_dict(data)
+            try:
+                data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+            except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"Scheme '{path}': not valid {path.suffix[1:].upper()}: {err}") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"Scheme '{path}': the file must hold a table of fields (name, bias, rules, ...)")
+            return Scheme.from_dict(data, f"'{path}'")
         return Scheme.preset(str(spec))
 
     def to_dict(self) -> dict:

@@ -90,3 +90,24 @@ def test_toml_and_json_files(tmp_path, cnn):
     assert pock_tvm.Scheme.load(as_json).resolve(cnn) == updates
     with pytest.raises(ValueError, match="no such file"):
         pock_tvm.Scheme.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('norm_affine = "false"', r"field 'norm_affine' must be true or false \(not a string\), got 'false'"),
+    ('default = "half"', r"field 'default' must be one of full, partial, frozen, got 'half'"),
+    ('bias = -2', r"field 'bias' must be \"all\", \"none\" or a count"),
+    ('[[rule]]\nselect = "classifier"', r"unknown field 'rule'; did you mean 'rules'\?"),
+    ('[[rules]]\nselect = "classifier"\nmode = "partial"\nratio = "0.5"',
+     r"field 'rules\[0\].ratio' must be a number in \(0, 1\] \(not a string\), got '0.5'"),
+    ('[[rules]]\nmode = "full"', r"'rules\[0\].select' is missing"),
+    ('[[rules]]\nselect = "fc"\nmod = "full"', r"unknown field 'rules\[0\].mod'; did you mean 'rules\[0\].mode'"),
+    ('bias = [1', r"not valid TOML"),
+])
+def test_malformed_scheme_files_name_the_file_the_field_and_what_it_accepts(tmp_path, text, message):
+    path = tmp_path / "scheme.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"Scheme '.*scheme.toml'(: | ){message}"):
+        pock_tvm.Scheme.load(path)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"'.*list.json': the file must hold a table"):
+        pock_tvm.Scheme.load(tmp_path / "list.json")

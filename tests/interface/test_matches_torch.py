@@ -77,3 +77,26 @@ def test_mse_and_torch_loss_match_torch():
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-6)
     for name in after:
         torch.testing.assert_close(torch.tensor(after[name]), torch.tensor(expected[name]), rtol=1e-4, atol=1e-7)
+
+
+class _Bag(torch.nn.Module):
+    """An embedding bag classifier: integer token inputs, a gradient only for the rows seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, tokens):
+        return self.fc(self.embed(tokens).mean(1))
+
+
+def test_embedding_with_integer_inputs_matches_torch():
+    tokens = torch.randint(0, 20, (2, 5))
+    tokens[1, :3] = 7  # a row seen several times accumulates its gradients
+    model, plain = _Bag(), pock_tvm.SGD(lr=0.05)  # no weight decay: unseen rows must not move
+    program = pock_tvm.compile(model, (tokens,), scheme="full", optimizer=plain)
+    assert program.layout.inputs[0].dtype == "int64"
+    assert_matches_torch(model, program, plain, (tokens,), labels(2))
+    unseen = [r for r in range(20) if r not in set(tokens.flatten().tolist())]
+    assert (program.state_dict()["embed.weight"][unseen] == model.embed.weight.detach().numpy()[unseen]).all()
