@@ -11,6 +11,7 @@ steps after warm-up. pock_tvm programs are compiled first, in this process, and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -101,15 +102,20 @@ def _run_child(args: list[str], warmup: int = 3, steps: int = 20) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_runner(bundle: str, batch: int, warmup: int, steps: int) -> dict:
-    """Step time and training memory of ``pock_runner train`` (built for the host once)."""
-    from pock_tvm.runtime.bundle import read_manifest, write_batches
-    from pock_tvm.runtime.layout import Layout
+@functools.cache
+def _host_runner() -> Path:
+    """The runner built from this checkout's sources (incremental), never a stale binary."""
     from pock_tvm.targets.runner_build import build_runner
 
-    runner = ROOT / "dist" / "runner-host" / "pock_runner"
-    if not runner.exists():
-        build_runner("host")
+    return build_runner("host") / "pock_runner"
+
+
+def measure_runner(bundle: str, batch: int, warmup: int, steps: int) -> dict:
+    """Step time and training memory of ``pock_runner train``."""
+    from pock_tvm.runtime.bundle import read_manifest, write_batches
+    from pock_tvm.runtime.layout import Layout
+
+    runner = _host_runner()
     layout = Layout.from_json(read_manifest(Path(bundle))["layout"])
     x, y = _batch(batch)
     data = Path(bundle).with_suffix(".data.bin")

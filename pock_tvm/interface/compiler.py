@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import tvm
-from tvm import relax
 
 from ..analysis.cost import nbytes, training_cost
 from ..analysis.memory import kernel_workspace, planned_bytes

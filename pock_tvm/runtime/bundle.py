@@ -159,6 +159,22 @@ def _is_bundle(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator:
+    """A binary file that replaces ``path`` only once it is completely written and synced; on any
+    error the old file stays and no temporary is left behind."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -439,21 +455,12 @@ def write_batches(path: Path, layout, inputs: list[np.ndarray], target: np.ndarr
         raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
     layout.check_target(np.asarray(target[:count * batch]), "pack-data")
     specs = [*layout.inputs, layout.target]
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for i in range(count):
-                for array, spec in zip([*inputs, target], specs):
-                    part = np.asarray(array[i * batch:(i + 1) * batch])
-                    if tuple(part.shape) != tuple(spec.shape):
-                        raise ValueError(f"'{spec.name}' batches have shape {part.shape}, the bundle expects "
-                                         f"{tuple(spec.shape)}")
-                    f.write(part.astype(np.dtype(spec.dtype).newbyteorder("<")).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(Path(path)) as f:
+        for i in range(count):
+            for array, spec in zip([*inputs, target], specs):
+                part = np.asarray(array[i * batch:(i + 1) * batch])
+                if tuple(part.shape) != tuple(spec.shape):
+                    raise ValueError(f"'{spec.name}' batches have shape {part.shape}, the bundle expects "
+                                     f"{tuple(spec.shape)}")
+                f.write(part.astype(np.dtype(spec.dtype).newbyteorder("<")).tobytes())
     return count

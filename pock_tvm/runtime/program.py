@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from tvm import relax
 
 from .. import calling
 from ..optim import check_lr
-from .bundle import read_manifest, read_state, write_bundle
+from .bundle import atomic_file, read_manifest, read_state, write_bundle
 from .layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -146,17 +144,8 @@ class Program:
 
     def save_state(self, path: str | Path) -> None:
         """Write parameters and optimizer state only (``.npz``), atomically."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self._all_values())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(Path(path)) as f:
+            np.savez(f, **self._all_values())
 
     @staticmethod
     def load(path: str | Path) -> Program:
