@@ -73,3 +73,5 @@ _CROSS_TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64-static", "cmake")
 _missing_cross = [t for t in _CROSS_TOOLS if shutil.which(t) is None]
 needs_cross_tools = pytest.mark.skipif(
     bool(_missing_cross), reason=f"needs {_missing_cross} (`make test` installs them when run as root)")
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("g++") is None,
+                                 reason="needs cmake and g++ to build the host runner (`make test` installs cmake)")

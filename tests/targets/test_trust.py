@@ -17,9 +17,9 @@ import torch
 import pock_tvm
 from pock_tvm.models import MLP
 from pock_tvm.runtime.bundle import locked, read_manifest, write_batches
-from helpers import needs_cross_tools
+from helpers import needs_cmake
 
-pytestmark = needs_cross_tools
+pytestmark = needs_cmake
 
 
 @pytest.fixture(scope="module")
