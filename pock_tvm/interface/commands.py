@@ -130,7 +130,8 @@ def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: 
     """Run training steps over ``data`` in batches of the compiled batch size, holding the
     bundle's lock; the state is saved back only if every loss and every value is finite."""
     from ..optim import check_lr
-    from ..runtime.bundle import clean_state_leftovers, locked, read_manifest
+    from ..runtime.bundle import clean_state_leftovers, read_manifest
+    from ..runtime.files import locked
 
     if lr is not None:
         check_lr(lr)

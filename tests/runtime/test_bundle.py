@@ -89,13 +89,13 @@ def test_save_refuses_a_directory_that_is_not_a_bundle(bundle, tmp_path):
 
 
 def test_saving_over_a_bundle_swaps_it_in_one_step(bundle, tmp_path, monkeypatch):
-    from pock_tvm.runtime import bundle as bundle_module
+    from pock_tvm.runtime import files
 
     program, _ = bundle
     dest = program.save(tmp_path / "b")
     swaps = []
-    real = bundle_module._exchange
-    monkeypatch.setattr(bundle_module, "_exchange", lambda a, b: swaps.append((a, b)) or real(a, b))
+    real = files._exchange
+    monkeypatch.setattr(files, "_exchange", lambda a, b: swaps.append((a, b)) or real(a, b))
     program.step(np.zeros((4, 32), "float32"), np.zeros(4, "int64"))
     program.save(dest)
     assert len(swaps) == 1 and swaps[0][1] == dest  # renameat2(RENAME_EXCHANGE): never a moment without a bundle

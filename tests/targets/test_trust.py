@@ -16,7 +16,8 @@ import torch
 
 import pock_tvm
 from pock_tvm.models import MLP
-from pock_tvm.runtime.bundle import locked, read_manifest, write_batches
+from pock_tvm.runtime.bundle import read_manifest, write_batches
+from pock_tvm.runtime.files import locked
 from helpers import needs_cmake
 
 pytestmark = needs_cmake
