@@ -16,12 +16,15 @@ class PipelineOptions:
     ``reorder_updates``: each update right after its gradient, so gradient buffers die at once;
     ``in_place``: new parameters and optimizer state overwrite the old tensors;
     ``inline_intermediates``: stages of a fused kernel are computed on the fly instead of each
-    writing a scratch buffer the size of the output (less memory, ~10% slower untuned)."""
+    writing a scratch buffer the size of the output (less memory, ~10% slower untuned);
+    ``schedule_kernels``: every CPU kernel gets a default schedule (parallel outer loops,
+    vectorized inner loop; ``ScheduleForCPU``) instead of running as scalar loops."""
 
     fold_frozen: bool = True
     reorder_updates: bool = True
     in_place: bool = True
     inline_intermediates: bool = True
+    schedule_kernels: bool = True
 
     @staticmethod
     def preset(level: str) -> PipelineOptions:
@@ -47,10 +50,10 @@ class PipelineOptions:
         return replace(self, **{n: False for n in names})
 
 
-NONE = PipelineOptions(False, False, False, False)
+NONE = PipelineOptions(False, False, False, False, False)
 PRESETS = {
     "O0": NONE,
     "O1": replace(NONE, fold_frozen=True),
-    "O2": replace(NONE, fold_frozen=True, reorder_updates=True, in_place=True),
+    "O2": replace(NONE, fold_frozen=True, reorder_updates=True, in_place=True, schedule_kernels=True),
     "O3": PipelineOptions(),
 }

@@ -9,6 +9,7 @@ from .FreezeBatchNorm import FreezeBatchNorm
 from .gradient_rules import GRADIENT_RULES, register_gradient_rules
 from .pipeline import pock_tvm_pipeline
 from .ReorderUpdates import ReorderUpdates
+from .ScheduleForCPU import ScheduleForCPU
 from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
@@ -17,5 +18,5 @@ register_gradient_rules()
 
 __all__ = ["AppendLoss", "AppendOptimizer", "BindFrozenParams", "CheckGradientRules", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
-           "GRADIENT_RULES", "ReorderUpdates", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
+           "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
            "register_gradient_rules"]

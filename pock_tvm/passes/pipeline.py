@@ -20,6 +20,7 @@ from .InlineKernelIntermediates import InlineKernelIntermediates
 from .gradient_rules import register_gradient_rules
 from ..options import PipelineOptions
 from .ReorderUpdates import ReorderUpdates
+from .ScheduleForCPU import ScheduleForCPU
 from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
@@ -77,6 +78,7 @@ def pock_tvm_pipeline(
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
             *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
+            *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
             # Phase 4: TVM's default build, with in-place updates before memory planning
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
