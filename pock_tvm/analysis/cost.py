@@ -91,3 +91,18 @@ def training_cost(mod: tvm.IRModule, trainable: list[str], loss_name: str = "los
 
 def _is_op_call(value) -> bool:
     return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)
+
+
+def kernel_flops(lowered: tvm.IRModule) -> dict[str, int]:
+    """Floating-point operations of one call of each TIR kernel of a lowered module (TVM's
+    estimate; kernels it cannot count are left out)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    out = {}
+    for gvar, func in lowered.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            try:
+                out[gvar.name_hint] = int(estimate_tir_flops(tvm.IRModule({"main": func})))
+            except Exception:  # noqa: BLE001 -- TVM's estimator rejects some loop nests; profile shows no rate
+                continue
+    return out

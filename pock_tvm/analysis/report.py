@@ -28,6 +28,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     planned: dict = field(default_factory=dict)  # bytes: train_step, forward, kernel_scratch, folded_bytes
     phases: list[dict] = field(default_factory=list)  # planned memory after each optimization phase
+    kernel_flops: dict = field(default_factory=dict)  # kernel name -> floating-point operations per call
 
     @staticmethod
     def build(scheme: str, layers: list[LayerRow], dense: GraphCost, sparse: GraphCost,
@@ -45,7 +46,7 @@ class Report:
         return Report(data["scheme"], [LayerRow(**r) for r in data["layers"]], data["dense"],
                       data["sparse"], data["optimizer_state_bytes"], data["param_bytes"],
                       list(data.get("notes", [])), dict(data.get("planned", {})),
-                      list(data.get("phases", [])))
+                      list(data.get("phases", [])), dict(data.get("kernel_flops", {})))
 
     def __str__(self) -> str:
         lines = [f"scheme: {self.scheme}", "", f"{'layer':<34} {'updated':<40} trainable/total"]

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=0, help="default: one per batch")
     r.add_argument("--lr", type=float)
 
+    f = sub.add_parser("profile", help="time each kernel of a bundle's training step on this machine")
+    f.add_argument("bundle")
+    f.add_argument("--steps", type=int, default=5)
+    f.add_argument("--top", type=int, default=15)
+
     d = sub.add_parser("demo", help="compile and fine-tune MobileNetV2-w0.35@128 on the host")
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--batch", type=int, default=8)
@@ -117,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 print(f"step {row['step']} loss {row['loss']:.7g} time_ms {row['time_ms']:.3f}")
             print(f"steps {len(rows)} mean_time_ms {sum(r['time_ms'] for r in rows) / len(rows):.3f}")
+        elif args.command == "profile":
+            from ..interface.profile import format_profile, profile
+
+            print(format_profile(*profile(args.bundle, args.steps), args.top))
         elif args.command == "demo":
             demo.demo(args.steps, args.batch, args.scheme)
     except ValueError as err:

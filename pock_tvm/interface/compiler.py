@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import tvm
 
-from ..analysis.cost import nbytes, training_cost
+from ..analysis.cost import kernel_flops, nbytes, training_cost
 from ..analysis.memory import kernel_workspace, planned_bytes
 from ..analysis.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
@@ -127,6 +127,7 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
                           "forward": planned_bytes(lowered, "forward")["storage"],
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
                           "folded_bytes": sum(int(v.nbytes) for v in frozen.values())}
+        report.kernel_flops = kernel_flops(lowered)
         with cuda_build_env(preset):
             exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,

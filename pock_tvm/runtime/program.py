@@ -78,6 +78,12 @@ class Program:
         args = self._calls["forward"]["args"]
         return self._vm["forward"](*[given[n] if n in given else self._live[n] for n in args]).numpy()
 
+    def instrument(self, callback) -> None:
+        """Call ``callback(func, name, before, ret, *args)`` around every call the VM makes (kernels
+        included); ``None`` removes it. See ``tvm.runtime.vm.VirtualMachine.set_instrument``."""
+        self._check_runs_here("instrument")
+        self._vm.set_instrument(callback)
+
     @property
     def steps_done(self) -> int:
         return int(_numpy(self._live[calling.STEP]))

@@ -94,3 +94,18 @@ def test_compile_refuses_to_replace_a_users_folder_and_takes_optimization_levels
     assert all(t["passed"] for t in read_manifest(tmp_path / "p")["tensors"])  # O0: nothing folded
     assert main(["compile", "mlp", "--input-shape", "4,32", "--disable", "in_plce", "-o", str(tmp_path / "q")]) == 2
     assert "unknown optimization ['in_plce']" in capsys.readouterr().err
+
+
+def test_profile_names_the_kernels_that_take_the_time(tmp_path, capsys):
+    assert main(["compile", "smallcnn", "--input-shape", "2,3,16,16", "-o", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    assert main(["profile", str(tmp_path / "p"), "--steps", "2", "--top", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("step ") and "kernel" in out and "GFLOP/s" in out
+    rows = [line.split() for line in out.splitlines()[3:7]]
+    assert len(rows) == 4 and all(r[-2].endswith("%") for r in rows)
+    shares = [float(r[-2].rstrip("%")) for r in rows]
+    assert shares == sorted(shares, reverse=True) and any("conv2d" in r[0] for r in rows)
+    from pock_tvm.runtime.bundle import read_manifest
+
+    assert read_manifest(tmp_path / "p")["state_file"] == "params.bin"  # profiling saves nothing
