@@ -65,7 +65,9 @@ class ScheduleForCPU:
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             done = [self._reduction(sch, b) if _kinds(sch, b).count(_REDUCE) else self._spatial(sch, b)
                     for b in blocks]
-        except ScheduleError:
+        except (ScheduleError, tvm.error.TVMError, ValueError) as err:
+            logger.info("ScheduleForCPU: %s keeps its loops: %s", func.attrs.get("global_symbol", "?")
+                        if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return None
         return sch.mod["main"] if any(done) else None
 
@@ -89,8 +91,8 @@ class ScheduleForCPU:
 
     def _reduction(self, sch, block) -> bool:
         loops, kinds = sch.get_loops(block), _kinds(sch, block)
-        if len(loops) != len(kinds) or set(kinds) - {_DATA_PAR, _REDUCE} or kinds != sorted(kinds):
-            return False  # only "spatial loops, then reduction loops", one loop per block var
+        if len(loops) != len(kinds) or set(kinds) - {_DATA_PAR, _REDUCE}:
+            return False  # one loop per block var, no opaque iterators
         spatial = [lp for lp, k in zip(loops, kinds) if k == _DATA_PAR]
         reduce = [lp for lp, k in zip(loops, kinds) if k == _REDUCE]
         if not spatial:
@@ -98,14 +100,19 @@ class ScheduleForCPU:
         work = _work(sch, loops)
         inner = None
         if _work(sch, reduce) > self.short_reduction:
-            vector = next((lp for lp in reversed(spatial) if (_extent(sch, lp) or 0) >= 2), None)
-            lanes = self._lanes(_extent(sch, vector)) if vector is not None else None
+            index = next((i for i in reversed(range(len(spatial))) if (_extent(sch, spatial[i]) or 0) >= 2), None)
+            lanes = self._lanes(_extent(sch, spatial[index])) if index is not None else None
             if lanes:
-                inner = vector if lanes == _extent(sch, vector) else sch.split(vector, [None, lanes])[1]
-                sch.reorder(*reduce, inner)
-        outer = [lp for lp in sch.get_loops(block) if lp not in reduce and lp != inner][:2]
-        if outer and work >= self.min_parallel_work:
-            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                vector = spatial[index]
+                if lanes == _extent(sch, vector):
+                    inner, spatial = vector, spatial[:index] + spatial[index + 1:]
+                else:
+                    outer_part, inner = sch.split(vector, [None, lanes])
+                    spatial = spatial[:index] + [outer_part] + spatial[index + 1:]
+        # spatial loops outside, then the reduction, then the vector loop
+        sch.reorder(*spatial, *reduce, *([inner] if inner is not None else []))
+        if spatial and work >= self.min_parallel_work:
+            sch.parallel(sch.fuse(*spatial[:2]) if len(spatial) > 1 else spatial[0])
         if inner is not None:
             sch.vectorize(inner)  # before splitting off the init: vectorize needs the whole reduction block
             init = sch.decompose_reduction(block, reduce[0])
