@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench setup clean tools runner
+.PHONY: demo test bench tune-host setup clean tools runner
 
 setup: $(STAMP)
 
@@ -40,6 +40,18 @@ runner: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
+
+# The tuning database shipped for this machine's CPU (pock_tvm/tuning/<arch>-<cpu>): the slowest
+# kernels of the reference models' steps, tuned with MetaSchedule. Resumable: run it again (even
+# across sessions) and it continues where it stopped; commit the database after each model.
+TUNE := $(PY) -m pock_tvm.cli.main tune --kernels $(or $(KERNELS),10) --trials $(or $(TRIALS),16)
+tune-host: $(STAMP)
+	$(TUNE) mobilenetv2 --scheme tte-mbv2 --input-shape 8,3,128,128
+	$(TUNE) mobilenetv2 --scheme tte-mbv2 --input-shape 1,3,128,128
+	$(TUNE) mobilenetv2 --scheme full --input-shape 8,3,128,128
+	$(TUNE) mobilenetv2 --scheme full --input-shape 1,3,128,128
+	$(TUNE) resnet18 --scheme full --input-shape 8,3,64,64
+	$(TUNE) resnet18 --scheme last-2 --input-shape 1,3,64,64
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 CASES = {  # model -> (factory, input shape without batch, sparse scheme)
     "mobilenetv2": ("MobileNetV2(width_mult=0.35, num_classes=10)", (3, 128, 128), "tte-mbv2"),
-    "resnet18": ("ResNet18(num_classes=10, width=16)", (3, 64, 64), "last-2"),
+    "resnet18": ("ResNet18(num_classes=10)", (3, 64, 64), "last-2"),
 }
 
 

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="training-graph optimizations (O3: all; O0: none, for measuring)")
     c.add_argument("--disable", action="append", default=[], metavar="NAME",
                    help="switch one optimization off: fold_frozen, reorder_updates, in_place, inline_intermediates")
+    c.add_argument("--tuning-db", metavar="DIR", help="tuned kernel schedules (`pock-tvm tune --db`)")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--force", action="store_true", help="replace OUTPUT even if it is not a pock_tvm bundle")
 
@@ -62,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rpc", required=True, metavar="HOST:PORT", help="device running `pock_runner serve`")
     r.add_argument("--steps", type=int, default=0, help="default: one per batch")
     r.add_argument("--lr", type=float)
+
+    u = sub.add_parser("tune", help="autotune the slowest kernels of a model's training step (MetaSchedule)")
+    u.add_argument("model", help="as for compile")
+    u.add_argument("--scheme", default="full")
+    u.add_argument("--input-shape", type=_shape)
+    u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
+    u.add_argument("--db", metavar="DIR", help="tuning database directory, created or continued (default: the "
+                   "one shipped for this CPU, pock_tvm/tuning/<arch>-<cpu>)")
+    u.add_argument("--kernels", type=int, default=10, help="how many of the slowest kernels to tune")
+    u.add_argument("--trials", type=int, default=16, help="MetaSchedule trials per kernel (~4 s each here)")
 
     f = sub.add_parser("profile", help="time each kernel of a bundle's training step on this machine")
     f.add_argument("bundle")
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
             options = PipelineOptions.preset(args.opt).without(*args.disable)
             program = commands.compile_to_dir(args.model, args.output, args.scheme, args.target,
-                                              args.input_shape, args.loss, _optimizer(args), options, args.force)
+                                              args.input_shape, args.loss, _optimizer(args), options, args.force,
+                                              args.tuning_db)
             print(program.report())
             print(f"\nwrote {args.output}")
         elif args.command == "info":
@@ -122,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 print(f"step {row['step']} loss {row['loss']:.7g} time_ms {row['time_ms']:.3f}")
             print(f"steps {len(rows)} mean_time_ms {sum(r['time_ms'] for r in rows) / len(rows):.3f}")
+        elif args.command == "tune":
+            from ..tuning import shipped_database_dir
+
+            args.db = args.db or str(shipped_database_dir())
+            rows = commands.tune_model(args.model, args.db, args.scheme, args.input_shape, args.loss,
+                                       args.kernels, args.trials)
+            print(f"{sum(r.status == 'tuned' for r in rows)} kernels tuned into {args.db}")
         elif args.command == "profile":
             from ..interface.profile import format_profile, profile
 

@@ -50,20 +50,35 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
 
 def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str = "host",
                    input_shape: tuple[int, ...] | None = None, loss: str = "cross_entropy",
-                   optimizer=None, options=None, force: bool = False) -> Program:
+                   optimizer=None, options=None, force: bool = False, tuning_database=None) -> Program:
     from ..runtime.bundle import check_replaceable
 
     check_replaceable(Path(out), force)  # before minutes of compiling
+    model_obj, example, shapes = _model_and_shapes(model, input_shape)
+    program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
+                      target=target, input_shapes=shapes, options=options, tuning_database=tuning_database)
+    program.save(out, force=force)
+    return program
+
+
+def _model_and_shapes(model: str, input_shape):
     model_obj, example = load_model(model, input_shape)
     shapes = None
     if example is None and input_shape is not None:
         from ..frontend.onnx_frontend import first_input
 
         shapes = {first_input(model): input_shape}
-    program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
-                      target=target, input_shapes=shapes, options=options)
-    program.save(out, force=force)
-    return program
+    return model_obj, example, shapes
+
+
+def tune_model(model: str, database: str, scheme: str | None = None, input_shape=None,
+               loss: str = "cross_entropy", kernels: int = 10, trials: int = 16):
+    """``pock-tvm tune``: see :func:`pock_tvm.interface.tune.tune` (host target)."""
+    from .tune import tune
+
+    model_obj, example, shapes = _model_and_shapes(model, input_shape)
+    return tune(model_obj, example, database=database, kernels=kernels, trials=trials, scheme=scheme,
+                loss=loss, input_shapes=shapes)
 
 
 def info(path: str) -> str:

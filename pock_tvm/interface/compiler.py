@@ -84,7 +84,7 @@ def build_training_graph(imported, trainable, partial, loss, optimizer,
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
             target="host", input_shapes: dict | None = None, memory_phases: bool = False,
-            options: PipelineOptions | str | None = None) -> Program:
+            options: PipelineOptions | str | None = None, tuning_database: str | None = None) -> Program:
     """Compile ``model`` into a training :class:`Program`.
 
     ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
@@ -97,11 +97,17 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``options`` switch optimizations of the pipeline: a :class:`PipelineOptions` or a preset
     ``"O0"``..``"O3"`` (default ``O3``, everything; ``PipelineOptions(fold_frozen=False)`` keeps
     frozen tensors as runtime inputs so that they can be reloaded).
+    ``tuning_database`` is a directory of tuned kernel schedules (``pock-tvm tune``) for ``target``;
+    for ``host`` it defaults to the database shipped for this CPU, if any (``pock_tvm/tuning``).
     ``memory_phases=True`` adds the planned memory after each optimization phase to the report
     (one more lowering per phase, no code generation).
     """
     options = PipelineOptions.load(options)
     preset = load_target(target)
+    if tuning_database is None and preset.name == "host" and options.schedule_kernels:
+        from ..tuning import shipped_database
+
+        tuning_database = shipped_database()
     tgt = tvm_target(preset)
     gpu = tgt.kind.name == "cuda"
     imported = import_model(model, example_inputs, input_shapes)
@@ -122,7 +128,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
             trainable, report.param_bytes, report.optimizer_state_bytes, tgt)
 
     with tgt, tvm.transform.PassContext(opt_level=3):
-        lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, options=options)(train_mod)
+        lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, options=options,
+                                    tuning_database=str(tuning_database) if tuning_database else None)(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
                           "forward": planned_bytes(lowered, "forward")["storage"],
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
@@ -145,6 +152,7 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     device = tvm.cuda() if gpu and tvm.cuda().exist else None
     program = Program(exe, layout, values, report, device, extra)
     program.exporter = exporter(preset)
+    program.ir = lowered  # the kernels as compiled, for `pock-tvm tune`
     return program
 
 

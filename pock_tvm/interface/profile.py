@@ -21,10 +21,14 @@ class KernelRow:
 
 
 def profile(path: str | Path, steps: int = 5, warmup: int = 2) -> tuple[float, list[KernelRow]]:
-    """Run ``steps`` training steps of the bundle at ``path`` on random inputs of its shapes (the
-    bundle on disk is not changed) and time every kernel call through the VM's instrument hook.
-    Returns the median step time without instrumentation (ms) and one row per kernel, slowest first."""
-    program = Program.load(path)
+    """:func:`profile_program` of the bundle at ``path`` (the bundle on disk is not changed)."""
+    return profile_program(Program.load(path), steps, warmup)
+
+
+def profile_program(program: Program, steps: int = 5, warmup: int = 2) -> tuple[float, list[KernelRow]]:
+    """Run ``steps`` training steps on random inputs of the program's shapes with learning rate 0
+    and time every kernel call through the VM's instrument hook. Returns the median step time
+    without instrumentation (ms) and one row per kernel, slowest first."""
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s.shape).astype(s.dtype) if s.dtype.startswith("float")
               else np.zeros(s.shape, s.dtype) for s in program.layout.inputs]

@@ -7,6 +7,8 @@ import logging
 import tvm
 from tvm import relax, s_tir
 
+from .utils import is_scheduled
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ class InlineKernelIntermediates:
         updates = {}
         inlined = 0
         for gvar, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs and "tir.is_scheduled" in func.attrs:
+            if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
             sch = s_tir.Schedule(func)
             try:

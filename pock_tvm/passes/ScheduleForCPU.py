@@ -9,6 +9,8 @@ import tvm
 from tvm import s_tir
 from tvm.s_tir.schedule import ScheduleError
 
+from .utils import SCHEDULED, is_scheduled
+
 logger = logging.getLogger(__name__)
 
 _DATA_PAR, _REDUCE = 0, 2
@@ -17,7 +19,7 @@ _DATA_PAR, _REDUCE = 0, 2
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ScheduleForCPU")
 class ScheduleForCPU:
     """Reads the fused TIR kernels (after ``InlineKernelIntermediates``); schedules each block of
-    each kernel that has no schedule yet (no ``tir.is_scheduled`` attribute), by one rule per kind:
+    each kernel that has no schedule yet (no ``tirx.is_scheduled`` attribute), by one rule per kind:
 
     - a reduction block (conv, matmul, their gradients: spatial loops, then reduction loops): the
       innermost spatial loop with extent >= 2 is split by a vector width (a divisor of its extent
@@ -31,7 +33,7 @@ class ScheduleForCPU:
 
     A schedule never changes what a kernel computes (TVM's schedule primitives keep semantics).
     A kernel any rule cannot schedule (plain-loop kernels without blocks, unusual loop nests)
-    keeps its loops as they are. Scheduled kernels get ``tir.is_scheduled``, so a tuning database
+    keeps its loops as they are. Scheduled kernels get ``tirx.is_scheduled``, so a tuning database
     applied earlier wins. For CPU targets; GPU targets use ``ScheduleForGPU``.
     """
 
@@ -43,13 +45,13 @@ class ScheduleForCPU:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates, skipped = {}, []
         for gvar, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tir.is_scheduled" in func.attrs):
+            if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
             scheduled = self._schedule(func)
             if scheduled is None:
                 skipped.append(gvar.name_hint)
             else:
-                updates[gvar] = scheduled.with_attr("tir.is_scheduled", True)
+                updates[gvar] = scheduled.with_attr(SCHEDULED, True)
         if not updates:
             return mod
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)

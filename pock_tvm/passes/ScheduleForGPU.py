@@ -6,6 +6,8 @@ import logging
 
 import tvm
 
+from .utils import SCHEDULED, is_scheduled
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ class ScheduleForGPU:
                                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
         updates = {}
         for gvar, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tir.is_scheduled" in func.attrs):
+            if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
             updates[gvar] = _schedule(gvar.name_hint, func, target, rules)
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
@@ -50,6 +52,6 @@ def _schedule(name: str, func, target, rules):
         if isinstance(sch, list):
             sch = sch[0] if sch else None
         if sch is not None:
-            return sch.mod["main"].with_attr("tir.is_scheduled", True)
+            return sch.mod["main"].with_attr(SCHEDULED, True)
     raise ValueError(f"ScheduleForGPU: no GPU schedule rule applies to kernel {name}; compile for a CPU "
                      "target or report the model that produced it")

@@ -39,6 +39,7 @@ def pock_tvm_pipeline(
     frozen_values: dict | None = None,
     options: PipelineOptions | None = None,
     gpu: bool = False,
+    tuning_database: str | None = None,
     build_training_graph: bool = True,
     lower: bool = True,
 ) -> tvm.transform.Pass:
@@ -48,7 +49,8 @@ def pock_tvm_pipeline(
     (:class:`pock_tvm.options.PipelineOptions`, default ``O3``) switches the optimizations.
     ``lower=False`` stops at the training graph (for analysis); ``build_training_graph=False``
     only lowers an already built training graph. ``gpu=True`` schedules kernels for a GPU target
-    (call inside ``with target``)."""
+    (call inside ``with target``). ``tuning_database``: a MetaSchedule JSON database directory
+    (``pock-tvm tune``); kernels it holds get their tuned schedule, the others the default one."""
     register_gradient_rules()
     opt = options or PipelineOptions()
     passes = []
@@ -77,6 +79,7 @@ def pock_tvm_pipeline(
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
+            *([relax.transform.MetaScheduleApplyDatabase(tuning_database)] if tuning_database else []),
             *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
             *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
             # Phase 4: TVM's default build, with in-place updates before memory planning

@@ -24,3 +24,12 @@ def substitute(expr, remap: dict[relax.Var, relax.Expr]):
     if isinstance(expr, relax.Tuple):
         return relax.Tuple([substitute(f, remap) for f in expr.fields])
     return expr
+
+
+# The attribute TVM 0.27 puts on a kernel that has a schedule (DLight, MetaSchedule's database);
+# scheduling passes skip such kernels and set it on the ones they schedule.
+SCHEDULED = "tirx.is_scheduled"
+
+
+def is_scheduled(func) -> bool:
+    return bool(func.attrs) and SCHEDULED in func.attrs and bool(func.attrs[SCHEDULED])

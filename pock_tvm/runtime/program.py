@@ -33,6 +33,7 @@ class Program:
         self.report_data = report
         self.exporter = None  # (executable, file) -> None for cross targets; set by compile
         self.library_source: Path | None = None  # the library file of a loaded bundle
+        self.ir = None  # the lowered IRModule, when compiled in this process
         self._exe = executable
         self._dev = device or tvm.cpu()
         self.runs_here = _runs_here(self.extra.get("target", {}))

@@ -27,7 +27,7 @@ def _prim(mod):
 def _expected(mod, schedule):
     sch = s_tir.Schedule(_prim(mod))
     schedule(sch)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def test_elementwise_kernel_is_fused_parallel_and_vectorized():
@@ -91,7 +91,7 @@ def test_every_kernel_of_a_training_step_is_scheduled_and_numbers_do_not_change(
     with tvm.target.Target({"kind": "llvm"}):
         lowered = pock_tvm_pipeline(build_training_graph=False)(mod)
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    unscheduled = sorted(n for n, f in kernels.items() if "tir.is_scheduled" not in f.attrs)
+    unscheduled = sorted(n for n, f in kernels.items() if "tirx.is_scheduled" not in f.attrs)
     # kernels without spatial work: a scalar loss, its gradient seed
     assert len(unscheduled) <= 3, unscheduled
     assert sum("T.vectorized" in f.script() for f in kernels.values()) > len(kernels) // 2

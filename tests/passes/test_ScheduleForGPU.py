@@ -17,7 +17,7 @@ def test_every_kernel_is_bound_to_gpu_threads(small_cnn):
     kernels = [(gv.name_hint, f) for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(kernels) > 10
     for name, func in kernels:
-        assert func.attrs["tir.is_scheduled"], name
+        assert func.attrs["tirx.is_scheduled"], name
         assert "threadIdx.x" in func.script(), name
 
 

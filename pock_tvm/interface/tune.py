@@ -1,0 +1,105 @@
+"""``pock-tvm tune``: MetaSchedule autotuning (XGBoost cost model) of the kernels a training step
+spends its time in, into a tuning database that ``compile(..., tuning_database=)`` applies.
+
+The step is profiled first (with the database's schedules so far), then the slowest kernels that
+the database does not hold yet are tuned one at a time, each committed to the database when done:
+interrupting loses at most the kernel being tuned, and running the same command again continues.
+A database is per target (MetaSchedule's JSON files in one directory); kernels are matched by
+structure, so one database serves every model, scheme and batch that contains the same kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from ..options import PipelineOptions
+from .compiler import compile
+from .profile import profile_program
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TunedKernel:
+    name: str
+    share: float  # of the profiled step, before tuning
+    default_ms: float  # per step, with the default schedule
+    tuned_ms: float | None  # one call, best measured by MetaSchedule
+    trials: int
+    seconds: float
+    status: str  # "tuned", "already in the database", "no schedule found"
+
+
+def tune_target(target: tvm.target.Target) -> tvm.target.Target:
+    """MetaSchedule wants the number of cores of a CPU target."""
+    config = dict(target.export())
+    if config.get("kind") == "llvm" and "num-cores" not in config:
+        config["num-cores"] = os.cpu_count() or 1
+    return tvm.target.Target(config)
+
+
+def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10, trials: int = 16,
+         report: Callable[[str], None] = print, seed: int = 0, **compile_args) -> list[TunedKernel]:
+    """Tune the ``kernels`` slowest kernels of the compiled step of ``model`` with ``trials``
+    MetaSchedule trials each, into ``database`` (created if missing). ``compile_args`` are those of
+    :func:`pock_tvm.compile` (scheme, loss, optimizer, target, input_shapes, options)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    database = Path(database)
+    database.mkdir(parents=True, exist_ok=True)
+    has_db = (database / "database_workload.json").exists()
+    program = compile(model, example_inputs, tuning_database=database if has_db else None, **compile_args)
+    target = tune_target(tvm.target.Target(program.extra["target"]["tvm_target"]))
+    if target.kind.name != "llvm" or not program.runs_here:
+        raise ValueError(f"tune: tuning measures kernels on this machine; target {target.kind.name} "
+                         f"({program.extra['target']['name']}) does not run here")
+    step_ms, rows = profile_program(program)
+    report(f"step {step_ms:.2f} ms before tuning; {len(rows)} kernels")
+    # the kernels as the tuning database sees them: before any schedule
+    options = replace(PipelineOptions.load(compile_args.pop("options", None)), schedule_kernels=False)
+    plain = compile(model, example_inputs, options=options, **compile_args).ir
+    db = ms.database.JSONDatabase(work_dir=str(database))
+    results, spent_per_trial = [], None
+    chosen = [r for r in rows if r.name in {g.name_hint for g in plain.functions}][:kernels]
+    for index, row in enumerate(chosen):
+        mod = tvm.IRModule({"main": plain[row.name].with_attr("global_symbol", "main")})
+        if db.has_workload(mod):
+            results.append(TunedKernel(row.name, row.share, row.ms_per_step, _best_ms(db, mod), 0, 0.0,
+                                       "already in the database"))
+            report(f"[{index + 1}/{len(chosen)}] {row.name}: already in the database")
+            continue
+        start = time.perf_counter()
+        ms.tir_integration.tune_tir(
+            mod, target, str(database), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
+            builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=os.cpu_count() or 1),
+            runner=ms.runner.LocalRunner(ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)),
+            cost_model="xgb", seed=seed)
+        seconds = time.perf_counter() - start
+        spent_per_trial = seconds / trials
+        db = ms.database.JSONDatabase(work_dir=str(database))  # re-read what the tuner committed
+        best = _best_ms(db, mod)
+        left = (len(chosen) - index - 1) * trials * spent_per_trial
+        results.append(TunedKernel(row.name, row.share, row.ms_per_step, best, trials, seconds,
+                                   "tuned" if best is not None else "no schedule found"))
+        report(f"[{index + 1}/{len(chosen)}] {row.name} ({100 * row.share:.1f}% of the step): "
+               f"{row.ms_per_step:.3f} ms/step with the default schedule -> "
+               f"{'%.3f ms per call tuned' % best if best is not None else 'no valid schedule'}; "
+               f"{trials} trials in {seconds:.0f} s, about {left / 60:.1f} min left")
+    return results
+
+
+def _best_ms(db, mod) -> float | None:
+    if not db.has_workload(mod):
+        return None
+    records = db.get_top_k(db.commit_workload(mod), 1)
+    if not records or not records[0].run_secs:
+        return None
+    return 1e3 * float(np.mean([float(s) for s in records[0].run_secs]))
