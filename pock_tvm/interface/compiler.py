@@ -84,7 +84,7 @@ def build_training_graph(imported, trainable, partial, loss, optimizer,
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
             target="host", input_shapes: dict | None = None, memory_phases: bool = False,
-            options: PipelineOptions | str | None = None, tuning_database: str | None = None) -> Program:
+            options: PipelineOptions | str | None = None, tuning_database=None) -> Program:
     """Compile ``model`` into a training :class:`Program`.
 
     ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
@@ -98,7 +98,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``"O0"``..``"O3"`` (default ``O3``, everything; ``PipelineOptions(fold_frozen=False)`` keeps
     frozen tensors as runtime inputs so that they can be reloaded).
     ``tuning_database`` is a directory of tuned kernel schedules (``pock-tvm tune``) for ``target``;
-    for ``host`` it defaults to the database shipped for this CPU, if any (``pock_tvm/tuning``).
+    for ``host`` it defaults to the database shipped for this CPU, if any (``pock_tvm/tuning``);
+    ``False`` applies none.
     ``memory_phases=True`` adds the planned memory after each optimization phase to the report
     (one more lowering per phase, no code generation).
     """
@@ -135,6 +136,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
                           "folded_bytes": sum(int(v.nbytes) for v in frozen.values())}
         report.kernel_flops = kernel_flops(lowered)
+        if tuning_database:
+            report.notes.append(f"kernel schedules: tuned ones from {tuning_database}, defaults for the rest")
         with cuda_build_env(preset):
             exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,

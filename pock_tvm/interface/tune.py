@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class TunedKernel:
     name: str
     share: float  # of the profiled step, before tuning
-    default_ms: float  # per step, with the default schedule
+    default_ms: float | None  # one call, with the default schedule (measured here)
     tuned_ms: float | None  # one call, best measured by MetaSchedule
     trials: int
     seconds: float
@@ -55,14 +55,15 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
 
     database = Path(database)
     database.mkdir(parents=True, exist_ok=True)
-    has_db = (database / "database_workload.json").exists()
-    program = compile(model, example_inputs, tuning_database=database if has_db else None, **compile_args)
+    # which kernels: the slowest with default schedules, so that a second run picks the same ones
+    program = compile(model, example_inputs, tuning_database=False, **compile_args)
     target = tune_target(tvm.target.Target(program.extra["target"]["tvm_target"]))
     if target.kind.name != "llvm" or not program.runs_here:
         raise ValueError(f"tune: tuning measures kernels on this machine; target {target.kind.name} "
                          f"({program.extra['target']['name']}) does not run here")
     step_ms, rows = profile_program(program)
-    report(f"step {step_ms:.2f} ms before tuning; {len(rows)} kernels")
+    report(f"step {step_ms:.2f} ms with default schedules; {len(rows)} kernels")
+    logs = _quiet_meta_schedule()
     # the kernels as the tuning database sees them: before any schedule
     options = replace(PipelineOptions.load(compile_args.pop("options", None)), schedule_kernels=False)
     plain = compile(model, example_inputs, options=options, **compile_args).ir
@@ -72,28 +73,85 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     for index, row in enumerate(chosen):
         mod = tvm.IRModule({"main": plain[row.name].with_attr("global_symbol", "main")})
         if db.has_workload(mod):
-            results.append(TunedKernel(row.name, row.share, row.ms_per_step, _best_ms(db, mod), 0, 0.0,
+            default_ms = _commit_default(db, mod, target)
+            results.append(TunedKernel(row.name, row.share, default_ms, _best_ms(db, mod), 0, 0.0,
                                        "already in the database"))
             report(f"[{index + 1}/{len(chosen)}] {row.name}: already in the database")
             continue
         start = time.perf_counter()
         ms.tir_integration.tune_tir(
-            mod, target, str(database), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
+            mod, target, str(logs), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
+            database=ms.database.JSONDatabase(work_dir=str(database)),
             builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=os.cpu_count() or 1),
             runner=ms.runner.LocalRunner(ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)),
             cost_model="xgb", seed=seed)
         seconds = time.perf_counter() - start
         spent_per_trial = seconds / trials
         db = ms.database.JSONDatabase(work_dir=str(database))  # re-read what the tuner committed
+        default_ms = _commit_default(db, mod, target)
         best = _best_ms(db, mod)
         left = (len(chosen) - index - 1) * trials * spent_per_trial
-        results.append(TunedKernel(row.name, row.share, row.ms_per_step, best, trials, seconds,
+        results.append(TunedKernel(row.name, row.share, default_ms, best, trials, seconds,
                                    "tuned" if best is not None else "no schedule found"))
         report(f"[{index + 1}/{len(chosen)}] {row.name} ({100 * row.share:.1f}% of the step): "
-               f"{row.ms_per_step:.3f} ms/step with the default schedule -> "
-               f"{'%.3f ms per call tuned' % best if best is not None else 'no valid schedule'}; "
+               f"{default_ms:.3f} ms per call with the default schedule -> "
+               f"{'%.3f ms tuned' % best if best is not None else 'no valid schedule'}; "
                f"{trials} trials in {seconds:.0f} s, about {left / 60:.1f} min left")
     return results
+
+
+def _quiet_meta_schedule() -> Path:
+    """MetaSchedule logs every round to the console: send it to files under the cache instead
+    (the returned directory), and drop unnamed handlers, which its logging setup cannot name."""
+    from ..targets.runner_build import cache_dir
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.setLevel(logging.WARNING)
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            ms_logger.removeHandler(handler)
+    logs = cache_dir() / "tune-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs
+
+
+def _commit_default(db, mod: tvm.IRModule, target) -> float | None:
+    """Store the default schedule (``ScheduleForCPU``) of ``mod``, measured here, as one more
+    candidate of its workload, so that the database's best is never slower than the default.
+    Returns its time per call in ms (None if the default does not schedule it)."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..passes import ScheduleForCPU
+
+    sch = s_tir.Schedule(mod)
+    if not ScheduleForCPU().apply(sch):
+        return None
+    workload = db.commit_workload(mod)
+    trace = str(sch.trace)
+    for record in db.get_top_k(workload, 1 << 10):
+        if str(record.trace) == trace and record.run_secs:
+            return 1e3 * float(np.mean([float(s) for s in record.run_secs]))
+    seconds = _measure(sch.mod, target)
+    db.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, workload, run_secs=[seconds], target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    return 1e3 * seconds
+
+
+def _measure(mod: tvm.IRModule, target, repeat: int = 5) -> float:
+    """Seconds per call of kernel ``main`` on random inputs, as MetaSchedule's runner measures."""
+    lib = tvm.compile(mod, target=target).jit()
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    args = []
+    for param in mod["main"].params:
+        ty = param.ty
+        shape, dtype = [int(d) for d in ty.shape], str(ty.dtype)
+        value = rng.standard_normal(shape).astype(dtype) if "float" in dtype else np.zeros(shape, dtype)
+        args.append(tvm.runtime.tensor(value, dev))
+    timer = lib.time_evaluator("main", dev, number=3, repeat=repeat, min_repeat_ms=20)
+    return float(min(timer(*args).results))
 
 
 def _best_ms(db, mod) -> float | None:

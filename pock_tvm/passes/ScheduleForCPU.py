@@ -63,15 +63,21 @@ class ScheduleForCPU:
 
     def _schedule(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
         sch = s_tir.Schedule(func)
+        return sch.mod["main"] if self.apply(sch) else None
+
+    def apply(self, sch: s_tir.Schedule) -> bool:
+        """Schedule the kernel ``main`` of ``sch`` in place (traced, so it can be stored as a tuning
+        record); False if no rule applies or a rule fails (then ``sch`` must be discarded)."""
         try:
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             done = [self._reduction(sch, b) if _kinds(sch, b).count(_REDUCE) else self._spatial(sch, b)
                     for b in blocks]
         except (ScheduleError, tvm.error.TVMError, ValueError) as err:
+            func = sch.mod["main"]
             logger.info("ScheduleForCPU: %s keeps its loops: %s", func.attrs.get("global_symbol", "?")
                         if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)
-            return None
-        return sch.mod["main"] if any(done) else None
+            return False
+        return any(done)
 
     def _spatial(self, sch, block) -> bool:
         loops = sch.get_loops(block)

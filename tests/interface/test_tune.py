@@ -1,0 +1,79 @@
+"""pock-tvm tune: kernels go into a database, compile applies them, numbers do not change."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import pock_tvm
+from pock_tvm.interface.tune import tune, tune_target
+from pock_tvm.models import SmallCNN
+from pock_tvm.options import PipelineOptions
+
+SGD = pock_tvm.SGD(lr=0.1, momentum=0.9)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    database = tmp_path_factory.mktemp("db")
+    torch.manual_seed(0)
+    model = SmallCNN()
+    lines = []
+    rows = tune(model, (torch.zeros(2, 3, 16, 16),), database=database, kernels=1, trials=2, report=lines.append,
+                scheme="last-2", optimizer=SGD)
+    return model, database, rows, lines
+
+
+def test_the_slowest_kernel_is_tuned_into_the_database(tuned):
+    _, database, rows, lines = tuned
+    assert len(rows) == 1 and rows[0].status == "tuned" and rows[0].tuned_ms > 0
+    assert (database / "database_workload.json").stat().st_size > 0
+    assert lines[0].startswith("step ") and f"[1/1] {rows[0].name}" in lines[-1] and "min left" in lines[-1]
+
+
+def test_tuning_again_continues_from_the_database(tuned):
+    model, database, rows, _ = tuned
+    again = tune(model, (torch.zeros(2, 3, 16, 16),), database=database, kernels=1, trials=2,
+                 report=lambda _: None, scheme="last-2", optimizer=SGD)
+    assert [r.status for r in again] == ["already in the database"]
+
+
+def test_compile_applies_the_tuned_schedule_and_numbers_do_not_change(tuned):
+    from tvm.s_tir import meta_schedule as ms
+
+    model, database, rows, _ = tuned
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    name = rows[0].name
+    runs = {}
+    for label, db in (("tuned", database), ("default", False)):
+        program = pock_tvm.compile(model, (x,), scheme="last-2", optimizer=SGD, tuning_database=db,
+                                   options=PipelineOptions())
+        runs[label] = ([program.step(x.numpy(), y.numpy()) for _ in range(3)], program.state_dict(), program.ir)
+    plain = pock_tvm.compile(model, (x,), scheme="last-2", optimizer=SGD,
+                             options=PipelineOptions(schedule_kernels=False)).ir
+    mod = tvm.IRModule({"main": plain[name].with_attr("global_symbol", "main")})
+    target = tune_target(tvm.target.Target({"kind": "llvm"}))
+    best = ms.tir_integration.compile_tir(ms.database.JSONDatabase(work_dir=str(database)), mod, target)
+    applied = runs["tuned"][2][name]
+    tvm.ir.assert_structural_equal(applied.body, best.mod["main"].body)  # the database's schedule, not ours
+    assert rows[0].tuned_ms <= rows[0].default_ms  # the default schedule is one of the candidates
+    np.testing.assert_allclose(runs["tuned"][0], runs["default"][0], rtol=1e-5)
+    for key, value in runs["tuned"][1].items():
+        np.testing.assert_allclose(value, runs["default"][1][key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_cpu_without_a_shipped_database_gets_defaults_and_is_told_once(monkeypatch, tmp_path, caplog):
+    from pock_tvm import tuning
+
+    monkeypatch.setattr(tuning, "ROOT", tmp_path)
+    tuning.shipped_database.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert tuning.shipped_database() is None
+            assert tuning.shipped_database() is None
+        told = [r for r in caplog.records if "no tuned kernel schedules ship for this CPU" in r.getMessage()]
+        assert len(told) == 1 and tuning.host_cpu() in told[0].getMessage()
+    finally:
+        tuning.shipped_database.cache_clear()
