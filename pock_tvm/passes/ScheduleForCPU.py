@@ -72,7 +72,7 @@ class ScheduleForCPU:
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             done = [self._reduction(sch, b) if _kinds(sch, b).count(_REDUCE) else self._spatial(sch, b)
                     for b in blocks]
-        except (ScheduleError, tvm.error.TVMError, ValueError) as err:
+        except (ScheduleError, RuntimeError, ValueError) as err:  # TVM raises its errors as these
             func = sch.mod["main"]
             logger.info("ScheduleForCPU: %s keeps its loops: %s", func.attrs.get("global_symbol", "?")
                         if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)

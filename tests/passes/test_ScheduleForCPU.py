@@ -98,3 +98,15 @@ def test_every_kernel_of_a_training_step_is_scheduled_and_numbers_do_not_change(
     torch.manual_seed(0)
     assert_setting_keeps_numbers(SmallCNN(), torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)),
                                  pock_tvm.SGD(lr=0.1, momentum=0.9), "full", "schedule_kernels", rtol=1e-5)
+
+
+def test_a_kernel_written_as_plain_loops_keeps_them():
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def plain(a: T.Buffer((8,), "float32")):
+        for i in range(8):
+            a[i] = a[i] + T.float32(1.0)
+
+    mod = tvm.IRModule({"plain": plain})
+    tvm.ir.assert_structural_equal(ScheduleForCPU()(mod), mod)
