@@ -35,5 +35,6 @@ def demo(steps: int = 20, batch: int = 8, scheme: str = "tte-mbv2", lr: float = 
     result = {"compile_s": compile_s, "first_loss": losses[0], "last_loss": losses[-1],
               "median_step_ms": 1e3 * statistics.median(times[1:] or times)}
     print(f"\ncompiled in {compile_s:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-          f"median step {result['median_step_ms']:.1f} ms (batch {batch}, host CPU, default kernel schedules + the tuning database shipped for this CPU, if any)")
+          f"median step {result['median_step_ms']:.1f} ms (batch {batch}, host CPU; default kernel schedules, "
+          "tuned ones where this CPU's shipped database has them)")
     return result
