@@ -41,8 +41,9 @@ class AppendOptimizer:
         special = {calling.LR: relax.Var(calling.LR, scalar), calling.STEP: relax.Var(calling.STEP, scalar)}
         lr, step = special[calling.LR], special[calling.STEP]
         by_name.update(special)
+        keys = [v.name for v in states.values()]  # calling.state_keys order: parameter, then state
         by_name.update({v.name: v for v in states.values()})
-        order = calling.train_step_args([v.name for v in args], [v.name for v in states.values()])
+        order = calling.train_step_args([v.name for v in args], keys)
 
         bb = relax.BlockBuilder(mod)
         with bb.function(self.new_func_name, [by_name[n] for n in order]):
@@ -57,7 +58,6 @@ class AppendOptimizer:
                     new[name], updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr)
                     new.update({calling.state_key(name, s): u for s, u in zip(names, updated)})
                 new[calling.STEP] = bb.emit(relax.op.add(step, relax.const(1.0, "float32")), "next_step")
-                keys = calling.state_keys(self.trainable, names)
                 out = bb.emit_output(relax.Tuple([new[n] for n in calling.train_step_outputs(self.trainable, keys)]))
             bb.emit_func_output(out)
         new_mod = bb.get()
