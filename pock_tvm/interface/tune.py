@@ -124,8 +124,8 @@ def _commit_default(db, mod: tvm.IRModule, target) -> float | None:
 
     from ..passes import ScheduleForCPU
 
-    sch = s_tir.Schedule(mod)
-    if not ScheduleForCPU().apply(sch):
+    sch = ScheduleForCPU().apply(s_tir.Schedule(mod))
+    if sch is None:
         return None
     workload = db.commit_workload(mod)
     trace = str(sch.trace)

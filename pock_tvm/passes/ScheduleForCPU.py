@@ -4,10 +4,12 @@ single-threaded scalar loops."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir
 from tvm.s_tir.schedule import ScheduleError
+from tvm.tirx.analysis import undefined_vars
 
 from .utils import SCHEDULED, is_scheduled
 
@@ -18,23 +20,35 @@ _DATA_PAR, _REDUCE = 0, 2
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ScheduleForCPU")
 class ScheduleForCPU:
-    """Reads the fused TIR kernels (after ``InlineKernelIntermediates``); schedules each block of
-    each kernel that has no schedule yet (no ``tirx.is_scheduled`` attribute), by one rule per kind:
+    """Reads the fused TIR kernels (after ``InlineKernelIntermediates``); schedules each kernel that
+    has no schedule yet (no ``tirx.is_scheduled`` attribute), block by block, with the first rule
+    that applies:
 
-    - a reduction block (conv, matmul, their gradients: spatial loops, then reduction loops): the
-      innermost spatial loop with extent >= 2 is split by a vector width (a divisor of its extent
-      up to ``lanes``), the vector part moves below the reduction loops and is vectorized, the init
-      is split off and vectorized too; when the reduction is short (a depthwise 3x3 window, at most
-      ``short_reduction`` iterations) the order is kept and only the outer loops are parallel;
-    - a spatial block (elementwise, broadcast, injective): all loops fused, split by a vector
-      width, the inner part vectorized;
-    - the two outermost spatial loops are fused and run in parallel when the block does at least
-      ``min_parallel_work`` iterations.
+    - **register-tiled reduction** (convs, their input gradients, matmuls: a reduction longer than
+      ``short_reduction`` whose output's innermost dimension is at least 4 long): the output's
+      innermost loop (fused with the next when shorter than ``lanes``) is the vector loop; a
+      spatial loop that the largest input does not depend on (output channels of a conv) is tiled
+      by up to 8 and unrolled, so each loaded input vector feeds that many accumulators; the
+      reduction runs between the outer loops and that register tile, which accumulates in a local
+      buffer written back once;
+    - **vectorized reduction** (weight gradients, bias and BN-parameter gradients: the output is
+      short, the reduction long, at least 1024, and runs along the largest input's innermost
+      dimension): that reduction loop (fused with the one above when shorter than 64) is split by
+      ``lanes`` and factored out (``rfactor``) into a vector of partial sums, summed at the end;
+      used when the partial sums stay small (spatial work x ``lanes`` <= 65536);
+    - **plain reduction** (anything else with a reduction): the innermost spatial loop with extent
+      >= 2 is split by a vector width and moved below the reduction loops; a short reduction (a
+      depthwise 3x3 window) keeps its order and only the outer loops are parallel;
+    - **spatial** (elementwise, broadcast, injective): all loops fused, split by a vector width,
+      the inner part vectorized.
 
-    A schedule never changes what a kernel computes (TVM's schedule primitives keep semantics).
-    A kernel any rule cannot schedule (plain-loop kernels without blocks, unusual loop nests)
-    keeps its loops as they are. Scheduled kernels get ``tirx.is_scheduled``, so a tuning database
-    applied earlier wins. For CPU targets; GPU targets use ``ScheduleForGPU``.
+    The two outermost remaining loops are fused and parallel when the block does at least
+    ``min_parallel_work`` iterations. A schedule never changes what a kernel computes (TVM's
+    schedule primitives keep semantics; sums may be added in another order). When a tiled rule
+    fails on a kernel, the kernel gets the plain rules; a kernel no rule can schedule (plain-loop
+    kernels without blocks, unusual loop nests) keeps its loops. Scheduled kernels get
+    ``tirx.is_scheduled``, so a tuning database applied earlier wins. For CPU targets; GPU targets
+    use ``ScheduleForGPU``.
     """
 
     def __init__(self, lanes: int = 16, min_parallel_work: int = 1 << 14, short_reduction: int = 16):
@@ -47,11 +61,11 @@ class ScheduleForCPU:
         for gvar, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
-            scheduled = self._schedule(func)
-            if scheduled is None:
+            sch = self.apply(s_tir.Schedule(func))
+            if sch is None:
                 skipped.append(gvar.name_hint)
             else:
-                updates[gvar] = scheduled.with_attr(SCHEDULED, True)
+                updates[gvar] = sch.mod["main"].with_attr(SCHEDULED, True)
         if not updates:
             return mod
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
@@ -61,53 +75,147 @@ class ScheduleForCPU:
                     f" ({', '.join(skipped[:5])})" if skipped else "")
         return mod
 
-    def _schedule(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc | None:
-        sch = s_tir.Schedule(func)
-        return sch.mod["main"] if self.apply(sch) else None
+    def apply(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
+        """The kernel ``main`` of ``sch`` scheduled (a traced copy, so it can be stored as a tuning
+        record), or None if no rule applies. ``sch`` itself is not changed."""
+        tiled = (self._vectorized_reduction, self._register_tiled, self._plain_reduction)
+        for reduction_rules in (tiled, (self._plain_reduction,)):
+            work = sch.copy()
+            try:
+                done = [self._first(work, block, reduction_rules)
+                        for block in work.get_child_blocks(work.get_sblock("root"))]
+            except (ScheduleError, RuntimeError, ValueError) as err:  # TVM raises its errors as these
+                func = sch.mod["main"]
+                logger.info("ScheduleForCPU: a rule failed on %s: %s", func.attrs.get("global_symbol", "?")
+                            if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)
+                continue
+            return work if any(done) else None
+        return None
 
-    def apply(self, sch: s_tir.Schedule) -> bool:
-        """Schedule the kernel ``main`` of ``sch`` in place (traced, so it can be stored as a tuning
-        record); False if no rule applies or a rule fails (then ``sch`` must be discarded)."""
-        try:
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-            done = [self._reduction(sch, b) if _kinds(sch, b).count(_REDUCE) else self._spatial(sch, b)
-                    for b in blocks]
-        except (ScheduleError, RuntimeError, ValueError) as err:  # TVM raises its errors as these
-            func = sch.mod["main"]
-            logger.info("ScheduleForCPU: %s keeps its loops: %s", func.attrs.get("global_symbol", "?")
-                        if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    def _first(self, sch, block, reduction_rules) -> bool:
+        nest = _Nest.of(sch, block)
+        if nest is None:
             return False
-        return any(done)
+        if _REDUCE not in nest.kinds:
+            return self._spatial(sch, nest)
+        return any(rule(sch, nest) for rule in reduction_rules)
 
-    def _spatial(self, sch, block) -> bool:
-        loops = sch.get_loops(block)
-        if not loops or len(loops) != len(_kinds(sch, block)):
-            return False
-        work = _work(sch, loops)
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    # -- rules: each returns False, without changing the schedule, when it does not apply --
+
+    def _spatial(self, sch, nest: _Nest) -> bool:
+        fused = sch.fuse(*nest.loops) if len(nest.loops) > 1 else nest.loops[0]
         lanes = self._lanes(_extent(sch, fused))
         outer, inner = fused, None
         if lanes == _extent(sch, fused):
             outer, inner = None, fused
         elif lanes:
             outer, inner = sch.split(fused, [None, lanes])
-        if outer is not None and work >= self.min_parallel_work:
+        if outer is not None and nest.work() >= self.min_parallel_work:
             sch.parallel(outer)
         if inner is not None:
             sch.vectorize(inner)
         return True
 
-    def _reduction(self, sch, block) -> bool:
-        loops, kinds = sch.get_loops(block), _kinds(sch, block)
-        if len(loops) != len(kinds) or set(kinds) - {_DATA_PAR, _REDUCE}:
-            return False  # one loop per block var, no opaque iterators
-        spatial = [lp for lp, k in zip(loops, kinds) if k == _DATA_PAR]
-        reduce = [lp for lp, k in zip(loops, kinds) if k == _REDUCE]
+    def _register_tiled(self, sch, nest: _Nest) -> bool:
+        axes = self._tile_axes(nest)
+        if axes is None:
+            return False
+        v, u, rows = axes
+        loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
+        if rows:
+            loops[v] = sch.fuse(loops[v - 1], loops[v])  # short rows: one vector over two dims
+            extents[v] *= extents[v - 1]
+            spatial.remove(v - 1)
+        factors = {v: self._lanes(extents[v]), **({u: _tile(extents[u])} if u is not None else {})}
+        outer, inner = [], {}
+        for i in spatial:
+            if not factors.get(i):
+                outer.append(loops[i])
+            elif factors[i] == extents[i]:
+                inner[i] = loops[i]
+            else:
+                head, inner[i] = sch.split(loops[i], [None, factors[i]])
+                outer.append(head)
+        vector, tile = inner[v], inner.get(u)
+        reduce = [loops[i] for i in nest.reduce]
+        sch.reorder(*outer, *reduce, *([tile] if tile is not None else []), vector)
+        if tile is not None and outer:  # the register tile accumulates locally, written back once
+            write_back = sch.cache_write(nest.block, 0, "local")
+            sch.reverse_compute_at(write_back, outer[-1])
+            sch.vectorize(sch.get_loops(write_back)[-1])
+        self._parallel(sch, outer, nest.work())
+        if tile is not None:
+            sch.unroll(tile)
+        sch.vectorize(vector)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, reduce[0]))[-1])
+        return True
+
+    def _tile_axes(self, nest: _Nest) -> tuple[int, int | None, bool] | None:
+        """For a register tile: the vector loop (the output's innermost), the tile loop (a spatial
+        loop the largest input does not depend on, or None) and whether the vector loop takes in
+        the row above it (short rows); None when the output has no such vector loop."""
+        v = nest.output_inner()
+        if v not in nest.spatial or nest.extents[v] < 4 or nest.work(nest.reduce) <= self.short_reduction:
+            return None
+        rows = nest.extents[v] < self.lanes and v - 1 in nest.spatial and nest.output_inner(1) == v - 1
+        used = nest.largest_input_vars()
+        u = next((i for i in reversed(nest.spatial) if i not in (v, v - 1 if rows else v)
+                  and i not in used and nest.extents[i] >= 2), None)
+        return v, u, rows
+
+    def _vectorized_reduction(self, sch, nest: _Nest) -> bool:
+        reduce, axes = nest.reduce, self._tile_axes(nest)
+        if axes is not None and axes[1] is not None and nest.extents[axes[0]] * (
+                nest.extents[axes[0] - 1] if axes[2] else 1) >= self.lanes:
+            return False  # a full register tile is the better schedule
+        if nest.kinds != sorted(nest.kinds) or nest.work(reduce) < 1024 \
+                or nest.work(nest.spatial) * self.lanes > 1 << 16:
+            return False
+        r, varying = reduce[-1], nest.largest_input_varying()
+        if r not in varying(0) or any(nest.extents[i] >= nest.extents[r] for i in varying(0) - {r}):
+            return False  # the input's contiguous run must follow this reduction loop
+        loops = list(nest.loops)
+        if nest.extents[r] < 64 and r - 1 in reduce and r - 1 in varying(1):
+            loops[r - 1:r + 1] = [sch.fuse(loops[r - 1], loops[r])]  # one run over two dims
+        lanes = self._lanes(_extent(sch, loops[-1]))
+        if not lanes or lanes < 4:
+            return False
+        used = nest.largest_input_vars()
+        u = next((i for i in reversed(nest.spatial) if i not in used and nest.extents[i] >= 2), None)
+        tile = _tile(nest.extents[u]) if u is not None else None
+        _, lane = sch.split(loops[-1], [None, lanes])
+        partial = sch.rfactor(lane, factor_axis=0)  # partial sums, one per lane
+        loops = sch.get_loops(partial)  # the same nest: spatial..., reduce..., lane
+        outer, tile_loop = [], None
+        for i in nest.spatial:
+            if i == u and tile:
+                if tile == nest.extents[u]:
+                    tile_loop = loops[i]
+                else:
+                    head, tile_loop = sch.split(loops[i], [None, tile])
+                    outer.append(head)
+            else:
+                outer.append(loops[i])
+        reduce_loops = loops[len(nest.spatial):-1]
+        sch.reorder(*outer, *reduce_loops, *([tile_loop] if tile_loop is not None else []), loops[-1])
+        write_back = sch.cache_write(partial, 0, "local")
+        if outer:
+            sch.reverse_compute_at(write_back, outer[-1])
+        self._parallel(sch, outer, nest.work())
+        if tile_loop is not None:
+            sch.unroll(tile_loop)
+        sch.vectorize(loops[-1])
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(partial, reduce_loops[0]))[-1])
+        return True
+
+    def _plain_reduction(self, sch, nest: _Nest) -> bool:
+        loops = nest.loops
+        spatial = [loops[i] for i in nest.spatial]
+        reduce = [loops[i] for i in nest.reduce]
         if not spatial:
             return False
-        work = _work(sch, loops)
         inner = None
-        if _work(sch, reduce) > self.short_reduction:
+        if nest.work(nest.reduce) > self.short_reduction:
             index = next((i for i in reversed(range(len(spatial))) if (_extent(sch, spatial[i]) or 0) >= 2), None)
             lanes = self._lanes(_extent(sch, spatial[index])) if index is not None else None
             if lanes:
@@ -119,13 +227,16 @@ class ScheduleForCPU:
                     spatial = spatial[:index] + [outer_part] + spatial[index + 1:]
         # spatial loops outside, then the reduction, then the vector loop
         sch.reorder(*spatial, *reduce, *([inner] if inner is not None else []))
-        if spatial and work >= self.min_parallel_work:
-            sch.parallel(sch.fuse(*spatial[:2]) if len(spatial) > 1 else spatial[0])
+        self._parallel(sch, spatial, nest.work())
         if inner is not None:
             sch.vectorize(inner)  # before splitting off the init: vectorize needs the whole reduction block
-            init = sch.decompose_reduction(block, reduce[0])
+            init = sch.decompose_reduction(nest.block, reduce[0])
             sch.vectorize(sch.get_loops(init)[-1])
         return True
+
+    def _parallel(self, sch, outer: list, work: int) -> None:
+        if outer and work >= self.min_parallel_work:
+            sch.parallel(sch.fuse(*outer[:2]) if len(outer) > 1 else outer[0])
 
     def _lanes(self, extent: int | None) -> int | None:
         """The vector width for a loop of ``extent``: all of it when short, else a divisor."""
@@ -136,8 +247,69 @@ class ScheduleForCPU:
         return next((v for v in (16, 8, 4, 2) if v <= self.lanes and extent % v == 0), None)
 
 
-def _kinds(sch, block) -> list[int]:
-    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+@dataclass
+class _Nest:
+    """One block under one loop per block variable (in order), and what its accesses depend on."""
+
+    block: object
+    loops: list
+    kinds: list[int]  # per loop: _DATA_PAR or _REDUCE
+    extents: list[int]
+    reads: list[tuple[object, list[set[int]]]]  # (buffer, per dimension: the loops its index uses)
+    write: list[set[int]]
+
+    @staticmethod
+    def of(sch, block) -> _Nest | None:
+        stmt = sch.get(block)
+        loops = sch.get_loops(block)
+        kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+        extents = [_extent(sch, lp) for lp in loops]
+        if len(loops) != len(kinds) or set(kinds) - {_DATA_PAR, _REDUCE} or None in extents or \
+                [int(iv.dom.extent) for iv in stmt.iter_vars] != extents or len(stmt.writes) != 1:
+            return None  # one loop per block variable, no opaque iterators, static extents
+
+        def dims(region):
+            block_vars = [iv.var for iv in stmt.iter_vars]
+            return [{i for i, var in enumerate(block_vars) if var in set(undefined_vars(r.min))}
+                    for r in region.region]
+
+        write = stmt.writes[0]
+        reads = [(r.source, dims(r)) for r in stmt.reads if not r.source.same_as(write.source)]
+        return _Nest(block, list(loops), kinds, extents, reads, dims(write))
+
+    @property
+    def spatial(self) -> list[int]:
+        return [i for i, k in enumerate(self.kinds) if k == _DATA_PAR]
+
+    @property
+    def reduce(self) -> list[int]:
+        return [i for i, k in enumerate(self.kinds) if k == _REDUCE]
+
+    def work(self, indices=None) -> int:
+        total = 1
+        for i in range(len(self.loops)) if indices is None else indices:
+            total *= self.extents[i]
+        return total
+
+    def _varying(self, dims: list[set[int]], skip: int) -> set[int]:
+        """The loops (extent > 1) that the ``skip``-th innermost varying dimension depends on."""
+        found = [d for d in ({i for i in d if self.extents[i] > 1} for d in reversed(dims)) if d]
+        return found[skip] if skip < len(found) else set()
+
+    def output_inner(self, skip: int = 0) -> int | None:
+        """The one loop the output's innermost varying dimension (``skip`` = 1: the next) follows."""
+        found = self._varying(self.write, skip)
+        return next(iter(found)) if len(found) == 1 else None
+
+    def _largest(self):
+        return max(self.reads, key=lambda r: _numel(r[0]), default=(None, []))
+
+    def largest_input_vars(self) -> set[int]:
+        return set().union(*self._largest()[1])
+
+    def largest_input_varying(self):
+        dims = self._largest()[1]
+        return lambda skip: self._varying(dims, skip)
 
 
 def _extent(sch, loop) -> int | None:
@@ -145,8 +317,13 @@ def _extent(sch, loop) -> int | None:
     return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None
 
 
-def _work(sch, loops) -> int:
+def _numel(buffer) -> int:
     total = 1
-    for loop in loops:
-        total *= _extent(sch, loop) or 1
+    for d in buffer.shape:
+        total *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1
     return total
+
+
+def _tile(extent: int) -> int | None:
+    """A register tile: the largest divisor of ``extent`` up to 8."""
+    return next((t for t in (8, 7, 6, 5, 4, 3, 2) if t <= extent and extent % t == 0), None)

@@ -57,7 +57,8 @@ _LINUX_ARM = {"arch": "aarch64", "os": "linux", "cross_compiler": "aarch64-linux
               "runtime_platform": "manylinux_2_28_aarch64", "cmake_toolchain": "aarch64-linux-gnu.cmake"}
 
 PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
-    TargetPreset("host", "this machine's CPU (LLVM, no cross compiler)", {"kind": "llvm"}, host_arch(), "linux"),
+    TargetPreset("host", "this machine's CPU (LLVM, no cross compiler)", {"kind": "llvm", "mcpu": "native"},
+                 host_arch(), "linux"),
     TargetPreset("rpi4", "Raspberry Pi 4: Cortex-A72, aarch64 Linux, NEON",
                  _aarch64("cortex-a72"), **_LINUX_ARM),
     TargetPreset("rpi5", "Raspberry Pi 5: Cortex-A76, aarch64 Linux, NEON + dot product",
@@ -72,7 +73,7 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
                  {"kind": "cuda", "arch": "sm_53", "host": _aarch64("cortex-a57")}, device="cuda",
                  cuda_arch="sm_53", **_LINUX_ARM),
     TargetPreset("cuda", "the local NVIDIA GPU (architecture read from the driver), x86_64 host",
-                 {"kind": "cuda", "arch": "auto", "host": {"kind": "llvm"}}, host_arch(), "linux",
+                 {"kind": "cuda", "arch": "auto", "host": {"kind": "llvm", "mcpu": "native"}}, host_arch(), "linux",
                  device="cuda", cuda_arch="auto"),
 ]}
 

@@ -15,11 +15,10 @@ ROOT = Path(__file__).resolve().parent
 
 def host_cpu() -> str:
     """``x86_64-znver4``: the architecture and the CPU LLVM detects (its ISA features follow from it)."""
-    import tvm
-
     from ..targets import host_arch
+    from ..targets.toolchain import system_cpu
 
-    return f"{host_arch()}-{tvm.get_global_func('target.llvm_get_system_cpu')()}"
+    return f"{host_arch()}-{system_cpu()}"
 
 
 def shipped_database_dir() -> Path:

@@ -1,5 +1,7 @@
 """ScheduleForCPU: parallel outer loops and vector inner loops, by rule; numbers never change."""
 
+import numpy as np
+import pytest
 import torch
 import tvm
 from tvm import relax, s_tir, te
@@ -56,20 +58,88 @@ def _matmul(a, b):
     return te.compute((64, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
 
 
-def test_reduction_vectorizes_the_inner_spatial_loop_below_the_reduction():
+def test_reduction_gets_a_register_tile_over_a_loop_the_largest_input_does_not_use():
+    # a1 (256x96) is the largest input and does not depend on i: 8 rows of i share each vector of a1
     before = _kernel(_matmul, (64, 256), (256, 96))
 
     def schedule(sch):
         block = sch.get_sblock("matmul")
         i, j, k = sch.get_loops(block)
+        io, ii = sch.split(i, [None, 8])
         jo, ji = sch.split(j, [None, 16])
-        sch.reorder(k, ji)
-        sch.parallel(sch.fuse(i, jo))
+        sch.reorder(io, jo, k, ii, ji)
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, jo)
+        sch.vectorize(sch.get_loops(write_back)[-1])
+        sch.parallel(sch.fuse(io, jo))
+        sch.unroll(ii)
         sch.vectorize(ji)
-        init = sch.decompose_reduction(block, k)
-        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
 
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
+def test_reduction_without_a_shared_input_vectorizes_the_output_row_below_the_reduction():
+    before = _kernel(_plane_sum, (32, 64, 96))
+
+    def schedule(sch):
+        block = sch.get_sblock("plane_sum")
+        i, j, k = sch.get_loops(block)
+        jo, ji = sch.split(j, [None, 16])
+        sch.reorder(i, jo, k, ji)
+        sch.parallel(sch.fuse(i, jo))
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
+def test_long_reduction_along_the_inputs_rows_is_vectorized_as_partial_sums():
+    # a bias gradient: short output, the reduction runs along the input's contiguous rows
+    before = _kernel(_row_sum, (8, 2048))
+
+    def schedule(sch):
+        block = sch.get_sblock("row_sum")
+        i, k = sch.get_loops(block)
+        _, lane = sch.split(k, [None, 16])
+        partial = sch.rfactor(lane, factor_axis=0)
+        i, ko, lane = sch.get_loops(partial)
+        sch.reorder(i, ko, lane)
+        write_back = sch.cache_write(partial, 0, "local")
+        sch.reverse_compute_at(write_back, i)
+        sch.parallel(i)
+        sch.vectorize(lane)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(partial, ko))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
+def _plane_sum(a):
+    k = te.reduce_axis((0, 64), name="k")
+    return te.compute((32, 96), lambda i, j: te.sum(a[i, k, j], axis=k), name="plane_sum")
+
+
+def _row_sum(a):
+    k = te.reduce_axis((0, 2048), name="k")
+    return te.compute((8,), lambda i: te.sum(a[i, k], axis=k), name="row_sum")
+
+
+@pytest.mark.parametrize("compute, shapes, reference", [
+    (_matmul, [(64, 256), (256, 96)], lambda a, b: a @ b),
+    (_plane_sum, [(32, 64, 96)], lambda a: a.sum(1)),
+    (_row_sum, [(8, 2048)], lambda a: a.sum(1)),
+], ids=["register-tile", "plain", "partial-sums"])
+def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
+    expected = reference(*[x.astype("float64") for x in inputs])
+    func = _prim(ScheduleForCPU()(_kernel(compute, *shapes)))
+    assert "T.vectorized" in func.script()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target({"kind": "llvm"})).jit()
+    out = tvm.runtime.empty(expected.shape, "float32")
+    lib["main"](*[tvm.runtime.tensor(x) for x in inputs], out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_short_reduction_keeps_its_order_and_is_only_parallel():
