@@ -6,7 +6,8 @@
 // What a client can do, and the limits:
 // - It binds 127.0.0.1 unless --host says otherwise: anyone who reaches the port is a client, there
 //   is no authentication (as with TVM's own server). Open it only on a network you trust.
-// - Files: upload, download and remove stay inside --dir (absolute paths and `..` are refused).
+// - Files: upload, download and remove stay inside --dir (absolute paths and `..` are refused);
+//   removing "" (a client cleaning up its session) leaves --dir itself in place.
 // - Code: loading a library runs its code. Only libraries whose SHA-256 a --trust BUNDLE names are
 //   loaded, unless --allow-remote-code (needed for autotuning, where every candidate is new code);
 //   the runtime's other module loaders are refused the same way.
@@ -122,6 +123,12 @@ void Register(const pock::ServeOptions& o) {
   std::string workdir = o.workdir;
   ffi::Function::SetGlobal("tvm.rpc.server.workpath", ffi::Function::FromTyped([workdir](std::string path) {
                              return InsideWorkdir(workdir, path);
+                           }), true);
+  // TVM's own server removes "" (its per-session temporary directory) after a client's cleanup;
+  // here "" is --dir itself, which belongs to whoever started the server: it stays.
+  ffi::Function::SetGlobal("tvm.rpc.server.remove", ffi::Function::FromTyped([workdir](std::string file) {
+                             std::string path = InsideWorkdir(workdir, file);
+                             if (path != workdir) std::remove(path.c_str());  // a missing file is no error
                            }), true);
   bool allow = o.allow_remote_code;
   ffi::Function::SetGlobal(

@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
                    "one shipped for this CPU, pock_tvm/tuning/<arch>-<cpu>)")
     u.add_argument("--kernels", type=int, default=10, help="how many of the slowest kernels to tune")
     u.add_argument("--trials", type=int, default=16, help="MetaSchedule trials per kernel (~4 s each here)")
+    u.add_argument("--target", default="host", help="as for compile (CPU targets)")
+    u.add_argument("--rpc", metavar="HOST:PORT", help="measure on this RPC server (a board running "
+                   "`pock_runner serve --allow-remote-code` or `python -m tvm.exec.rpc_server`)")
+    u.add_argument("--tracker", metavar="HOST:PORT", help="measure on a board of this RPC tracker (with --key)")
+    u.add_argument("--key", help="tracker key of the boards, e.g. rpi4")
+    u.add_argument("--timeout", type=float, default=120.0, help="seconds one remote measurement may take")
 
     f = sub.add_parser("profile", help="time each kernel of a bundle's training step on this machine")
     f.add_argument("bundle")
@@ -135,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {row['step']} loss {row['loss']:.7g} time_ms {row['time_ms']:.3f}")
             print(f"steps {len(rows)} mean_time_ms {sum(r['time_ms'] for r in rows) / len(rows):.3f}")
         elif args.command == "tune":
-            from ..tuning import shipped_database_dir
+            from ..interface.tuning_device import TuningDevice
 
-            args.db = args.db or str(shipped_database_dir())
-            rows = commands.tune_model(args.model, args.db, args.scheme, args.input_shape, args.loss,
-                                       args.kernels, args.trials)
-            print(f"{sum(r.status == 'tuned' for r in rows)} kernels tuned into {args.db}")
+            device = TuningDevice(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
+            db, rows = commands.tune_model(args.model, args.db, args.scheme, args.input_shape, args.loss,
+                                           args.kernels, args.trials, args.target, device)
+            print(f"{sum(r.status == 'tuned' for r in rows)} kernels tuned into {db}")
         elif args.command == "profile":
             from ..interface.profile import format_profile, profile
 

@@ -71,14 +71,22 @@ def _model_and_shapes(model: str, input_shape):
     return model_obj, example, shapes
 
 
-def tune_model(model: str, database: str, scheme: str | None = None, input_shape=None,
-               loss: str = "cross_entropy", kernels: int = 10, trials: int = 16):
-    """``pock-tvm tune``: see :func:`pock_tvm.interface.tune.tune` (host target)."""
+def tune_model(model: str, database: str | None, scheme: str | None = None, input_shape=None,
+               loss: str = "cross_entropy", kernels: int = 10, trials: int = 16, target: str = "host",
+               device=None):
+    """``pock-tvm tune``: see :func:`pock_tvm.interface.tune.tune`. ``database`` defaults to the one
+    shipped for this CPU (host target only); ``device`` is a :class:`TuningDevice`."""
+    from ..tuning import shipped_database_dir
     from .tune import tune
 
+    if database is None:
+        if target != "host":
+            raise ValueError(f"tune: give --db DIR for target {target} (the shipped databases are for "
+                             "host CPUs)")
+        database = str(shipped_database_dir())
     model_obj, example, shapes = _model_and_shapes(model, input_shape)
-    return tune(model_obj, example, database=database, kernels=kernels, trials=trials, scheme=scheme,
-                loss=loss, input_shapes=shapes)
+    return database, tune(model_obj, example, database=database, kernels=kernels, trials=trials,
+                          scheme=scheme, loss=loss, input_shapes=shapes, target=target, device=device)
 
 
 def info(path: str) -> str:

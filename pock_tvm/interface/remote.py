@@ -44,6 +44,14 @@ def read_batches(path: str | Path, layout: Layout) -> list[list[np.ndarray]]:
     return out
 
 
+def parse_address(text: str, flag: str = "--rpc") -> tuple[str, int]:
+    """``HOST:PORT`` as ``(host, port)``; a clear error naming ``flag`` otherwise."""
+    host, _, port = str(text).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} expects HOST:PORT, got {text!r} (e.g. 192.168.1.20:9090)")
+    return host, int(port)
+
+
 def run_remote(bundle: str | Path, data: str | Path, address: str, steps: int = 0,
                lr: float | None = None) -> list[dict]:
     """Upload ``bundle`` to the RPC server at ``HOST:PORT``, run ``steps`` training steps (default:
@@ -56,11 +64,9 @@ def run_remote(bundle: str | Path, data: str | Path, address: str, steps: int = 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     layout = Layout.from_json(manifest["layout"])
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--rpc expects HOST:PORT, got {address!r}")
+    host, port = parse_address(address)
     try:
-        remote = rpc.connect(host, int(port))
+        remote = rpc.connect(host, port)
     except Exception as err:  # noqa: BLE001 -- any connection failure gets the same advice
         raise ValueError(f"cannot reach an RPC server at {address} ({err}); start one on the device: "
                          "`pock_runner serve --port PORT` or `python -m tvm.exec.rpc_server`") from None

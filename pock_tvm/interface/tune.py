@@ -21,8 +21,10 @@ import numpy as np
 import tvm
 
 from ..options import PipelineOptions
+from ..targets.presets import load_target
 from .compiler import compile
 from .profile import profile_program
+from .tuning_device import TuningDevice, measure
 
 logger = logging.getLogger(__name__)
 
@@ -38,42 +40,60 @@ class TunedKernel:
     status: str  # "tuned", "already in the database", "no schedule found"
 
 
-def tune_target(target: tvm.target.Target) -> tvm.target.Target:
-    """MetaSchedule wants the number of cores of a CPU target."""
+def tune_target(target: tvm.target.Target, device: TuningDevice | None = None) -> tvm.target.Target:
+    """MetaSchedule wants the number of cores of a CPU target: this machine's when tuning here,
+    else the preset's ``num-cores`` (or 4, a typical board)."""
     config = dict(target.export())
     if config.get("kind") == "llvm" and "num-cores" not in config:
-        config["num-cores"] = os.cpu_count() or 1
+        config["num-cores"] = (os.cpu_count() or 1) if device is None or device.is_local else 4
     return tvm.target.Target(config)
 
 
 def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10, trials: int = 16,
-         report: Callable[[str], None] = print, seed: int = 0, **compile_args) -> list[TunedKernel]:
+         report: Callable[[str], None] = print, seed: int = 0, device: TuningDevice | None = None,
+         **compile_args) -> list[TunedKernel]:
     """Tune the ``kernels`` slowest kernels of the compiled step of ``model`` with ``trials``
     MetaSchedule trials each, into ``database`` (created if missing). ``compile_args`` are those of
-    :func:`pock_tvm.compile` (scheme, loss, optimizer, target, input_shapes, options)."""
+    :func:`pock_tvm.compile` (scheme, loss, optimizer, target, input_shapes, options).
+
+    ``device`` says where candidates are measured (default: this machine). For a target that does
+    not run here, give a device (``TuningDevice(rpc="HOST:PORT")`` or a tracker); its kernels are
+    then ranked by the profile of the same step on this machine, and measured on the device."""
     from tvm.s_tir import meta_schedule as ms
 
+    device = device or TuningDevice()
+    if kernels < 1 or trials < 1:
+        raise ValueError(f"tune: kernels and trials must be at least 1, got {kernels} and {trials}")
+    preset = load_target(compile_args.get("target", "host"))
+    if preset.device != "cpu":
+        raise ValueError(f"tune: tunes CPU kernels (LLVM targets); {preset.name} runs on {preset.device} "
+                         "(GPU targets get DLight schedules)")
+    if device.is_local and preset.is_cross:
+        raise ValueError(f"tune: target {preset.name} does not run on this machine; measure its kernels "
+                         "on the device: --rpc HOST:PORT (`pock_runner serve --allow-remote-code` there) "
+                         "or --tracker HOST:PORT --key KEY")
     database = Path(database)
     database.mkdir(parents=True, exist_ok=True)
     # which kernels: the slowest with default schedules, so that a second run picks the same ones
     program = compile(model, example_inputs, tuning_database=False, **compile_args)
-    target = tune_target(tvm.target.Target(program.extra["target"]["tvm_target"]))
-    if target.kind.name != "llvm" or not program.runs_here:
-        raise ValueError(f"tune: tuning measures kernels on this machine; target {target.kind.name} "
-                         f"({program.extra['target']['name']}) does not run here")
-    step_ms, rows = profile_program(program)
-    report(f"step {step_ms:.2f} ms with default schedules; {len(rows)} kernels")
+    target = tune_target(tvm.target.Target(program.extra["target"]["tvm_target"]), device)
+    ranked = program if program.runs_here else compile(
+        model, example_inputs, tuning_database=False, **{**compile_args, "target": "host"})
+    step_ms, rows = profile_program(ranked)
+    report(f"step {step_ms:.2f} ms with default schedules on this machine; {len(rows)} kernels; "
+           f"measuring on {device.describe()}")
     logs = _quiet_meta_schedule()
     # the kernels as the tuning database sees them: before any schedule
     options = replace(PipelineOptions.load(compile_args.pop("options", None)), schedule_kernels=False)
     plain = compile(model, example_inputs, options=options, **compile_args).ir
+    builder, runner = device.builder(preset), device.runner()
     db = ms.database.JSONDatabase(work_dir=str(database))
     results, spent_per_trial = [], None
     chosen = [r for r in rows if r.name in {g.name_hint for g in plain.functions}][:kernels]
     for index, row in enumerate(chosen):
         mod = tvm.IRModule({"main": plain[row.name].with_attr("global_symbol", "main")})
         if db.has_workload(mod):
-            default_ms = _commit_default(db, mod, target)
+            default_ms = _commit_default(db, mod, target, builder, runner)
             results.append(TunedKernel(row.name, row.share, default_ms, _best_ms(db, mod), 0, 0.0,
                                        "already in the database"))
             report(f"[{index + 1}/{len(chosen)}] {row.name}: already in the database")
@@ -81,20 +101,19 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
         start = time.perf_counter()
         ms.tir_integration.tune_tir(
             mod, target, str(logs), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
-            database=ms.database.JSONDatabase(work_dir=str(database)),
-            builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=os.cpu_count() or 1),
-            runner=ms.runner.LocalRunner(ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)),
+            database=ms.database.JSONDatabase(work_dir=str(database)), builder=builder, runner=runner,
             cost_model="xgb", seed=seed)
         seconds = time.perf_counter() - start
         spent_per_trial = seconds / trials
         db = ms.database.JSONDatabase(work_dir=str(database))  # re-read what the tuner committed
-        default_ms = _commit_default(db, mod, target)
+        default_ms = _commit_default(db, mod, target, builder, runner)
         best = _best_ms(db, mod)
         left = (len(chosen) - index - 1) * trials * spent_per_trial
         results.append(TunedKernel(row.name, row.share, default_ms, best, trials, seconds,
                                    "tuned" if best is not None else "no schedule found"))
         report(f"[{index + 1}/{len(chosen)}] {row.name} ({100 * row.share:.1f}% of the step): "
-               f"{default_ms:.3f} ms per call with the default schedule -> "
+               f"{'%.3f ms' % default_ms if default_ms is not None else 'no default schedule'} per call "
+               f"with the default schedule -> "
                f"{'%.3f ms tuned' % best if best is not None else 'no valid schedule'}; "
                f"{trials} trials in {seconds:.0f} s, about {left / 60:.1f} min left")
     return results
@@ -115,10 +134,10 @@ def _quiet_meta_schedule() -> Path:
     return logs
 
 
-def _commit_default(db, mod: tvm.IRModule, target) -> float | None:
-    """Store the default schedule (``ScheduleForCPU``) of ``mod``, measured here, as one more
-    candidate of its workload, so that the database's best is never slower than the default.
-    Returns its time per call in ms (None if the default does not schedule it)."""
+def _commit_default(db, mod: tvm.IRModule, target, builder, runner) -> float | None:
+    """Store the default schedule (``ScheduleForCPU``) of ``mod``, measured on the tuning device,
+    as one more candidate of its workload, so that the database's best is never slower than the
+    default. Returns its time per call in ms (None if the default does not schedule it)."""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
@@ -132,26 +151,11 @@ def _commit_default(db, mod: tvm.IRModule, target) -> float | None:
     for record in db.get_top_k(workload, 1 << 10):
         if str(record.trace) == trace and record.run_secs:
             return 1e3 * float(np.mean([float(s) for s in record.run_secs]))
-    seconds = _measure(sch.mod, target)
+    seconds = measure(sch.mod, target, builder, runner)
     db.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, run_secs=[seconds], target=target,
         args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
     return 1e3 * seconds
-
-
-def _measure(mod: tvm.IRModule, target, repeat: int = 5) -> float:
-    """Seconds per call of kernel ``main`` on random inputs, as MetaSchedule's runner measures."""
-    lib = tvm.compile(mod, target=target).jit()
-    dev = tvm.cpu()
-    rng = np.random.default_rng(0)
-    args = []
-    for param in mod["main"].params:
-        ty = param.ty
-        shape, dtype = [int(d) for d in ty.shape], str(ty.dtype)
-        value = rng.standard_normal(shape).astype(dtype) if "float" in dtype else np.zeros(shape, dtype)
-        args.append(tvm.runtime.tensor(value, dev))
-    timer = lib.time_evaluator("main", dev, number=3, repeat=repeat, min_repeat_ms=20)
-    return float(min(timer(*args).results))
 
 
 def _best_ms(db, mod) -> float | None:

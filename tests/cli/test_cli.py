@@ -109,3 +109,12 @@ def test_profile_names_the_kernels_that_take_the_time(tmp_path, capsys):
     from pock_tvm.runtime.bundle import read_manifest
 
     assert read_manifest(tmp_path / "p")["state_file"] == "params.bin"  # profiling saves nothing
+
+
+def test_tune_flags_name_what_is_missing(capsys):
+    assert main(["tune", "mlp", "--input-shape", "4,32", "--target", "rpi4", "--db", "unused"]) == 2
+    assert "does not run on this machine" in capsys.readouterr().err
+    assert main(["tune", "mlp", "--input-shape", "4,32", "--tracker", "127.0.0.1:9190", "--db", "unused"]) == 2
+    assert "--tracker needs --key" in capsys.readouterr().err
+    assert main(["tune", "mlp", "--input-shape", "4,32", "--target", "rpi4"]) == 2
+    assert "give --db DIR for target rpi4" in capsys.readouterr().err

@@ -109,3 +109,50 @@ def test_rpc_server_on_the_board_runs_the_step_for_the_host(runs, rpi4_runner, t
         server.kill()
     np.testing.assert_allclose([r["loss"] for r in rows], host_losses, rtol=1e-5)
     assert all(r["time_ms"] > 0 for r in rows)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tune_measures_candidates_on_the_emulated_board(rpi4_runner, tmp_path):
+    """`pock-tvm tune --target rpi4 --rpc`: candidates cross-built here run on the board (path, not speed)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pock_tvm.interface.tune import tune
+    from pock_tvm.interface.tuning_device import TuningDevice
+
+    port = _free_port()
+    (tmp_path / "work").mkdir()
+    server = subprocess.Popen(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu", str(rpi4_runner / "pock_runner"),
+                               "serve", "--port", str(port), "--dir", str(tmp_path / "work"), "--allow-remote-code"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "serving TVM RPC" in server.stdout.readline()
+        torch.manual_seed(0)
+        lines = []
+        rows = tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path / "db", kernels=1, trials=2,
+                    report=lines.append, scheme="last-2", target="rpi4",
+                    device=TuningDevice(rpc=f"127.0.0.1:{port}", timeout=300))
+    finally:
+        server.kill()
+    assert [r.status for r in rows] == ["tuned"] and rows[0].tuned_ms > 0 and rows[0].default_ms > 0
+    assert "measuring on the RPC server at 127.0.0.1" in lines[0]
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path / "db"))
+    records = [r for w in database.get_all_tuning_records() for r in [w]]
+    assert records and all(r.run_secs and "aarch64" in str(r.target.attrs["mtriple"]) for r in records)
+    assert not list((tmp_path / "work").iterdir())  # candidates are removed from the board after each run
+
+
+def test_tune_names_the_missing_device_for_a_board_target():
+    from pock_tvm.interface.tune import tune
+    from pock_tvm.interface.tuning_device import TuningDevice
+
+    with pytest.raises(ValueError, match="does not run on this machine.*--rpc HOST:PORT"):
+        tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database="unused", kernels=1, trials=1, target="rpi4")
+    with pytest.raises(ValueError, match="--tracker needs --key"):
+        TuningDevice(tracker="127.0.0.1:9190")
+    with pytest.raises(ValueError, match="--rpc expects HOST:PORT, got 'board'"):
+        TuningDevice(rpc="board")
