@@ -77,3 +77,57 @@ def test_a_cpu_without_a_shipped_database_gets_defaults_and_is_told_once(monkeyp
         assert len(told) == 1 and tuning.host_cpu() in told[0].getMessage()
     finally:
         tuning.shipped_database.cache_clear()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_key(tracker_port, key, seconds=60):
+    import time
+
+    from tvm import rpc
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            summary = rpc.connect_tracker("127.0.0.1", tracker_port).summary()
+            if any(item["key"].startswith(f"server:{key}") for item in summary["server_info"]):
+                return
+        except Exception:  # noqa: BLE001 -- the tracker is still starting
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no server registered as {key!r}")
+
+
+def test_tune_through_a_tracker_measures_on_a_registered_board(tmp_path):
+    """--tracker HOST:PORT --key K: TVM's tracker hands out a board (here TVM's server on this machine)."""
+    import subprocess
+    import sys
+
+    from pock_tvm.interface.tuning_device import TuningDevice
+
+    tracker_port, server_port = _free_port(), _free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                               "--port", str(server_port), "--port-end", str(server_port + 1),
+                               "--tracker", f"127.0.0.1:{tracker_port}", "--key", "pock-test"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_key(tracker_port, "pock-test")
+        torch.manual_seed(0)
+        lines = []
+        rows = tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path / "db", kernels=1, trials=2,
+                    report=lines.append, scheme="last-2", optimizer=SGD,
+                    device=TuningDevice(tracker=f"127.0.0.1:{tracker_port}", key="pock-test"))
+    finally:
+        server.kill()
+        tracker.kill()
+    assert [r.status for r in rows] == ["tuned"] and rows[0].tuned_ms > 0
+    assert "a 'pock-test' board of the tracker" in lines[0]
