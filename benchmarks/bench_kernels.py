@@ -89,11 +89,25 @@ def measure(model_name: str, scheme: str, batch: int, rounds: int, steps: int) -
             times[label] += _timed(step, steps)
     ms = {k: round(statistics.median(v), 2) for k, v in times.items()}
     flops = program.report().sparse["backward_flops"]
+    step_flops = flops + program.report().sparse["forward_flops"]
+    best = ms.get("tuned", ms["default"])
     return {"model": model_name, "scheme": scheme, "batch": batch, "step_ms": ms, "compile_s": compile_s,
+            "step_gflop": round(step_flops / 1e9, 3), "tuned_gflops": round(step_flops / best / 1e6, 1),
+            "torch_gflops": round(step_flops / ms["torch"] / 1e6, 1),
             "torch_over_tuned": round(ms["torch"] / ms.get("tuned", ms["default"]), 2),
             "torch_over_default": round(ms["torch"] / ms["default"], 2),
             "torch_over_untuned": round(ms["torch"] / ms["untuned"], 2),
             "backward_gflop": round(flops / 1e9, 3)}
+
+
+def sgemm_peak() -> float:
+    """GFLOP/s of numpy's float32 matrix product (its BLAS, all cores): the machine's practical peak."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype("float32")
+    a @ a
+    best = min(_timed(lambda: a @ a, 5))
+    return round(2 * 2048 ** 3 / best / 1e6, 1)
 
 
 def main() -> None:
@@ -108,6 +122,7 @@ def main() -> None:
     import torch
     import tvm
 
+    peak = sgemm_peak()
     rows = []
     for model_name in args.models.split(","):
         for scheme in ("full", CASES[model_name][2]):
@@ -117,7 +132,8 @@ def main() -> None:
     command = "python benchmarks/bench_kernels.py --out " + args.out
     meta = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tvm": tvm.__version__,
-            "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps_per_round": args.steps}
+            "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps_per_round": args.steps,
+            "sgemm_gflops": peak}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_host.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -128,14 +144,18 @@ def main() -> None:
              "legalization writes them (scalar loops); default: `ScheduleForCPU`; tuned: the database shipped "
              "for this CPU (`make tune-host`, MetaSchedule) with defaults for the kernels it lacks.", "",
              "| model | scheme | batch | untuned ms | default ms | tuned ms | torch ms | torch / tuned | torch / default "
-             "| torch / untuned |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| torch / untuned | GFLOP/s tuned (torch) | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["step_ms"]
         tuned = f"{ms['tuned']:.1f}" if "tuned" in ms else "-"
         lines.append(f"| {r['model']} | {r['scheme']} | {r['batch']} | {ms['untuned']:.1f} | {ms['default']:.1f} | "
                      f"{tuned} | {ms['torch']:.1f} | {r['torch_over_tuned']:.2f}x | {r['torch_over_default']:.2f}x | "
-                     f"{r['torch_over_untuned']:.2f}x |")
-    lines += ["", "torch / X above 1 means pock_tvm is faster. torch trains the same parameters "
+                     f"{r['torch_over_untuned']:.2f}x | {r['tuned_gflops']:.0f} ({r['torch_gflops']:.0f}) | "
+                     f"{r['compile_s'].get('tuned', r['compile_s']['default']):.0f} |")
+    lines += ["", f"GFLOP/s: the step's forward and backward FLOPs (pock_tvm's count for the scheme) per second; "
+              f"numpy's float32 SGEMM reaches {peak:.0f} GFLOP/s here (the practical peak). compile s: one "
+              "`pock_tvm.compile` of the step with the database.",
+              "", "torch / X above 1 means pock_tvm is faster. torch trains the same parameters "
               "(requires_grad=False elsewhere); it cannot slice a weight gradient, so partial-channel "
               "weights get a full gradient there."]
     (out / "kernels_host.md").write_text("\n".join(lines) + "\n")
