@@ -121,6 +121,15 @@ def AdamW(lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float
     return Adam(lr, beta1, beta2, eps, weight_decay, decoupled=True, name="adamw")
 
 
+def optimizer_from_json(data: dict) -> SGD | Adam:
+    """The optimizer a bundle's layout records (``dataclasses.asdict`` of it)."""
+    data = dict(data)
+    kind = SGD if data.get("name") == "sgd" else Adam if data.get("name") in ("adam", "adamw") else None
+    if kind is None:
+        raise ValueError(f"unknown optimizer {data.get('name')!r} in the bundle's layout")
+    return kind(**data)
+
+
 def make_optimizer(spec) -> SGD | Adam:
     if isinstance(spec, (SGD, Adam)):
         return spec

@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float)
 
     u = sub.add_parser("tune", help="autotune the slowest kernels of a model's training step (MetaSchedule)")
-    u.add_argument("model", help="as for compile")
+    u.add_argument("model", help="as for compile, or a bundle from `pock-tvm compile` (its model, scheme, shapes, "
+                   "optimizer and target)")
     u.add_argument("--scheme", default="full")
     u.add_argument("--input-shape", type=_shape)
     u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])

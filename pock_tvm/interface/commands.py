@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,10 @@ def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str 
     model_obj, example, shapes = _model_and_shapes(model, input_shape)
     program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
                       target=target, input_shapes=shapes, options=options, tuning_database=tuning_database)
+    # what `pock-tvm tune BUNDLE` needs to compile the same step again (the bundle holds machine code)
+    program.extra["source"] = {"model": model, "scheme": scheme if isinstance(scheme, str) or scheme is None
+                               else None, "input_shape": list(input_shape) if input_shape else None,
+                               "target": target, "options": asdict(options) if options is not None else None}
     program.save(out, force=force)
     return program
 
@@ -74,11 +79,16 @@ def _model_and_shapes(model: str, input_shape):
 def tune_model(model: str, database: str | None, scheme: str | None = None, input_shape=None,
                loss: str = "cross_entropy", kernels: int = 10, trials: int = 16, target: str = "host",
                device=None):
-    """``pock-tvm tune``: see :func:`pock_tvm.interface.tune.tune`. ``database`` defaults to the one
-    shipped for this CPU (host target only); ``device`` is a :class:`TuningDevice`."""
+    """``pock-tvm tune``: see :func:`pock_tvm.interface.tune.tune`. ``model`` may be a bundle made by
+    ``pock-tvm compile``: its model, scheme, shapes, loss, optimizer and target are used (the model
+    must still be there). ``database`` defaults to the one shipped for this CPU (host target only);
+    ``device`` is a :class:`TuningDevice`."""
     from ..tuning import shipped_database_dir
     from .tune import tune
 
+    optimizer, options = "sgd", None
+    if (Path(model) / "manifest.json").is_file():
+        model, scheme, input_shape, loss, optimizer, options, target = _bundle_source(Path(model))
     if database is None:
         if target != "host":
             raise ValueError(f"tune: give --db DIR for target {target} (the shipped databases are for "
@@ -86,7 +96,29 @@ def tune_model(model: str, database: str | None, scheme: str | None = None, inpu
         database = str(shipped_database_dir())
     model_obj, example, shapes = _model_and_shapes(model, input_shape)
     return database, tune(model_obj, example, database=database, kernels=kernels, trials=trials,
-                          scheme=scheme, loss=loss, input_shapes=shapes, target=target, device=device)
+                          scheme=scheme, loss=loss, input_shapes=shapes, target=target, device=device,
+                          optimizer=optimizer, options=options)
+
+
+def _bundle_source(bundle: Path):
+    from ..optim import optimizer_from_json
+    from ..options import PipelineOptions
+    from ..runtime.bundle import read_manifest
+    from ..runtime.layout import Layout
+
+    manifest = read_manifest(bundle)
+    source = manifest.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("model"), str):
+        raise ValueError(f"tune: bundle '{bundle}' does not say which model it was compiled from (it was not "
+                         "made by `pock-tvm compile`, or by an older one); tune the model itself: "
+                         "`pock-tvm tune MODEL --scheme ... --input-shape ...`")
+    if source.get("scheme") is None and manifest.get("layout", {}).get("scheme", {}).get("name") not in (None, "full"):
+        raise ValueError(f"tune: bundle '{bundle}' was compiled with a scheme object; tune the model itself")
+    layout = Layout.from_json(manifest["layout"])
+    shape = source.get("input_shape")
+    options = PipelineOptions(**source["options"]) if source.get("options") else None
+    return (source["model"], source.get("scheme"), tuple(shape) if shape else None, layout.loss,
+            optimizer_from_json(layout.optimizer), options, source.get("target", "host"))
 
 
 def info(path: str) -> str:

@@ -171,7 +171,7 @@ class Program:
                              "(`pock-tvm run --rpc`)")
         exe = tvm.runtime.load_module(str(path / manifest["library"]))
         report = Report.from_json(manifest["report"]) if manifest.get("report") else None
-        extra = {k: manifest[k] for k in ("target", "cuda") if k in manifest}
+        extra = {k: manifest[k] for k in ("target", "cuda", "source") if k in manifest}
         device = tvm.cuda() if target.get("device") == "cuda" else None
         program = Program(exe, layout, values, report, device, extra)
         program.library_source = path / manifest["library"]

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
+import torch
+
+import pock_tvm
 from pock_tvm.cli.main import main
+from pock_tvm.models import MLP
+from pock_tvm.options import PipelineOptions
 
 
 def test_compile_info_train(tmp_path, capsys):
@@ -118,3 +123,21 @@ def test_tune_flags_name_what_is_missing(capsys):
     assert "--tracker needs --key" in capsys.readouterr().err
     assert main(["tune", "mlp", "--input-shape", "4,32", "--target", "rpi4"]) == 2
     assert "give --db DIR for target rpi4" in capsys.readouterr().err
+
+
+def test_tune_reads_what_to_compile_from_a_bundle(tmp_path, capsys):
+    from pock_tvm.interface.commands import _bundle_source
+    from pock_tvm.optim import Adam
+
+    bundle = tmp_path / "b"
+    assert main(["compile", "mlp", "--scheme", "last-1", "--input-shape", "4,32", "--optimizer", "adam",
+                 "--lr", "0.002", "--opt", "O2", "-o", str(bundle)]) == 0
+    model, scheme, shape, loss, optimizer, options, target = _bundle_source(bundle)
+    assert (model, scheme, shape, loss, target) == ("mlp", "last-1", (4, 32), "cross_entropy", "host")
+    assert optimizer == Adam(lr=0.002) and options == PipelineOptions.preset("O2")
+    # a bundle saved from Python does not know its model
+    torch.manual_seed(0)
+    pock_tvm.compile(MLP(), (torch.zeros(4, 32),), scheme="last-1").save(tmp_path / "py")
+    capsys.readouterr()
+    assert main(["tune", str(tmp_path / "py")]) == 2
+    assert "does not say which model it was compiled from" in capsys.readouterr().err
