@@ -24,6 +24,13 @@ class ScheduleForCPU:
     has no schedule yet (no ``tirx.is_scheduled`` attribute), block by block, with the first rule
     that applies:
 
+    - **vectorized reduction** (weight gradients, bias and BN-parameter gradients: the output is
+      short, the reduction long, at least 1024, and runs along the largest input's innermost
+      dimension): that reduction loop (fused with the one above when shorter than 64) is split by
+      ``lanes`` and factored out (``rfactor``) into a vector of partial sums, summed at the end;
+      used when the partial sums stay small (spatial work x ``lanes`` <= 65536) and the output has
+      no full register tile (a vector of at least ``lanes`` outputs and a tile loop), which wins
+      then (measured on MobileNetV2's weight gradients);
     - **register-tiled reduction** (convs, their input gradients, matmuls: a reduction longer than
       ``short_reduction`` whose output's innermost dimension is at least 4 long): the output's
       innermost loop (fused with the next when shorter than ``lanes``) is the vector loop; a
@@ -31,11 +38,6 @@ class ScheduleForCPU:
       by up to 8 and unrolled, so each loaded input vector feeds that many accumulators; the
       reduction runs between the outer loops and that register tile, which accumulates in a local
       buffer written back once;
-    - **vectorized reduction** (weight gradients, bias and BN-parameter gradients: the output is
-      short, the reduction long, at least 1024, and runs along the largest input's innermost
-      dimension): that reduction loop (fused with the one above when shorter than 64) is split by
-      ``lanes`` and factored out (``rfactor``) into a vector of partial sums, summed at the end;
-      used when the partial sums stay small (spatial work x ``lanes`` <= 65536);
     - **plain reduction** (anything else with a reduction): the innermost spatial loop with extent
       >= 2 is split by a vector width and moved below the reduction loops; a short reduction (a
       depthwise 3x3 window) keeps its order and only the outer loops are parallel;
@@ -174,12 +176,13 @@ class ScheduleForCPU:
         r, varying = reduce[-1], nest.largest_input_varying()
         if r not in varying(0) or any(nest.extents[i] >= nest.extents[r] for i in varying(0) - {r}):
             return False  # the input's contiguous run must follow this reduction loop
-        loops = list(nest.loops)
-        if nest.extents[r] < 64 and r - 1 in reduce and r - 1 in varying(1):
-            loops[r - 1:r + 1] = [sch.fuse(loops[r - 1], loops[r])]  # one run over two dims
-        lanes = self._lanes(_extent(sch, loops[-1]))
+        rows = nest.extents[r] < 64 and r - 1 in reduce and r - 1 in varying(1)
+        lanes = self._lanes(nest.extents[r] * (nest.extents[r - 1] if rows else 1))
         if not lanes or lanes < 4:
             return False
+        loops = list(nest.loops)
+        if rows:
+            loops[r - 1:r + 1] = [sch.fuse(loops[r - 1], loops[r])]  # one run over two dims
         used = nest.largest_input_vars()
         u = next((i for i in reversed(nest.spatial) if i not in used and nest.extents[i] >= 2), None)
         tile = _tile(nest.extents[u]) if u is not None else None
