@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir
 from tvm.s_tir.schedule import ScheduleError
+from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
 from .utils import SCHEDULED, is_scheduled
@@ -31,6 +32,11 @@ class ScheduleForCPU:
       used when the partial sums stay small (spatial work x ``lanes`` <= 65536) and the output has
       no full register tile (a vector of at least ``lanes`` outputs and a tile loop), which wins
       then (measured on MobileNetV2's weight gradients);
+    - **channel-vectorized reduction** (strided convs, e.g. a network's first 3x3 stride-2 conv: the
+      output's rows are strided in the largest input, so a vector of them would be a gather): the
+      vector runs over a loop the largest input does not depend on (output channels, at least 8),
+      read from a copy of the weights with that dimension innermost; up to 8 outputs of the row
+      form the register tile;
     - **register-tiled reduction** (convs, their input gradients, matmuls: a reduction longer than
       ``short_reduction`` whose output's innermost dimension is at least 4 long): the output's
       innermost loop (fused with the next when shorter than ``lanes``) is the vector loop; a
@@ -80,7 +86,7 @@ class ScheduleForCPU:
     def apply(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
         """The kernel ``main`` of ``sch`` scheduled (a traced copy, so it can be stored as a tuning
         record), or None if no rule applies. ``sch`` itself is not changed."""
-        tiled = (self._vectorized_reduction, self._register_tiled, self._plain_reduction)
+        tiled = (self._vectorized_reduction, self._channel_vectorized, self._register_tiled, self._plain_reduction)
         for reduction_rules in (tiled, (self._plain_reduction,)):
             work = sch.copy()
             try:
@@ -150,6 +156,46 @@ class ScheduleForCPU:
             sch.unroll(tile)
         sch.vectorize(vector)
         sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, reduce[0]))[-1])
+        return True
+
+    def _channel_vectorized(self, sch, nest: _Nest) -> bool:
+        v = nest.output_inner()
+        if v not in nest.spatial or nest.work(nest.reduce) <= self.short_reduction \
+                or nest.largest_input_stride(v) in (None, 0, 1):
+            return False
+        used = nest.largest_input_vars()
+        c = next((i for i in reversed(nest.spatial) if i != v and i not in used
+                  and (self._lanes(nest.extents[i]) or 0) >= 8), None)
+        weight = next((r for r in nest.reads if c is not None and {c} in r.dims), None)
+        tile = _tile(nest.extents[v])
+        if weight is None or tile is None:
+            return False
+        lanes = self._lanes(nest.extents[c])
+        loops, outer = nest.loops, []
+        inner = {}
+        for i in nest.spatial:
+            factor = {v: tile, c: lanes}.get(i)
+            if factor is None:
+                outer.append(loops[i])
+            elif factor == nest.extents[i]:
+                inner[i] = loops[i]
+            else:
+                head, inner[i] = sch.split(loops[i], [None, factor])
+                outer.append(head)
+        if not outer:
+            return False
+        sch.reorder(*outer, *[loops[i] for i in nest.reduce], inner[v], inner[c])
+        write_back = sch.cache_write(nest.block, 0, "local")
+        sch.reverse_compute_at(write_back, outer[-1])
+        sch.vectorize(sch.get_loops(write_back)[-1])
+        copy = sch.cache_read(nest.block, weight.index, "global")  # the weights, channel innermost
+        d = weight.dims.index({c})
+        sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
+            lambda *i: [*i[:d], *i[d + 1:], i[d]], ndim=len(weight.dims)))
+        self._parallel(sch, outer, nest.work())
+        sch.unroll(inner[v])
+        sch.vectorize(inner[c])
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, loops[nest.reduce[0]]))[-1])
         return True
 
     def _tile_axes(self, nest: _Nest) -> tuple[int, int | None, bool] | None:
@@ -251,6 +297,14 @@ class ScheduleForCPU:
 
 
 @dataclass
+class _Read:
+    index: int  # of the block's read regions
+    buffer: object
+    dims: list[set[int]]  # per dimension: the loops its index uses
+    starts: list  # per dimension: the index expression
+
+
+@dataclass
 class _Nest:
     """One block under one loop per block variable (in order), and what its accesses depend on."""
 
@@ -258,7 +312,8 @@ class _Nest:
     loops: list
     kinds: list[int]  # per loop: _DATA_PAR or _REDUCE
     extents: list[int]
-    reads: list[tuple[object, list[set[int]]]]  # (buffer, per dimension: the loops its index uses)
+    block_vars: list
+    reads: list[_Read]  # all but the output
     write: list[set[int]]
 
     @staticmethod
@@ -270,15 +325,16 @@ class _Nest:
         if len(loops) != len(kinds) or set(kinds) - {_DATA_PAR, _REDUCE} or None in extents or \
                 [int(iv.dom.extent) for iv in stmt.iter_vars] != extents or len(stmt.writes) != 1:
             return None  # one loop per block variable, no opaque iterators, static extents
+        block_vars = [iv.var for iv in stmt.iter_vars]
 
         def dims(region):
-            block_vars = [iv.var for iv in stmt.iter_vars]
             return [{i for i, var in enumerate(block_vars) if var in set(undefined_vars(r.min))}
                     for r in region.region]
 
         write = stmt.writes[0]
-        reads = [(r.source, dims(r)) for r in stmt.reads if not r.source.same_as(write.source)]
-        return _Nest(block, list(loops), kinds, extents, reads, dims(write))
+        reads = [_Read(k, r.source, dims(r), [d.min for d in r.region]) for k, r in enumerate(stmt.reads)
+                 if not r.source.same_as(write.source)]
+        return _Nest(block, list(loops), kinds, extents, block_vars, reads, dims(write))
 
     @property
     def spatial(self) -> list[int]:
@@ -304,15 +360,24 @@ class _Nest:
         found = self._varying(self.write, skip)
         return next(iter(found)) if len(found) == 1 else None
 
-    def _largest(self):
-        return max(self.reads, key=lambda r: _numel(r[0]), default=(None, []))
+    def _largest(self) -> _Read | None:
+        return max(self.reads, key=lambda r: _numel(r.buffer), default=None)
 
     def largest_input_vars(self) -> set[int]:
-        return set().union(*self._largest()[1])
+        largest = self._largest()
+        return set().union(*largest.dims) if largest else set()
 
     def largest_input_varying(self):
-        dims = self._largest()[1]
+        dims = self._largest().dims if self._largest() else []
         return lambda skip: self._varying(dims, skip)
+
+    def largest_input_stride(self, loop: int) -> int | None:
+        """How far apart in the largest input's innermost dimension two neighbours of ``loop`` are."""
+        largest = self._largest()
+        if largest is None or not largest.starts:
+            return None
+        coefficients = detect_linear_equation(largest.starts[-1], [self.block_vars[loop]])
+        return int(coefficients[0]) if coefficients and isinstance(coefficients[0], tvm.tirx.IntImm) else None
 
 
 def _extent(sch, loop) -> int | None:

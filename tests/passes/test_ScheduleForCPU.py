@@ -79,6 +79,34 @@ def test_reduction_gets_a_register_tile_over_a_loop_the_largest_input_does_not_u
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
 
+def _strided_conv(x, w):
+    c, ry, rx = (te.reduce_axis((0, e), name=n) for e, n in ((3, "c"), (3, "ry"), (3, "rx")))
+    return te.compute((1, 16, 16, 16), lambda n, f, y, i: te.sum(x[n, c, 2 * y + ry, 2 * i + rx] * w[f, c, ry, rx],
+                                                                 axis=[c, ry, rx]), name="conv")
+
+
+def test_strided_conv_vectorizes_output_channels_over_a_transposed_copy_of_the_weights():
+    # a row of outputs reads every other input column (a gather): the vector runs over channels instead
+    before = _kernel(_strided_conv, (1, 3, 33, 33), (16, 3, 3, 3))
+
+    def schedule(sch):
+        block = sch.get_sblock("conv")
+        n, f, y, i, c, ry, rx = sch.get_loops(block)
+        io, ii = sch.split(i, [None, 8])
+        sch.reorder(n, y, io, c, ry, rx, ii, f)
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, io)
+        sch.vectorize(sch.get_loops(write_back)[-1])
+        copy = sch.cache_read(block, 1, "global")
+        sch.transform_layout(copy, ("write", 0), lambda f, c, h, w: (c, h, w, f))
+        sch.parallel(sch.fuse(n, y))
+        sch.unroll(ii)
+        sch.vectorize(f)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, c))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
 def test_reduction_without_a_shared_input_vectorizes_the_output_row_below_the_reduction():
     before = _kernel(_plane_sum, (32, 64, 96))
 
@@ -128,7 +156,9 @@ def _row_sum(a):
     (_matmul, [(64, 256), (256, 96)], lambda a, b: a @ b),
     (_plane_sum, [(32, 64, 96)], lambda a: a.sum(1)),
     (_row_sum, [(8, 2048)], lambda a: a.sum(1)),
-], ids=["register-tile", "plain", "partial-sums"])
+    (_strided_conv, [(1, 3, 33, 33), (16, 3, 3, 3)], lambda x, w: torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w), stride=2).numpy()),
+], ids=["register-tile", "plain", "partial-sums", "channel-vector"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
