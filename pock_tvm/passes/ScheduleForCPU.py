@@ -44,6 +44,10 @@ class ScheduleForCPU:
       by up to 8 and unrolled, so each loaded input vector feeds that many accumulators; the
       reduction runs between the outer loops and that register tile, which accumulates in a local
       buffer written back once;
+    - **small window** (a depthwise 3x3 window, at most ``short_reduction`` long, over rows shorter
+      than ``lanes``: maps of 8x8 and 4x4): rows fused with the ones above are the vector loop,
+      below the window's loops, which are unrolled (larger maps keep the plain rule: measured
+      faster there);
     - **plain reduction** (anything else with a reduction): the innermost spatial loop with extent
       >= 2 is split by a vector width and moved below the reduction loops; a short reduction (a
       depthwise 3x3 window) keeps its order and only the outer loops are parallel;
@@ -86,7 +90,8 @@ class ScheduleForCPU:
     def apply(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
         """The kernel ``main`` of ``sch`` scheduled (a traced copy, so it can be stored as a tuning
         record), or None if no rule applies. ``sch`` itself is not changed."""
-        tiled = (self._vectorized_reduction, self._channel_vectorized, self._register_tiled, self._plain_reduction)
+        tiled = (self._vectorized_reduction, self._channel_vectorized, self._register_tiled, self._small_window,
+                 self._plain_reduction)
         for reduction_rules in (tiled, (self._plain_reduction,)):
             work = sch.copy()
             try:
@@ -196,6 +201,32 @@ class ScheduleForCPU:
         sch.unroll(inner[v])
         sch.vectorize(inner[c])
         sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, loops[nest.reduce[0]]))[-1])
+        return True
+
+    def _small_window(self, sch, nest: _Nest) -> bool:
+        v = nest.output_inner()
+        if v not in nest.spatial or not 4 <= nest.extents[v] < self.lanes \
+                or nest.work(nest.reduce) > self.short_reduction or not nest.reduce:
+            return False
+        if v - 1 not in nest.spatial or nest.output_inner(1) != v - 1 or nest.largest_input_stride(v) != 1:
+            return False  # (a strided or up-sampling window reads by parity: measured slower)
+        loops, spatial = list(nest.loops), list(nest.spatial)
+        loops[v] = sch.fuse(loops[v - 1], loops[v])  # short rows: one vector over two dims
+        extent = nest.extents[v] * nest.extents[v - 1]
+        spatial.remove(v - 1)
+        lanes = self._lanes(extent)
+        outer = [loops[i] for i in spatial if i != v]
+        vector = loops[v]
+        if lanes != extent:
+            head, vector = sch.split(loops[v], [None, lanes])
+            outer.append(head)
+        window = [loops[i] for i in nest.reduce]
+        sch.reorder(*outer, *window, vector)
+        self._parallel(sch, outer, nest.work())
+        for loop in window:
+            sch.unroll(loop)
+        sch.vectorize(vector)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, window[0]))[-1])
         return True
 
     def _tile_axes(self, nest: _Nest) -> tuple[int, int | None, bool] | None:

@@ -147,6 +147,12 @@ def _plane_sum(a):
     return te.compute((32, 96), lambda i, j: te.sum(a[i, k, j], axis=k), name="plane_sum")
 
 
+def _depthwise(x, w):
+    ry, rx = te.reduce_axis((0, 3), name="ry"), te.reduce_axis((0, 3), name="rx")
+    return te.compute((2, 32, 8, 8), lambda n, c, y, i: te.sum(x[n, c, y + ry, i + rx] * w[c, ry, rx], axis=[ry, rx]),
+                      name="depthwise")
+
+
 def _row_sum(a):
     k = te.reduce_axis((0, 2048), name="k")
     return te.compute((8,), lambda i: te.sum(a[i, k], axis=k), name="row_sum")
@@ -158,7 +164,9 @@ def _row_sum(a):
     (_row_sum, [(8, 2048)], lambda a: a.sum(1)),
     (_strided_conv, [(1, 3, 33, 33), (16, 3, 3, 3)], lambda x, w: torch.nn.functional.conv2d(
         torch.from_numpy(x), torch.from_numpy(w), stride=2).numpy()),
-], ids=["register-tile", "plain", "partial-sums", "channel-vector"])
+    (_depthwise, [(2, 32, 10, 10), (32, 3, 3)], lambda x, w: torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(w)[:, None], groups=32).numpy()),
+], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
@@ -170,6 +178,23 @@ def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     out = tvm.runtime.empty(expected.shape, "float32")
     lib["main"](*[tvm.runtime.tensor(x) for x in inputs], out)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_small_window_over_small_maps_is_unrolled_below_a_vector_of_two_rows():
+    before = _kernel(_depthwise, (2, 32, 10, 10), (32, 3, 3))
+
+    def schedule(sch):
+        block = sch.get_sblock("depthwise")
+        n, c, y, i, ry, rx = sch.get_loops(block)
+        head, vector = sch.split(sch.fuse(y, i), [None, 16])
+        sch.reorder(n, c, head, ry, rx, vector)
+        sch.parallel(sch.fuse(n, c))
+        sch.unroll(ry)
+        sch.unroll(rx)
+        sch.vectorize(vector)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, ry))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
 
 def test_short_reduction_keeps_its_order_and_is_only_parallel():
