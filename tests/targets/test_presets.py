@@ -10,7 +10,7 @@ from pock_tvm.targets.presets import host_arch
 AARCH64 = {"arch": "aarch64", "os": "linux", "cross_compiler": "aarch64-linux-gnu-g++", "export_format": "so",
            "runtime_platform": "manylinux_2_28_aarch64", "cmake_toolchain": "aarch64-linux-gnu.cmake"}
 EXPECTED = {
-    "host": ({"kind": "llvm"}, {"arch": host_arch(), "os": "linux", "device": "cpu", "cross_compiler": None}),
+    "host": ({"kind": "llvm", "mcpu": "native"}, {"arch": host_arch(), "os": "linux", "device": "cpu", "cross_compiler": None}),
     "rpi4": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]},
              {**AARCH64, "device": "cpu"}),
     "rpi5": ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"]},
@@ -24,7 +24,7 @@ EXPECTED = {
     "jetson-nano": ({"kind": "cuda", "arch": "sm_53", "host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                                                                "mcpu": "cortex-a57", "mattr": ["+neon"]}},
                     {**AARCH64, "device": "cuda", "cuda_arch": "sm_53"}),
-    "cuda": ({"kind": "cuda", "arch": "auto", "host": {"kind": "llvm"}},
+    "cuda": ({"kind": "cuda", "arch": "auto", "host": {"kind": "llvm", "mcpu": "native"}},
              {"arch": host_arch(), "device": "cuda", "cuda_arch": "auto"}),
 }
 
@@ -37,6 +37,13 @@ def test_preset_fields_are_pinned(name):
     for key, value in fields.items():
         assert getattr(preset, key) == value, key
     assert set(PRESETS) == set(EXPECTED)
+
+
+def test_native_cpu_is_the_detected_one():
+    from pock_tvm.targets.toolchain import system_cpu, tvm_target
+
+    target = tvm_target(PRESETS["host"]).export()
+    assert target["mcpu"] == system_cpu() and system_cpu() not in ("", "native", "generic")
 
 
 def test_user_target_file(tmp_path):
