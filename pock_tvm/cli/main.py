@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float)
 
     u = sub.add_parser("tune", help="autotune the slowest kernels of a model's training step (MetaSchedule)")
-    u.add_argument("model", help="as for compile, or a bundle from `pock-tvm compile` (its model, scheme, shapes, "
-                   "optimizer and target)")
+    u.add_argument("model", nargs="?", help="as for compile, or a bundle from `pock-tvm compile` (its model, "
+                   "scheme, shapes, optimizer and target)")
     u.add_argument("--scheme", default="full")
     u.add_argument("--input-shape", type=_shape)
     u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--tracker", metavar="HOST:PORT", help="measure on a board of this RPC tracker (with --key)")
     u.add_argument("--key", help="tracker key of the boards, e.g. rpi4")
     u.add_argument("--timeout", type=float, default=120.0, help="seconds one remote measurement may take")
+    u.add_argument("--refresh-defaults", action="store_true", help="no model: measure the current default "
+                   "schedule of every kernel in --db and keep it where it beats the database (after an upgrade)")
 
     f = sub.add_parser("profile", help="time each kernel of a bundle's training step on this machine")
     f.add_argument("bundle")
@@ -145,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             from ..interface.tuning_device import TuningDevice
 
             device = TuningDevice(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
+            if args.refresh_defaults:
+                from ..interface.tune import refresh_defaults
+                from ..tuning import shipped_database_dir
+
+                db = args.db or str(shipped_database_dir())
+                print(f"{refresh_defaults(db, target=args.target, device=device)} kernels measured in {db}")
+                return 0
+            if args.model is None:
+                raise ValueError("tune: give a MODEL (or --refresh-defaults)")
             db, rows = commands.tune_model(args.model, args.db, args.scheme, args.input_shape, args.loss,
                                            args.kernels, args.trials, args.target, device)
             print(f"{sum(r.status == 'tuned' for r in rows)} kernels tuned into {db}")

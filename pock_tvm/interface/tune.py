@@ -119,6 +119,38 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     return results
 
 
+def refresh_defaults(database: str | Path, *, target: str = "host", device: TuningDevice | None = None,
+                     report: Callable[[str], None] = print) -> int:
+    """Measure the current default schedule of every kernel in ``database`` and store it as one more
+    candidate (after ``ScheduleForCPU`` changed, a database's old best may be slower than the new
+    default, and the database wins at compile time). Returns how many kernels were measured."""
+    from tvm.s_tir import meta_schedule as ms
+
+    device = device or TuningDevice()
+    preset = load_target(target)
+    if device.is_local and preset.is_cross:
+        raise ValueError(f"tune: target {preset.name} does not run on this machine; give --rpc or --tracker")
+    if not (Path(database) / "database_workload.json").is_file():
+        raise ValueError(f"tune: no tuning database in '{database}' (database_workload.json is missing)")
+    from ..targets.toolchain import tvm_target
+
+    tgt = tune_target(tvm_target(preset), device)
+    db = ms.database.JSONDatabase(work_dir=str(database))
+    builder, runner = device.builder(preset), device.runner()
+    seen, measured = set(), 0
+    for record in db.get_all_tuning_records():
+        key = str(record.workload.as_json()[0])  # the structural hash of the kernel
+        if key in seen:
+            continue
+        seen.add(key)
+        ms_default = _commit_default(db, record.workload.mod, tgt, builder, runner)
+        best = _best_ms(db, record.workload.mod)
+        measured += ms_default is not None
+        report(f"[{len(seen)}] default {ms_default if ms_default is None else round(ms_default, 4)} ms, "
+               f"best {best if best is None else round(best, 4)} ms")
+    return measured
+
+
 def _quiet_meta_schedule() -> Path:
     """MetaSchedule logs every round to the console: send it to files under the cache instead
     (the returned directory), and drop unnamed handlers, which its logging setup cannot name."""

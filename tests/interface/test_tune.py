@@ -131,3 +131,26 @@ def test_tune_through_a_tracker_measures_on_a_registered_board(tmp_path):
         tracker.kill()
     assert [r.status for r in rows] == ["tuned"] and rows[0].tuned_ms > 0
     assert "a 'pock-test' board of the tracker" in lines[0]
+
+
+def test_refresh_defaults_stores_the_current_default_where_it_beats_the_database(tuned, tmp_path):
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from pock_tvm.interface.tune import refresh_defaults
+
+    _, database, rows, _ = tuned
+    workload = ms.database.JSONDatabase(work_dir=str(database)).get_all_tuning_records()[0].workload
+    stale = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    mod = workload.mod
+    target = tune_target(tvm.target.Target({"kind": "llvm"}))
+    stale.commit_tuning_record(ms.database.TuningRecord(  # an old "best": no schedule, 1 s a call
+        s_tir.Schedule(mod).trace, stale.commit_workload(mod), run_secs=[1.0], target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    lines = []
+    assert refresh_defaults(tmp_path, report=lines.append) == 1
+    best = ms.database.JSONDatabase(work_dir=str(tmp_path)).get_top_k(stale.commit_workload(mod), 1)[0]
+    assert float(best.run_secs[0]) < 1.0 and len(lines) == 1
+    sch = s_tir.Schedule(mod)
+    best.trace.apply_to_schedule(sch, remove_postproc=False)
+    assert "T.vectorized" in sch.mod.script()  # the default schedule, measured here
