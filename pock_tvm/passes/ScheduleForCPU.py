@@ -32,13 +32,15 @@ class ScheduleForCPU:
       used when the partial sums stay small (spatial work x ``lanes`` <= 65536) and the output has
       no full register tile (a vector of at least ``lanes`` outputs and a tile loop), which wins
       then (measured on MobileNetV2's weight gradients);
-    - **channel-vectorized reduction** (strided convs, e.g. a network's first 3x3 stride-2 conv: the
-      output's rows are strided in the largest input, so a vector of them would be a gather): the
+    - **channel-vectorized reduction** (convs with a window or a stride, e.g. a 3x3 conv with
+      padding or a network's first stride-2 conv: a vector along an output row would gather its
+      inputs or mask them at the borders): the
       vector runs over a loop the largest input does not depend on (output channels, at least 8),
       read from a copy of the weights with that dimension innermost; up to 8 outputs of the row
       form the register tile;
-    - **register-tiled reduction** (convs, their input gradients, matmuls: a reduction longer than
-      ``short_reduction`` whose output's innermost dimension is at least 4 long): the output's
+    - **register-tiled reduction** (1x1 convs, their input gradients, matmuls: a reduction longer
+      than ``short_reduction`` whose output's innermost dimension is at least 4 long and reads every
+      input contiguously or not at all along it): the output's
       innermost loop (fused with the next when shorter than ``lanes``) is the vector loop; a
       spatial loop that the largest input does not depend on (output channels of a conv) is tiled
       by up to 8 and unrolled, so each loaded input vector feeds that many accumulators; the
@@ -131,8 +133,8 @@ class ScheduleForCPU:
 
     def _register_tiled(self, sch, nest: _Nest) -> bool:
         axes = self._tile_axes(nest)
-        if axes is None:
-            return False
+        if axes is None or any(nest.stride(r, axes[0]) not in (0, 1) for r in nest.reads):
+            return False  # a vector of outputs would gather its inputs
         v, u, rows = axes
         loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
         if rows:
@@ -165,9 +167,11 @@ class ScheduleForCPU:
 
     def _channel_vectorized(self, sch, nest: _Nest) -> bool:
         v = nest.output_inner()
-        if v not in nest.spatial or nest.work(nest.reduce) <= self.short_reduction \
-                or nest.largest_input_stride(v) in (None, 0, 1):
+        if v not in nest.spatial or nest.work(nest.reduce) <= self.short_reduction:
             return False
+        window = any(i in nest.reduce for i in nest.largest_input_varying()(0))
+        if nest.largest_input_stride(v) in (None, 0, 1) and not window:
+            return False  # a row of outputs reads a contiguous row of the input: register tile
         used = nest.largest_input_vars()
         c = next((i for i in reversed(nest.spatial) if i != v and i not in used
                   and (self._lanes(nest.extents[i]) or 0) >= 8), None)
@@ -403,11 +407,15 @@ class _Nest:
         return lambda skip: self._varying(dims, skip)
 
     def largest_input_stride(self, loop: int) -> int | None:
-        """How far apart in the largest input's innermost dimension two neighbours of ``loop`` are."""
         largest = self._largest()
-        if largest is None or not largest.starts:
+        return self.stride(largest, loop) if largest is not None else None
+
+    def stride(self, read: _Read, loop: int) -> int | None:
+        """How far apart in ``read``'s innermost dimension two neighbours of ``loop`` are (None:
+        not linear, e.g. the ``(h + dh - 1) // 2`` of a strided conv's input gradient)."""
+        if not read.starts:
             return None
-        coefficients = detect_linear_equation(largest.starts[-1], [self.block_vars[loop]])
+        coefficients = detect_linear_equation(read.starts[-1], [self.block_vars[loop]])
         return int(coefficients[0]) if coefficients and isinstance(coefficients[0], tvm.tirx.IntImm) else None
 
 
