@@ -214,11 +214,13 @@ class ScheduleForCPU:
             return False
         if v - 1 not in nest.spatial or nest.output_inner(1) != v - 1 or nest.largest_input_stride(v) != 1:
             return False  # (a strided or up-sampling window reads by parity: measured slower)
+        extent = nest.extents[v] * nest.extents[v - 1]
+        lanes = self._lanes(extent)
+        if not lanes:
+            return False  # no vector width divides two rows (e.g. 7x7 maps)
         loops, spatial = list(nest.loops), list(nest.spatial)
         loops[v] = sch.fuse(loops[v - 1], loops[v])  # short rows: one vector over two dims
-        extent = nest.extents[v] * nest.extents[v - 1]
         spatial.remove(v - 1)
-        lanes = self._lanes(extent)
         outer = [loops[i] for i in spatial if i != v]
         vector = loops[v]
         if lanes != extent:
@@ -241,6 +243,8 @@ class ScheduleForCPU:
         if v not in nest.spatial or nest.extents[v] < 4 or nest.work(nest.reduce) <= self.short_reduction:
             return None
         rows = nest.extents[v] < self.lanes and v - 1 in nest.spatial and nest.output_inner(1) == v - 1
+        if not self._lanes(nest.extents[v] * (nest.extents[v - 1] if rows else 1)):
+            return None  # no vector width divides the row (e.g. 13x13 maps)
         used = nest.largest_input_vars()
         u = next((i for i in reversed(nest.spatial) if i not in (v, v - 1 if rows else v)
                   and i not in used and nest.extents[i] >= 2), None)

@@ -153,6 +153,11 @@ def _depthwise(x, w):
                       name="depthwise")
 
 
+def _pointwise_13x13(x, w):
+    c = te.reduce_axis((0, 32), name="c")
+    return te.compute((1, 8, 13, 13), lambda n, f, y, i: te.sum(x[n, c, y, i] * w[f, c], axis=c), name="pointwise")
+
+
 def _row_sum(a):
     k = te.reduce_axis((0, 2048), name="k")
     return te.compute((8,), lambda i: te.sum(a[i, k], axis=k), name="row_sum")
@@ -166,7 +171,8 @@ def _row_sum(a):
         torch.from_numpy(x), torch.from_numpy(w), stride=2).numpy()),
     (_depthwise, [(2, 32, 10, 10), (32, 3, 3)], lambda x, w: torch.nn.functional.conv2d(
         torch.from_numpy(x), torch.from_numpy(w)[:, None], groups=32).numpy()),
-], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window"])
+    (_pointwise_13x13, [(1, 32, 13, 13), (8, 32)], lambda x, w: np.einsum("ncyx,fc->nfyx", x, w)),
+], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
