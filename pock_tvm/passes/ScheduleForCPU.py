@@ -142,27 +142,17 @@ class ScheduleForCPU:
             extents[v] *= extents[v - 1]
             spatial.remove(v - 1)
         factors = {v: self._lanes(extents[v]), **({u: _tile(extents[u])} if u is not None else {})}
-        outer, inner = [], {}
-        for i in spatial:
-            if not factors.get(i):
-                outer.append(loops[i])
-            elif factors[i] == extents[i]:
-                inner[i] = loops[i]
-            else:
-                head, inner[i] = sch.split(loops[i], [None, factors[i]])
-                outer.append(head)
+        outer, inner = _split_spatial(sch, loops, spatial, extents, factors)
         vector, tile = inner[v], inner.get(u)
         reduce = [loops[i] for i in nest.reduce]
         sch.reorder(*outer, *reduce, *([tile] if tile is not None else []), vector)
         if tile is not None and outer:  # the register tile accumulates locally, written back once
-            write_back = sch.cache_write(nest.block, 0, "local")
-            sch.reverse_compute_at(write_back, outer[-1])
-            sch.vectorize(sch.get_loops(write_back)[-1])
+            _accumulate_locally(sch, nest.block, outer[-1])
         self._parallel(sch, outer, nest.work())
         if tile is not None:
             sch.unroll(tile)
         sch.vectorize(vector)
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, reduce[0]))[-1])
+        _split_init(sch, nest.block, reduce[0])
         return True
 
     def _channel_vectorized(self, sch, nest: _Nest) -> bool:
@@ -179,24 +169,13 @@ class ScheduleForCPU:
         tile = _tile(nest.extents[v])
         if weight is None or tile is None:
             return False
-        lanes = self._lanes(nest.extents[c])
-        loops, outer = nest.loops, []
-        inner = {}
-        for i in nest.spatial:
-            factor = {v: tile, c: lanes}.get(i)
-            if factor is None:
-                outer.append(loops[i])
-            elif factor == nest.extents[i]:
-                inner[i] = loops[i]
-            else:
-                head, inner[i] = sch.split(loops[i], [None, factor])
-                outer.append(head)
-        if not outer:
-            return False
+        factors = {v: tile, c: self._lanes(nest.extents[c])}
+        if all(factors[i] == nest.extents[i] for i in factors) and len(nest.spatial) == 2:
+            return False  # nothing outside the tile to accumulate it under
+        loops = nest.loops
+        outer, inner = _split_spatial(sch, loops, nest.spatial, nest.extents, factors)
         sch.reorder(*outer, *[loops[i] for i in nest.reduce], inner[v], inner[c])
-        write_back = sch.cache_write(nest.block, 0, "local")
-        sch.reverse_compute_at(write_back, outer[-1])
-        sch.vectorize(sch.get_loops(write_back)[-1])
+        _accumulate_locally(sch, nest.block, outer[-1])
         copy = sch.cache_read(nest.block, weight.index, "global")  # the weights, channel innermost
         d = weight.dims.index({c})
         sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
@@ -204,7 +183,7 @@ class ScheduleForCPU:
         self._parallel(sch, outer, nest.work())
         sch.unroll(inner[v])
         sch.vectorize(inner[c])
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, loops[nest.reduce[0]]))[-1])
+        _split_init(sch, nest.block, loops[nest.reduce[0]])
         return True
 
     def _small_window(self, sch, nest: _Nest) -> bool:
@@ -212,27 +191,24 @@ class ScheduleForCPU:
         if v not in nest.spatial or not 4 <= nest.extents[v] < self.lanes \
                 or nest.work(nest.reduce) > self.short_reduction or not nest.reduce:
             return False
-        if v - 1 not in nest.spatial or nest.output_inner(1) != v - 1 or nest.largest_input_stride(v) != 1:
+        if not nest.rows_above(v) or nest.largest_input_stride(v) != 1:
             return False  # (a strided or up-sampling window reads by parity: measured slower)
         extent = nest.extents[v] * nest.extents[v - 1]
         lanes = self._lanes(extent)
         if not lanes:
             return False  # no vector width divides two rows (e.g. 7x7 maps)
-        loops, spatial = list(nest.loops), list(nest.spatial)
+        loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
         loops[v] = sch.fuse(loops[v - 1], loops[v])  # short rows: one vector over two dims
+        extents[v] = extent
         spatial.remove(v - 1)
-        outer = [loops[i] for i in spatial if i != v]
-        vector = loops[v]
-        if lanes != extent:
-            head, vector = sch.split(loops[v], [None, lanes])
-            outer.append(head)
+        outer, inner = _split_spatial(sch, loops, spatial, extents, {v: lanes})
         window = [loops[i] for i in nest.reduce]
-        sch.reorder(*outer, *window, vector)
+        sch.reorder(*outer, *window, inner[v])
         self._parallel(sch, outer, nest.work())
         for loop in window:
             sch.unroll(loop)
-        sch.vectorize(vector)
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(nest.block, window[0]))[-1])
+        sch.vectorize(inner[v])
+        _split_init(sch, nest.block, window[0])
         return True
 
     def _tile_axes(self, nest: _Nest) -> tuple[int, int | None, bool] | None:
@@ -242,7 +218,7 @@ class ScheduleForCPU:
         v = nest.output_inner()
         if v not in nest.spatial or nest.extents[v] < 4 or nest.work(nest.reduce) <= self.short_reduction:
             return None
-        rows = nest.extents[v] < self.lanes and v - 1 in nest.spatial and nest.output_inner(1) == v - 1
+        rows = nest.extents[v] < self.lanes and nest.rows_above(v)
         if not self._lanes(nest.extents[v] * (nest.extents[v - 1] if rows else 1)):
             return None  # no vector width divides the row (e.g. 13x13 maps)
         used = nest.largest_input_vars()
@@ -274,16 +250,8 @@ class ScheduleForCPU:
         _, lane = sch.split(loops[-1], [None, lanes])
         partial = sch.rfactor(lane, factor_axis=0)  # partial sums, one per lane
         loops = sch.get_loops(partial)  # the same nest: spatial..., reduce..., lane
-        outer, tile_loop = [], None
-        for i in nest.spatial:
-            if i == u and tile:
-                if tile == nest.extents[u]:
-                    tile_loop = loops[i]
-                else:
-                    head, tile_loop = sch.split(loops[i], [None, tile])
-                    outer.append(head)
-            else:
-                outer.append(loops[i])
+        outer, inner = _split_spatial(sch, loops, nest.spatial, nest.extents, {u: tile} if tile else {})
+        tile_loop = inner.get(u)
         reduce_loops = loops[len(nest.spatial):-1]
         sch.reorder(*outer, *reduce_loops, *([tile_loop] if tile_loop is not None else []), loops[-1])
         write_back = sch.cache_write(partial, 0, "local")
@@ -293,7 +261,7 @@ class ScheduleForCPU:
         if tile_loop is not None:
             sch.unroll(tile_loop)
         sch.vectorize(loops[-1])
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(partial, reduce_loops[0]))[-1])
+        _split_init(sch, partial, reduce_loops[0])
         return True
 
     def _plain_reduction(self, sch, nest: _Nest) -> bool:
@@ -318,8 +286,7 @@ class ScheduleForCPU:
         self._parallel(sch, spatial, nest.work())
         if inner is not None:
             sch.vectorize(inner)  # before splitting off the init: vectorize needs the whole reduction block
-            init = sch.decompose_reduction(nest.block, reduce[0])
-            sch.vectorize(sch.get_loops(init)[-1])
+            _split_init(sch, nest.block, reduce[0])
         return True
 
     def _parallel(self, sch, outer: list, work: int) -> None:
@@ -399,6 +366,10 @@ class _Nest:
         found = self._varying(self.write, skip)
         return next(iter(found)) if len(found) == 1 else None
 
+    def rows_above(self, loop: int) -> bool:
+        """Whether the loop just outside ``loop`` is the output's next dimension (rows of a map)."""
+        return loop - 1 in self.spatial and self.output_inner(1) == loop - 1
+
     def _largest(self) -> _Read | None:
         return max(self.reads, key=lambda r: _numel(r.buffer), default=None)
 
@@ -421,6 +392,35 @@ class _Nest:
             return None
         coefficients = detect_linear_equation(read.starts[-1], [self.block_vars[loop]])
         return int(coefficients[0]) if coefficients and isinstance(coefficients[0], tvm.tirx.IntImm) else None
+
+
+def _split_spatial(sch, loops, spatial, extents, factors) -> tuple[list, dict]:
+    """Split each spatial loop ``i`` with a factor in ``factors`` into an outer and an inner part
+    (the whole loop is inner when the factor is its extent). Returns the outer loops, in order,
+    and ``{i: inner loop}``."""
+    outer, inner = [], {}
+    for i in spatial:
+        factor = factors.get(i)
+        if not factor:
+            outer.append(loops[i])
+        elif factor == extents[i]:
+            inner[i] = loops[i]
+        else:
+            head, inner[i] = sch.split(loops[i], [None, factor])
+            outer.append(head)
+    return outer, inner
+
+
+def _accumulate_locally(sch, block, at) -> None:
+    """The block's output tile accumulates in a local buffer under loop ``at``, written back once."""
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, at)
+    sch.vectorize(sch.get_loops(write_back)[-1])
+
+
+def _split_init(sch, block, loop) -> None:
+    """The reduction's initialisation as its own vectorized loop, before ``loop``."""
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, loop))[-1])
 
 
 def _extent(sch, loop) -> int | None:
