@@ -148,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
             device = TuningDevice(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
             if args.refresh_defaults:
-                from ..interface.tune import refresh_defaults
-                from ..tuning import shipped_database_dir
-
-                db = args.db or str(shipped_database_dir())
-                print(f"{refresh_defaults(db, target=args.target, device=device)} kernels measured in {db}")
+                db, measured = commands.refresh_defaults(args.db, args.target, device)
+                print(f"{measured} kernels measured in {db}")
                 return 0
             if args.model is None:
                 raise ValueError("tune: give a MODEL (or --refresh-defaults)")

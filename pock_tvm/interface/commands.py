@@ -83,21 +83,35 @@ def tune_model(model: str, database: str | None, scheme: str | None = None, inpu
     ``pock-tvm compile``: its model, scheme, shapes, loss, optimizer and target are used (the model
     must still be there). ``database`` defaults to the one shipped for this CPU (host target only);
     ``device`` is a :class:`TuningDevice`."""
-    from ..tuning import shipped_database_dir
     from .tune import tune
 
     optimizer, options = "sgd", None
     if (Path(model) / "manifest.json").is_file():
         model, scheme, input_shape, loss, optimizer, options, target = _bundle_source(Path(model))
-    if database is None:
-        if target != "host":
-            raise ValueError(f"tune: give --db DIR for target {target} (the shipped databases are for "
-                             "host CPUs)")
-        database = str(shipped_database_dir())
+    database = _tuning_database(database, target)
     model_obj, example, shapes = _model_and_shapes(model, input_shape)
     return database, tune(model_obj, example, database=database, kernels=kernels, trials=trials,
                           scheme=scheme, loss=loss, input_shapes=shapes, target=target, device=device,
                           optimizer=optimizer, options=options)
+
+
+def refresh_defaults(database: str | None, target: str = "host", device=None) -> tuple[str, int]:
+    """``pock-tvm tune --refresh-defaults``: see :func:`pock_tvm.interface.tune.refresh_defaults`."""
+    from .tune import refresh_defaults as refresh
+
+    database = _tuning_database(database, target)
+    return database, refresh(database, target=target, device=device)
+
+
+def _tuning_database(database: str | None, target: str) -> str:
+    """``--db``, or the database shipped for this CPU (host target only)."""
+    from ..tuning import shipped_database_dir
+
+    if database is not None:
+        return database
+    if target != "host":
+        raise ValueError(f"tune: give --db DIR for target {target} (the shipped databases are for host CPUs)")
+    return str(shipped_database_dir())
 
 
 def _bundle_source(bundle: Path):

@@ -64,14 +64,7 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     device = device or TuningDevice()
     if kernels < 1 or trials < 1:
         raise ValueError(f"tune: kernels and trials must be at least 1, got {kernels} and {trials}")
-    preset = load_target(compile_args.get("target", "host"))
-    if preset.device != "cpu":
-        raise ValueError(f"tune: tunes CPU kernels (LLVM targets); {preset.name} runs on {preset.device} "
-                         "(GPU targets get DLight schedules)")
-    if device.is_local and preset.is_cross:
-        raise ValueError(f"tune: target {preset.name} does not run on this machine; measure its kernels "
-                         "on the device: --rpc HOST:PORT (`pock_runner serve --allow-remote-code` there) "
-                         "or --tracker HOST:PORT --key KEY")
+    preset = _tunable(compile_args.get("target", "host"), device)
     database = Path(database)
     database.mkdir(parents=True, exist_ok=True)
     # which kernels: the slowest with default schedules, so that a second run picks the same ones
@@ -127,9 +120,7 @@ def refresh_defaults(database: str | Path, *, target: str = "host", device: Tuni
     from tvm.s_tir import meta_schedule as ms
 
     device = device or TuningDevice()
-    preset = load_target(target)
-    if device.is_local and preset.is_cross:
-        raise ValueError(f"tune: target {preset.name} does not run on this machine; give --rpc or --tracker")
+    preset = _tunable(target, device)
     if not (Path(database) / "database_workload.json").is_file():
         raise ValueError(f"tune: no tuning database in '{database}' (database_workload.json is missing)")
     from ..targets.toolchain import tvm_target
@@ -149,6 +140,19 @@ def refresh_defaults(database: str | Path, *, target: str = "host", device: Tuni
         report(f"[{len(seen)}] default {ms_default if ms_default is None else round(ms_default, 4)} ms, "
                f"best {best if best is None else round(best, 4)} ms")
     return measured
+
+
+def _tunable(target, device: TuningDevice):
+    """The preset of ``target``, if its kernels can be tuned on ``device``."""
+    preset = load_target(target)
+    if preset.device != "cpu":
+        raise ValueError(f"tune: tunes CPU kernels (LLVM targets); {preset.name} runs on {preset.device} "
+                         "(GPU targets get DLight schedules)")
+    if device.is_local and preset.is_cross:
+        raise ValueError(f"tune: target {preset.name} does not run on this machine; measure its kernels "
+                         "on the device: --rpc HOST:PORT (`pock_runner serve --allow-remote-code` there) "
+                         "or --tracker HOST:PORT --key KEY")
+    return preset
 
 
 def _quiet_meta_schedule() -> Path:
