@@ -17,6 +17,10 @@ from .utils import SCHEDULED, is_scheduled
 logger = logging.getLogger(__name__)
 
 _DATA_PAR, _REDUCE = 0, 2
+# the channel-vectorized rule's copy: a copied (transposed) element costs about COPY_COST vector
+# multiply-adds; a read whose elements are used fewer than MIN_REUSE times is streamed, not copied
+# (both measured on ResNet-18's and MobileNetV2's convs, znver4)
+COPY_COST, MIN_REUSE = 8, 8
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ScheduleForCPU")
@@ -34,9 +38,11 @@ class ScheduleForCPU:
       then (measured on MobileNetV2's weight gradients);
     - **channel-vectorized reduction** (convs with a window or a stride, e.g. a 3x3 conv with
       padding or a network's first stride-2 conv: a vector along an output row would gather its
-      inputs or mask them at the borders): the
-      vector runs over a loop the largest input does not depend on (output channels, at least 8),
-      read from a copy of the weights with that dimension innermost; up to 8 outputs of the row
+      inputs or mask them at the borders): the vector runs over a loop (at least 8 long) that one
+      read follows as a whole dimension and no other read follows, read from a copy of that input
+      with the dimension innermost: output channels from the weights, or the batch from the
+      activations where the weights are large (the cheaper by ``work / lanes + COPY_COST x copy``;
+      each copied element must be used ``MIN_REUSE`` times); up to 8 outputs of the row
       form the register tile;
     - **register-tiled reduction** (1x1 convs, their input gradients, matmuls: a reduction longer
       than ``short_reduction`` whose output's innermost dimension is at least 4 long and reads every
@@ -55,6 +61,10 @@ class ScheduleForCPU:
       depthwise 3x3 window) keeps its order and only the outer loops are parallel;
     - **spatial** (elementwise, broadcast, injective): all loops fused, split by a vector width,
       the inner part vectorized.
+
+    "The largest input" above is the read the schedule is built around: the data input (a conv's
+    activations, following the output's innermost loop) unless the largest read is streamed (used
+    fewer than ``MIN_REUSE`` times per element: a conv's weights over 2x2 maps at batch 1).
 
     The two outermost remaining loops are fused and parallel when the block does at least
     ``min_parallel_work`` iterations. A schedule never changes what a kernel computes (TVM's
@@ -159,16 +169,23 @@ class ScheduleForCPU:
         v = nest.output_inner()
         if v not in nest.spatial or nest.work(nest.reduce) <= self.short_reduction:
             return False
-        window = any(i in nest.reduce for i in nest.largest_input_varying()(0))
+        inner = nest.largest_input_varying()(0)
+        window = v in inner and any(i in nest.reduce for i in inner)
         if nest.largest_input_stride(v) in (None, 0, 1) and not window:
             return False  # a row of outputs reads a contiguous row of the input: register tile
-        used = nest.largest_input_vars()
-        c = next((i for i in reversed(nest.spatial) if i != v and i not in used
-                  and (self._lanes(nest.extents[i]) or 0) >= 8), None)
-        weight = next((r for r in nest.reads if c is not None and {c} in r.dims), None)
+        # the vector loop: one that a single read follows as a whole dimension (that read is copied
+        # with the dimension innermost) and no other read follows; the cheapest by work / lanes +
+        # COPY_COST x the copy (output channels from the weights, or the batch from the activations
+        # where the weights are large), each copied element used at least MIN_REUSE times
+        options = [(nest.work() / lanes + COPY_COST * _numel(r.buffer), i, r) for i in nest.spatial if i != v
+                   and (lanes := self._lanes(nest.extents[i]) or 0) >= 8
+                   for r in nest.reads if {i} in r.dims
+                   and not any(i in d for q in nest.reads if q is not r for d in q.dims)
+                   and nest.work() >= MIN_REUSE * _numel(r.buffer)]
         tile = _tile(nest.extents[v])
-        if weight is None or tile is None:
+        if not options or tile is None:
             return False
+        _, c, weight = min(options, key=lambda o: o[0])
         factors = {v: tile, c: self._lanes(nest.extents[c])}
         if all(factors[i] == nest.extents[i] for i in factors) and len(nest.spatial) == 2:
             return False  # nothing outside the tile to accumulate it under
@@ -371,7 +388,16 @@ class _Nest:
         return loop - 1 in self.spatial and self.output_inner(1) == loop - 1
 
     def _largest(self) -> _Read | None:
-        return max(self.reads, key=lambda r: _numel(r.buffer), default=None)
+        """The input the schedule is built around: the largest read when the kernel streams it
+        (each element used fewer than ``MIN_REUSE`` times: the weights of a conv over 2x2 maps at
+        batch 1), else the data input, the largest read that follows the output's innermost loop
+        (a conv's activations, even where its weights are larger: deep layers at batch 1)."""
+        largest = max(self.reads, key=lambda r: _numel(r.buffer), default=None)
+        v = self.output_inner()
+        if largest is None or v is None or self.work() < MIN_REUSE * _numel(largest.buffer):
+            return largest
+        return max((r for r in self.reads if any(v in d for d in r.dims)), key=lambda r: _numel(r.buffer),
+                   default=largest)
 
     def largest_input_vars(self) -> set[int]:
         largest = self._largest()

@@ -107,6 +107,62 @@ def test_strided_conv_vectorizes_output_channels_over_a_transposed_copy_of_the_w
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
 
+def _conv3x3(batch, size):
+    """A 3x3 conv of 64 channels over ``size`` x ``size`` maps (input given padded)."""
+    def compute(x, w):
+        c, ry, rx = (te.reduce_axis((0, e), name=n) for e, n in ((64, "c"), (3, "ry"), (3, "rx")))
+        return te.compute((batch, 64, size, size), lambda n, f, y, i: te.sum(
+            x[n, c, y + ry, i + rx] * w[f, c, ry, rx], axis=[c, ry, rx]), name="conv")
+    return compute, [(batch, 64, size + 2, size + 2), (64, 64, 3, 3)]
+
+
+def _channel_vectorized(vector_loop, copied, layout):
+    def schedule(sch):
+        block = sch.get_sblock("conv")
+        n, f, y, i, c, ry, rx = sch.get_loops(block)
+        if vector_loop == "f":
+            fo, fi = sch.split(f, [None, 16])
+            outer, vector = [n, fo, y], fi
+        else:
+            outer, vector = [f, y], n
+        sch.reorder(*outer, c, ry, rx, i, vector)
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, y)
+        sch.vectorize(sch.get_loops(write_back)[-1])
+        copy = sch.cache_read(block, copied, "global")
+        sch.transform_layout(copy, ("write", 0), layout)
+        sch.parallel(sch.fuse(*outer[:2]))
+        sch.unroll(i)
+        sch.vectorize(vector)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, c))[-1])
+    return schedule
+
+
+def test_deep_conv_at_batch_1_vectorizes_output_channels_although_its_weights_are_the_largest_input():
+    # 4x4 maps: the weights (64x64x3x3) outweigh the activations, yet each weight is used 16 times:
+    # the activations stay the data input, the vector runs over output channels of copied weights
+    compute, shapes = _conv3x3(1, 4)
+    before = _kernel(compute, *shapes)
+    expected = _expected(before, _channel_vectorized("f", 1, lambda f, c, h, w: (c, h, w, f)))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
+
+
+def test_conv_with_large_weights_at_batch_8_vectorizes_the_batch_over_copied_activations():
+    # 2x2 maps at batch 8: copying the activations (8x64x4x4) costs less than the weights (64x64x3x3)
+    compute, shapes = _conv3x3(8, 2)
+    before = _kernel(compute, *shapes)
+    expected = _expected(before, _channel_vectorized("n", 0, lambda n, c, h, w: (c, h, w, n)))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
+
+
+def test_weights_used_fewer_than_min_reuse_times_are_streamed_not_copied():
+    # 2x2 maps at batch 1: each weight is used 4 times, a transposed copy would cost more than it saves
+    compute, shapes = _conv3x3(1, 2)
+    script = _prim(ScheduleForCPU()(_kernel(compute, *shapes))).script()
+    assert "T.vectorized" in script
+    assert "_global" not in script  # no cache_read copy of either input
+
+
 def test_reduction_without_a_shared_input_vectorizes_the_output_row_below_the_reduction():
     before = _kernel(_plane_sum, (32, 64, 96))
 
@@ -172,7 +228,11 @@ def _row_sum(a):
     (_depthwise, [(2, 32, 10, 10), (32, 3, 3)], lambda x, w: torch.nn.functional.conv2d(
         torch.from_numpy(x), torch.from_numpy(w)[:, None], groups=32).numpy()),
     (_pointwise_13x13, [(1, 32, 13, 13), (8, 32)], lambda x, w: np.einsum("ncyx,fc->nfyx", x, w)),
-], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width"])
+    (*_conv3x3(1, 4), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
+    (*_conv3x3(8, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
+    (*_conv3x3(1, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
+], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
+        "channel-vector-deep", "batch-vector", "streamed-weights"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
