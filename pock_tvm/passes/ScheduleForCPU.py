@@ -20,7 +20,7 @@ _DATA_PAR, _REDUCE = 0, 2
 # the channel-vectorized rule's copy: a copied (transposed) element costs about COPY_COST vector
 # multiply-adds; a read whose elements are used fewer than MIN_REUSE times is streamed, not copied
 # (both measured on ResNet-18's and MobileNetV2's convs, znver4)
-COPY_COST, MIN_REUSE = 8, 8
+COPY_COST, MIN_REUSE = 8, 16
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ScheduleForCPU")
@@ -59,6 +59,10 @@ class ScheduleForCPU:
     - **plain reduction** (anything else with a reduction): the innermost spatial loop with extent
       >= 2 is split by a vector width and moved below the reduction loops; a short reduction (a
       depthwise 3x3 window) keeps its order and only the outer loops are parallel;
+    - **epilogue** (the elementwise tail of a fused kernel: the optimizer update after a weight
+      gradient, BatchNorm after a conv): computed inside its producer's parallel loop, on the
+      part of the output that iteration produced while it is in cache, vectorized along its
+      contiguous run (for producers that are parallel and vectorized);
     - **spatial** (elementwise, broadcast, injective): all loops fused, split by a vector width,
       the inner part vectorized.
 
@@ -122,7 +126,7 @@ class ScheduleForCPU:
         if nest is None:
             return False
         if _REDUCE not in nest.kinds:
-            return self._spatial(sch, nest)
+            return self._epilogue(sch, nest) or self._spatial(sch, nest)
         return any(rule(sch, nest) for rule in reduction_rules)
 
     # -- rules: each returns False, without changing the schedule, when it does not apply --
@@ -139,6 +143,22 @@ class ScheduleForCPU:
             sch.parallel(outer)
         if inner is not None:
             sch.vectorize(inner)
+        return True
+
+    def _epilogue(self, sch, nest: _Nest) -> bool:
+        producers = [b for b in sch.get_producers(nest.block) if sch.get_loops(b)]
+        if len(producers) != 1:
+            return False
+        loops = sch.get_loops(producers[0])
+        top, kinds = loops[0], [sch.get(lp).kind for lp in loops]
+        if kinds[0] != tvm.tirx.ForKind.PARALLEL or kinds[-1] != tvm.tirx.ForKind.VECTORIZED:
+            return False  # (a scalar producer, e.g. a short reduction: measured faster apart)
+        sch.reverse_compute_at(nest.block, top)
+        tail = _contiguous_tail(sch, sch.get_loops(nest.block)[1:])
+        fused = sch.fuse(*tail) if len(tail) > 1 else tail[0] if tail else None
+        lanes = self._lanes(_extent(sch, fused)) if fused is not None else None
+        if lanes:
+            sch.vectorize(fused if lanes == _extent(sch, fused) else sch.split(fused, [None, lanes])[1])
         return True
 
     def _register_tiled(self, sch, nest: _Nest) -> bool:
@@ -167,7 +187,7 @@ class ScheduleForCPU:
 
     def _channel_vectorized(self, sch, nest: _Nest) -> bool:
         v = nest.output_inner()
-        if v not in nest.spatial or nest.work(nest.reduce) <= self.short_reduction:
+        if v not in nest.spatial:
             return False
         inner = nest.largest_input_varying()(0)
         window = v in inner and any(i in nest.reduce for i in inner)
@@ -185,7 +205,7 @@ class ScheduleForCPU:
         tile = _tile(nest.extents[v])
         if not options or tile is None:
             return False
-        _, c, weight = min(options, key=lambda o: o[0])
+        _, c, weight = min(options, key=lambda o: (o[0], -o[1]))  # ties: the loop nearer the output's rows
         factors = {v: tile, c: self._lanes(nest.extents[c])}
         if all(factors[i] == nest.extents[i] for i in factors) and len(nest.spatial) == 2:
             return False  # nothing outside the tile to accumulate it under
@@ -435,6 +455,37 @@ def _split_spatial(sch, loops, spatial, extents, factors) -> tuple[list, dict]:
             head, inner[i] = sch.split(loops[i], [None, factor])
             outer.append(head)
     return outer, inner
+
+
+def _contiguous_tail(sch, loops) -> list:
+    """The innermost of ``loops`` (over one block) that walk its output contiguously: the last
+    dimension's loop, and the ones outside it while each inner loop covers its whole dimension."""
+    if not loops or not isinstance(sch.get(loops[-1]).body, s_tir.SBlockRealize):
+        return []
+    realize = sch.get(loops[-1]).body
+    write = realize.block.writes[0]
+    binding = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
+
+    def dim(loop):
+        var = sch.get(loop).loop_var
+        found = [d for d, r in enumerate(write.region)
+                 if any(var.same_as(u) for b in undefined_vars(r.min) if b in binding
+                        for u in undefined_vars(binding[b]))]
+        return found[0] if len(found) == 1 else None
+
+    tail, expect = [], len(write.region) - 1
+    for loop in reversed(loops):
+        if dim(loop) != expect:
+            break
+        tail.insert(0, loop)
+        if _extent(sch, loop) != _extent_of(write.source.shape[expect]):
+            break  # a partial dimension ends the contiguous run
+        expect -= 1
+    return tail
+
+
+def _extent_of(dim) -> int | None:
+    return int(dim) if isinstance(dim, tvm.tirx.IntImm) else None
 
 
 def _accumulate_locally(sch, block, at) -> None:

@@ -79,6 +79,50 @@ def test_reduction_gets_a_register_tile_over_a_loop_the_largest_input_does_not_u
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
 
+def _matmul_relu(a, b):
+    m = _matmul(a, b)
+    return te.compute(m.shape, lambda i, j: te.max(m[i, j], 0.0), name="relu")
+
+
+def test_elementwise_epilogue_runs_inside_its_producers_parallel_loop():
+    # the fused tail (ReLU here; an optimizer update after a weight gradient) works on the tile each
+    # parallel iteration just wrote, vectorized along the output's contiguous run (16 of a 96 row)
+    before = _kernel(_matmul_relu, (64, 256), (256, 96))
+
+    def schedule(sch):
+        block = sch.get_sblock("matmul")
+        i, j, k = sch.get_loops(block)
+        io, ii = sch.split(i, [None, 8])
+        jo, ji = sch.split(j, [None, 16])
+        sch.reorder(io, jo, k, ii, ji)
+        write_back = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(write_back, jo)
+        sch.vectorize(sch.get_loops(write_back)[-1])
+        parallel = sch.fuse(io, jo)
+        sch.parallel(parallel)
+        sch.unroll(ii)
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+        relu = sch.get_sblock("relu")
+        sch.reverse_compute_at(relu, parallel)
+        sch.vectorize(sch.get_loops(relu)[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
+def _weight_gradient_update(x, dy):
+    # a 3x3 conv's weight gradient over 2x2 maps at batch 1 (input given padded), then SGD
+    ry, rx = te.reduce_axis((0, 2), name="ry"), te.reduce_axis((0, 2), name="rx")
+    grad = te.compute((48, 32, 3, 3), lambda f, c, ky, kx: te.sum(x[0, c, ry + ky, rx + kx] * dy[0, f, ry, rx],
+                                                                  axis=[ry, rx]), name="grad")
+    return te.compute(grad.shape, lambda *i: 0.5 - 0.1 * grad[i], name="update")
+
+
+def _weight_gradient_update_reference(x, dy):
+    windows = np.lib.stride_tricks.sliding_window_view(x[0], (2, 2), axis=(1, 2))  # c, ky, kx, ry, rx
+    return 0.5 - 0.1 * np.einsum("cyxrs,frs->fcyx", windows, dy[0])
+
+
 def _strided_conv(x, w):
     c, ry, rx = (te.reduce_axis((0, e), name=n) for e, n in ((3, "c"), (3, "ry"), (3, "rx")))
     return te.compute((1, 16, 16, 16), lambda n, f, y, i: te.sum(x[n, c, 2 * y + ry, 2 * i + rx] * w[f, c, ry, rx],
@@ -231,8 +275,10 @@ def _row_sum(a):
     (*_conv3x3(1, 4), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (*_conv3x3(8, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (*_conv3x3(1, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
+    (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
+    (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
 ], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
-        "channel-vector-deep", "batch-vector", "streamed-weights"])
+        "channel-vector-deep", "batch-vector", "streamed-weights", "epilogue", "weight-gradient-epilogue"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
