@@ -22,7 +22,7 @@ from ..passes.SplitPartialChannels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
 from ..runtime.program import Program
 from ..scheme import Scheme, Update
-from ..targets import load_target
+from ..targets import CONV_LAYOUTS, load_target
 from ..targets.toolchain import cuda_build_env, cuda_info, exporter, tvm_target
 from .phases import memory_by_phase
 
@@ -126,11 +126,12 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     if memory_phases:
         report.phases = memory_by_phase(
             lambda opts: build_training_graph(imported, trainable, partial, loss, optimizer, opts, all_frozen),
-            trainable, report.param_bytes, report.optimizer_state_bytes, tgt)
+            trainable, report.param_bytes, report.optimizer_state_bytes, tgt, CONV_LAYOUTS[preset.conv_layout])
 
     with tgt, tvm.transform.PassContext(opt_level=3):
         lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, options=options,
-                                    tuning_database=str(tuning_database) if tuning_database else None)(train_mod)
+                                    tuning_database=str(tuning_database) if tuning_database else None,
+                                    conv_layouts=CONV_LAYOUTS[preset.conv_layout])(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
                           "forward": planned_bytes(lowered, "forward")["storage"],
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
@@ -138,6 +139,7 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
         report.kernel_flops = kernel_flops(lowered)
         if tuning_database:
             report.notes.append(f"kernel schedules: tuned ones from {tuning_database}, defaults for the rest")
+        report.notes.append(f"convs compiled in {preset.conv_layout} (target '{preset.name}')")
         with cuda_build_env(preset):
             exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,

@@ -25,7 +25,7 @@ PHASES = [
 
 
 def memory_by_phase(build, trainable: list[str], param_bytes: int, state_bytes: int,
-                    target: tvm.target.Target) -> list[dict]:
+                    target: tvm.target.Target, conv_layouts: dict | None = None) -> list[dict]:
     """One row per phase: bytes of parameters, optimizer state, saved activations, gradients, the
     step's planned storage, the largest kernel scratch, and the planned peak (the sum of
     parameters, state, storage and scratch). ``build(options)`` returns the training graph."""
@@ -36,7 +36,8 @@ def memory_by_phase(build, trainable: list[str], param_bytes: int, state_bytes: 
         train_mod = build(options)
         cost = training_cost(train_mod, trainable)
         with target, tvm.transform.PassContext(opt_level=3):
-            lowered = pock_tvm_pipeline(build_training_graph=False, options=options)(train_mod)
+            lowered = pock_tvm_pipeline(build_training_graph=False, options=options,
+                                        conv_layouts=conv_layouts)(train_mod)
         storage = planned_bytes(lowered)["storage"]
         scratch = kernel_workspace(lowered)["peak"]
         rows.append({"phase": name, "parameters": param_bytes, "optimizer_state": state_bytes,

@@ -42,6 +42,7 @@ def pock_tvm_pipeline(
     tuning_database: str | None = None,
     build_training_graph: bool = True,
     lower: bool = True,
+    conv_layouts: dict | None = None,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
@@ -50,7 +51,9 @@ def pock_tvm_pipeline(
     ``lower=False`` stops at the training graph (for analysis); ``build_training_graph=False``
     only lowers an already built training graph. ``gpu=True`` schedules kernels for a GPU target
     (call inside ``with target``). ``tuning_database``: a MetaSchedule JSON database directory
-    (``pock-tvm tune``); kernels it holds get their tuned schedule, the others the default one."""
+    (``pock-tvm tune``); kernels it holds get their tuned schedule, the others the default one.
+    ``conv_layouts``: ``relax.transform.ConvertLayout``'s desired layouts per conv op (a target's
+    ``conv_layout``, ``pock_tvm.targets.CONV_LAYOUTS``); None keeps the imported NCHW."""
     register_gradient_rules()
     opt = options or PipelineOptions()
     passes = []
@@ -72,6 +75,7 @@ def pock_tvm_pipeline(
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
             relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
+            *([relax.transform.ConvertLayout(conv_layouts)] if conv_layouts else []),  # the target's layout
             relax.transform.LegalizeOps(),  # every op to a TIR kernel
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
             relax.transform.FoldConstant(),  # what depends only on frozen tensors and constants

@@ -30,7 +30,13 @@ class TargetPreset:
     runtime_platform: str | None = None  # apache-tvm wheel platform with this target's runtime
     cmake_toolchain: str | None = None  # runner/cmake/<file> for cross-building the runner
     cuda_arch: str | None = None  # sm_XX for CUDA presets ("auto": the local GPU)
+    conv_layout: str = "NCHW"  # what convs compile in: a key of CONV_LAYOUTS (benchmarks/bench_layouts.py)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.conv_layout not in CONV_LAYOUTS:
+            raise ValueError(f"target '{self.name}': conv_layout {self.conv_layout!r} is not one of "
+                             f"{', '.join(CONV_LAYOUTS)}")
 
     @property
     def library_name(self) -> str:
@@ -42,6 +48,16 @@ class TargetPreset:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+# conv layouts a target can compile in: Relax ConvertLayout's desired layouts (data, weights) for
+# conv2d, or None for the layout the frontends import (NCHW, OIHW). Measured on the x86 host with
+# the default schedules: NHWC is 1.1-1.9x slower per training step (benchmarks/results/layouts_host.md),
+# so every preset keeps NCHW.
+CONV_LAYOUTS: dict[str, dict | None] = {
+    "NCHW": None,
+    "NHWC": {"relax.nn.conv2d": ["NHWC", "HWIO"]},
+}
 
 
 def host_arch() -> str:
