@@ -61,22 +61,25 @@ def _matmul(a, b):
 def test_reduction_gets_a_register_tile_over_a_loop_the_largest_input_does_not_use():
     # a1 (256x96) is the largest input and does not depend on i: 8 rows of i share each vector of a1
     before = _kernel(_matmul, (64, 256), (256, 96))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
 
-    def schedule(sch):
-        block = sch.get_sblock("matmul")
-        i, j, k = sch.get_loops(block)
-        io, ii = sch.split(i, [None, 8])
-        jo, ji = sch.split(j, [None, 16])
-        sch.reorder(io, jo, k, ii, ji)
-        write_back = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write_back, jo)
-        sch.vectorize(sch.get_loops(write_back)[-1])
-        sch.parallel(sch.fuse(io, jo))
-        sch.unroll(ii)
-        sch.vectorize(ji)
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
 
-    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+def _register_tiled_matmul(sch):
+    """The register-tile rule on ``_matmul``; returns the parallel loop."""
+    block = sch.get_sblock("matmul")
+    i, j, k = sch.get_loops(block)
+    io, ii = sch.split(i, [None, 8])
+    jo, ji = sch.split(j, [None, 16])
+    sch.reorder(io, jo, k, ii, ji)
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, jo)
+    sch.vectorize(sch.get_loops(write_back)[-1])
+    parallel = sch.fuse(io, jo)
+    sch.parallel(parallel)
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+    return parallel
 
 
 def _matmul_relu(a, b):
@@ -90,19 +93,7 @@ def test_elementwise_epilogue_runs_inside_its_producers_parallel_loop():
     before = _kernel(_matmul_relu, (64, 256), (256, 96))
 
     def schedule(sch):
-        block = sch.get_sblock("matmul")
-        i, j, k = sch.get_loops(block)
-        io, ii = sch.split(i, [None, 8])
-        jo, ji = sch.split(j, [None, 16])
-        sch.reorder(io, jo, k, ii, ji)
-        write_back = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write_back, jo)
-        sch.vectorize(sch.get_loops(write_back)[-1])
-        parallel = sch.fuse(io, jo)
-        sch.parallel(parallel)
-        sch.unroll(ii)
-        sch.vectorize(ji)
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+        parallel = _register_tiled_matmul(sch)
         relu = sch.get_sblock("relu")
         sch.reverse_compute_at(relu, parallel)
         sch.vectorize(sch.get_loops(relu)[-1])
