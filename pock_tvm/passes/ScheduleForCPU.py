@@ -30,7 +30,7 @@ class ScheduleForCPU:
     that applies:
 
     - **vectorized reduction** (weight gradients, bias and BN-parameter gradients: the output is
-      short, the reduction long, at least 1024, and runs along the largest input's innermost
+      short, the reduction long, at least 1024, and runs along the primary input's innermost
       dimension): that reduction loop (fused with the one above when shorter than 64) is split by
       ``lanes`` and factored out (``rfactor``) into a vector of partial sums, summed at the end;
       used when the partial sums stay small (spatial work x ``lanes`` <= 65536) and the output has
@@ -48,7 +48,7 @@ class ScheduleForCPU:
       than ``short_reduction`` whose output's innermost dimension is at least 4 long and reads every
       input contiguously or not at all along it): the output's
       innermost loop (fused with the next when shorter than ``lanes``) is the vector loop; a
-      spatial loop that the largest input does not depend on (output channels of a conv) is tiled
+      spatial loop that the primary input does not depend on (output channels of a conv) is tiled
       by up to 8 and unrolled, so each loaded input vector feeds that many accumulators; the
       reduction runs between the outer loops and that register tile, which accumulates in a local
       buffer written back once;
@@ -66,7 +66,7 @@ class ScheduleForCPU:
     - **spatial** (elementwise, broadcast, injective): all loops fused, split by a vector width,
       the inner part vectorized.
 
-    "The largest input" above is the read the schedule is built around: the data input (a conv's
+    "The primary input" above is the read the schedule is built around: the data input (a conv's
     activations, following the output's innermost loop) unless the largest read is streamed (used
     fewer than ``MIN_REUSE`` times per element: a conv's weights over 2x2 maps at batch 1).
 
@@ -189,9 +189,9 @@ class ScheduleForCPU:
         v = nest.output_inner()
         if v not in nest.spatial:
             return False
-        inner = nest.largest_input_varying()(0)
+        inner = nest.primary_varying()(0)
         window = v in inner and any(i in nest.reduce for i in inner)
-        if nest.largest_input_stride(v) in (None, 0, 1) and not window:
+        if nest.primary_stride(v) in (None, 0, 1) and not window:
             return False  # a row of outputs reads a contiguous row of the input: register tile
         # the vector loop: one that a single read follows as a whole dimension (that read is copied
         # with the dimension innermost) and no other read follows; the cheapest by work / lanes +
@@ -228,7 +228,7 @@ class ScheduleForCPU:
         if v not in nest.spatial or not 4 <= nest.extents[v] < self.lanes \
                 or nest.work(nest.reduce) > self.short_reduction or not nest.reduce:
             return False
-        if not nest.rows_above(v) or nest.largest_input_stride(v) != 1:
+        if not nest.rows_above(v) or nest.primary_stride(v) != 1:
             return False  # (a strided or up-sampling window reads by parity: measured slower)
         extent = nest.extents[v] * nest.extents[v - 1]
         lanes = self._lanes(extent)
@@ -250,7 +250,7 @@ class ScheduleForCPU:
 
     def _tile_axes(self, nest: _Nest) -> tuple[int, int | None, bool] | None:
         """For a register tile: the vector loop (the output's innermost), the tile loop (a spatial
-        loop the largest input does not depend on, or None) and whether the vector loop takes in
+        loop the primary input does not depend on, or None) and whether the vector loop takes in
         the row above it (short rows); None when the output has no such vector loop."""
         v = nest.output_inner()
         if v not in nest.spatial or nest.extents[v] < 4 or nest.work(nest.reduce) <= self.short_reduction:
@@ -258,7 +258,7 @@ class ScheduleForCPU:
         rows = nest.extents[v] < self.lanes and nest.rows_above(v)
         if not self._lanes(nest.extents[v] * (nest.extents[v - 1] if rows else 1)):
             return None  # no vector width divides the row (e.g. 13x13 maps)
-        used = nest.largest_input_vars()
+        used = nest.primary_vars()
         u = next((i for i in reversed(nest.spatial) if i not in (v, v - 1 if rows else v)
                   and i not in used and nest.extents[i] >= 2), None)
         return v, u, rows
@@ -271,7 +271,7 @@ class ScheduleForCPU:
         if nest.kinds != sorted(nest.kinds) or nest.work(reduce) < 1024 \
                 or nest.work(nest.spatial) * self.lanes > 1 << 16:
             return False
-        r, varying = reduce[-1], nest.largest_input_varying()
+        r, varying = reduce[-1], nest.primary_varying()
         if r not in varying(0) or any(nest.extents[i] >= nest.extents[r] for i in varying(0) - {r}):
             return False  # the input's contiguous run must follow this reduction loop
         rows = nest.extents[r] < 64 and r - 1 in reduce and r - 1 in varying(1)
@@ -281,7 +281,7 @@ class ScheduleForCPU:
         loops = list(nest.loops)
         if rows:
             loops[r - 1:r + 1] = [sch.fuse(loops[r - 1], loops[r])]  # one run over two dims
-        used = nest.largest_input_vars()
+        used = nest.primary_vars()
         u = next((i for i in reversed(nest.spatial) if i not in used and nest.extents[i] >= 2), None)
         tile = _tile(nest.extents[u]) if u is not None else None
         _, lane = sch.split(loops[-1], [None, lanes])
@@ -407,7 +407,7 @@ class _Nest:
         """Whether the loop just outside ``loop`` is the output's next dimension (rows of a map)."""
         return loop - 1 in self.spatial and self.output_inner(1) == loop - 1
 
-    def _largest(self) -> _Read | None:
+    def _primary(self) -> _Read | None:
         """The input the schedule is built around: the largest read when the kernel streams it
         (each element used fewer than ``MIN_REUSE`` times: the weights of a conv over 2x2 maps at
         batch 1), else the data input, the largest read that follows the output's innermost loop
@@ -419,17 +419,17 @@ class _Nest:
         return max((r for r in self.reads if any(v in d for d in r.dims)), key=lambda r: _numel(r.buffer),
                    default=largest)
 
-    def largest_input_vars(self) -> set[int]:
-        largest = self._largest()
-        return set().union(*largest.dims) if largest else set()
+    def primary_vars(self) -> set[int]:
+        primary = self._primary()
+        return set().union(*primary.dims) if primary else set()
 
-    def largest_input_varying(self):
-        dims = self._largest().dims if self._largest() else []
+    def primary_varying(self):
+        dims = self._primary().dims if self._primary() else []
         return lambda skip: self._varying(dims, skip)
 
-    def largest_input_stride(self, loop: int) -> int | None:
-        largest = self._largest()
-        return self.stride(largest, loop) if largest is not None else None
+    def primary_stride(self, loop: int) -> int | None:
+        primary = self._primary()
+        return self.stride(primary, loop) if primary is not None else None
 
     def stride(self, read: _Read, loop: int) -> int | None:
         """How far apart in ``read``'s innermost dimension two neighbours of ``loop`` are (None:
@@ -501,14 +501,13 @@ def _split_init(sch, block, loop) -> None:
 
 
 def _extent(sch, loop) -> int | None:
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tvm.tirx.IntImm) else None
+    return _extent_of(sch.get(loop).extent)
 
 
 def _numel(buffer) -> int:
     total = 1
     for d in buffer.shape:
-        total *= int(d) if isinstance(d, tvm.tirx.IntImm) else 1
+        total *= _extent_of(d) or 1
     return total
 
 

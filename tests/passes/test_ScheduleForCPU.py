@@ -58,8 +58,8 @@ def _matmul(a, b):
     return te.compute((64, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
 
 
-def test_reduction_gets_a_register_tile_over_a_loop_the_largest_input_does_not_use():
-    # a1 (256x96) is the largest input and does not depend on i: 8 rows of i share each vector of a1
+def test_reduction_gets_a_register_tile_over_a_loop_the_primary_input_does_not_use():
+    # a1 (256x96) is the primary input (the largest, following j) and does not depend on i: 8 rows of i share each vector of a1
     before = _kernel(_matmul, (64, 256), (256, 96))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
 
