@@ -79,7 +79,7 @@ class ScheduleForCPU:
     use ``ScheduleForGPU``.
     """
 
-    def __init__(self, lanes: int = 16, min_parallel_work: int = 1 << 14, short_reduction: int = 16):
+    def __init__(self, lanes: int = 16, min_parallel_work: int = 1 << 14, short_reduction: int = 9):
         self.lanes = lanes
         self.min_parallel_work = min_parallel_work
         self.short_reduction = short_reduction

@@ -64,12 +64,12 @@ def test_reduction_gets_a_register_tile_over_a_loop_the_primary_input_does_not_u
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
 
 
-def _register_tiled_matmul(sch):
-    """The register-tile rule on ``_matmul``; returns the parallel loop."""
-    block = sch.get_sblock("matmul")
+def _register_tiled_matmul(sch, name="matmul", lanes=16):
+    """The register-tile rule on a matmul-shaped block; returns the parallel loop."""
+    block = sch.get_sblock(name)
     i, j, k = sch.get_loops(block)
     io, ii = sch.split(i, [None, 8])
-    jo, ji = sch.split(j, [None, 16])
+    jo, ji = sch.split(j, [None, lanes])
     sch.reorder(io, jo, k, ii, ji)
     write_back = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(write_back, jo)
@@ -80,6 +80,18 @@ def _register_tiled_matmul(sch):
     sch.vectorize(ji)
     sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
     return parallel
+
+
+def _pointwise_weight_gradient(x, dy):
+    # a 1x1 conv's weight gradient over 4x4 maps at batch 1: a reduction of 16, just above a 3x3 window
+    r = te.reduce_axis((0, 16), name="r")
+    return te.compute((48, 28), lambda f, c: te.sum(x[c, r] * dy[f, r], axis=r), name="grad")
+
+
+def test_reduction_longer_than_a_3x3_window_gets_the_register_tile():
+    before = _kernel(_pointwise_weight_gradient, (28, 16), (48, 16))
+    expected = _expected(before, lambda sch: _register_tiled_matmul(sch, "grad", lanes=4))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
 
 
 def _matmul_relu(a, b):
@@ -267,9 +279,11 @@ def _row_sum(a):
     (*_conv3x3(8, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (*_conv3x3(1, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
+    (_pointwise_weight_gradient, [(28, 16), (48, 16)], lambda x, dy: dy @ x.T),
     (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
 ], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
-        "channel-vector-deep", "batch-vector", "streamed-weights", "epilogue", "weight-gradient-epilogue"])
+        "channel-vector-deep", "batch-vector", "streamed-weights", "epilogue", "weight-gradient-epilogue",
+        "short-weight-gradient"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
