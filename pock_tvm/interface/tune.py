@@ -92,13 +92,13 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
             report(f"[{index + 1}/{len(chosen)}] {row.name}: already in the database")
             continue
         start = time.perf_counter()
-        ms.tir_integration.tune_tir(
+        scratch = ms.database.MemoryDatabase()  # a kernel lands in the database only when tuned:
+        ms.tir_integration.tune_tir(  # an interrupted one is tuned again by the next run
             mod, target, str(logs), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
-            database=ms.database.JSONDatabase(work_dir=str(database)), builder=builder, runner=runner,
-            cost_model="xgb", seed=seed)
+            database=scratch, builder=builder, runner=runner, cost_model="xgb", seed=seed)
         seconds = time.perf_counter() - start
         spent_per_trial = seconds / trials
-        db = ms.database.JSONDatabase(work_dir=str(database))  # re-read what the tuner committed
+        _copy_records(scratch, db)
         default_ms = _commit_default(db, mod, target, builder, runner)
         best = _best_ms(db, mod)
         left = (len(chosen) - index - 1) * trials * spent_per_trial
@@ -192,6 +192,15 @@ def _commit_default(db, mod: tvm.IRModule, target, builder, runner) -> float | N
         sch.trace, workload, run_secs=[seconds], target=target,
         args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
     return 1e3 * seconds
+
+
+def _copy_records(source, db) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    for record in source.get_all_tuning_records():
+        db.commit_tuning_record(ms.database.TuningRecord(
+            record.trace, db.commit_workload(record.workload.mod), run_secs=record.run_secs,
+            target=record.target, args_info=record.args_info))
 
 
 def _best_ms(db, mod) -> float | None:

@@ -40,6 +40,22 @@ def test_tuning_again_continues_from_the_database(tuned):
     assert [r.status for r in again] == ["already in the database"]
 
 
+def test_an_interrupted_kernel_leaves_nothing_in_the_database_and_is_tuned_next_time(monkeypatch, tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    def interrupted(mod, *_args, database, **_kwargs):
+        database.commit_workload(mod)  # the tuner has started on the kernel ...
+        raise KeyboardInterrupt  # ... when the user stops it
+
+    monkeypatch.setattr(ms.tir_integration, "tune_tir", interrupted)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path, kernels=1, trials=2,
+             report=lambda _: None, scheme="last-2", optimizer=SGD)
+    assert ms.database.JSONDatabase(work_dir=str(tmp_path)).get_all_tuning_records() == []
+    assert (tmp_path / "database_workload.json").read_text() == ""
+
+
 def test_compile_applies_the_tuned_schedule_and_numbers_do_not_change(tuned):
     from tvm.s_tir import meta_schedule as ms
 
