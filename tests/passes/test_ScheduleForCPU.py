@@ -139,15 +139,11 @@ def test_strided_conv_vectorizes_output_channels_over_a_transposed_copy_of_the_w
     def schedule(sch):
         block = sch.get_sblock("conv")
         n, f, y, i, c, ry, rx = sch.get_loops(block)
-        io, ii = sch.split(i, [None, 8])
-        sch.reorder(n, y, io, c, ry, rx, ii, f)
-        write_back = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write_back, io)
-        sch.vectorize(sch.get_loops(write_back)[-1])
-        copy = sch.cache_read(block, 1, "global")
-        sch.transform_layout(copy, ("write", 0), lambda f, c, h, w: (c, h, w, f))
+        sch.reorder(n, y, c, ry, rx, i, f)  # the tile: a whole row of 16 outputs x 16 channels
+        _accumulate_channels_innermost(sch, block, y, lambda n, f, y, i: (n, y, i, f))
+        _transposed_copy(sch, block, 1, lambda f, c, h, w: (c, h, w, f))
         sch.parallel(sch.fuse(n, y))
-        sch.unroll(ii)
+        sch.unroll(i)
         sch.vectorize(f)
         sch.vectorize(sch.get_loops(sch.decompose_reduction(block, c))[-1])
 
@@ -163,23 +159,42 @@ def _conv3x3(batch, size):
     return compute, [(batch, 64, size + 2, size + 2), (64, 64, 3, 3)]
 
 
-def _channel_vectorized(vector_loop, copied, layout):
+def _accumulate_channels_innermost(sch, block, at, layout):
+    """The local accumulators, with the vector's dimension innermost (each vector one register)."""
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, at)
+    sch.transform_layout(block, ("write", 0), layout)
+    sch.vectorize(sch.get_loops(write_back)[-1])
+
+
+def _transposed_copy(sch, block, read, layout, parallel=False, lanes=None):
+    """The copy of input ``read`` with the vector's dimension (its first here) innermost, written
+    contiguously: the other dimensions outside (parallel when large), that one vectorized."""
+    copy = sch.cache_read(block, read, "global")
+    sch.transform_layout(copy, ("write", 0), layout)
+    first, *others = sch.get_loops(copy)
+    sch.reorder(*others, first)
+    if parallel:
+        sch.parallel(sch.fuse(*others))
+    sch.vectorize(sch.split(first, [None, lanes])[1] if lanes else first)
+
+
+def _channel_vectorized(vector_loop, copied, layout, parallel_copy):
+    # 4 outputs per row: the tile takes in the row above (y and i fused), up to 16 accumulators
     def schedule(sch):
         block = sch.get_sblock("conv")
         n, f, y, i, c, ry, rx = sch.get_loops(block)
+        pixels = sch.fuse(y, i)
         if vector_loop == "f":
             fo, fi = sch.split(f, [None, 16])
-            outer, vector = [n, fo, y], fi
+            outer, vector, local = [n, fo], fi, (lambda n, f, y, i: (n, y, i, f))
         else:
-            outer, vector = [f, y], n
-        sch.reorder(*outer, c, ry, rx, i, vector)
-        write_back = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write_back, y)
-        sch.vectorize(sch.get_loops(write_back)[-1])
-        copy = sch.cache_read(block, copied, "global")
-        sch.transform_layout(copy, ("write", 0), layout)
-        sch.parallel(sch.fuse(*outer[:2]))
-        sch.unroll(i)
+            outer, vector, local = [f], n, (lambda n, f, y, i: (f, y, i, n))
+        sch.reorder(*outer, c, ry, rx, pixels, vector)
+        _accumulate_channels_innermost(sch, block, outer[-1], local)
+        _transposed_copy(sch, block, copied, layout, parallel_copy, 16 if parallel_copy else None)
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        sch.unroll(pixels)
         sch.vectorize(vector)
         sch.vectorize(sch.get_loops(sch.decompose_reduction(block, c))[-1])
     return schedule
@@ -190,7 +205,7 @@ def test_deep_conv_at_batch_1_vectorizes_output_channels_although_its_weights_ar
     # the activations stay the data input, the vector runs over output channels of copied weights
     compute, shapes = _conv3x3(1, 4)
     before = _kernel(compute, *shapes)
-    expected = _expected(before, _channel_vectorized("f", 1, lambda f, c, h, w: (c, h, w, f)))
+    expected = _expected(before, _channel_vectorized("f", 1, lambda f, c, h, w: (c, h, w, f), True))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
 
 
@@ -198,8 +213,29 @@ def test_conv_with_large_weights_at_batch_8_vectorizes_the_batch_over_copied_act
     # 2x2 maps at batch 8: copying the activations (8x64x4x4) costs less than the weights (64x64x3x3)
     compute, shapes = _conv3x3(8, 2)
     before = _kernel(compute, *shapes)
-    expected = _expected(before, _channel_vectorized("n", 0, lambda n, c, h, w: (c, h, w, n)))
+    expected = _expected(before, _channel_vectorized("n", 0, lambda n, c, h, w: (c, h, w, n), False))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
+
+
+def _strided_input_gradient(dy, w):
+    """The input gradient of a stride-2 1x1 conv (64 -> 32 channels): every other output row and
+    column reads dy, by parity (an index TVM cannot write as a stride)."""
+    k = te.reduce_axis((0, 64), name="k")
+    return te.compute((2, 32, 8, 8), lambda n, c, y, i: te.sum(te.if_then_else(
+        te.all(y % 2 == 0, i % 2 == 0), dy[n, k, y // 2, i // 2], 0.0) * w[k, c], axis=k), name="dx")
+
+
+def _strided_input_gradient_reference(dy, w):
+    dx = np.zeros((2, 32, 8, 8))
+    dx[:, :, ::2, ::2] = np.einsum("nkyx,kc->ncyx", dy, w)
+    return dx
+
+
+def test_input_gradient_of_a_strided_conv_vectorizes_channels_not_the_gathered_row():
+    func = _prim(ScheduleForCPU()(_kernel(_strided_input_gradient, (2, 64, 4, 4), (64, 32))))
+    script = func.script()
+    assert "a1_global" in script  # the weights copied with the output channels innermost
+    assert "T.vectorized(T.int64(16))" in script  # 16 of the 32 channels per vector
 
 
 def test_weights_used_fewer_than_min_reuse_times_are_streamed_not_copied():
@@ -278,11 +314,13 @@ def _row_sum(a):
     (*_conv3x3(1, 4), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (*_conv3x3(8, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (*_conv3x3(1, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
+    (*_conv3x3(4, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
+    (_strided_input_gradient, [(2, 64, 4, 4), (64, 32)], _strided_input_gradient_reference),
     (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
     (_pointwise_weight_gradient, [(28, 16), (48, 16)], lambda x, dy: dy @ x.T),
     (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
 ], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
-        "channel-vector-deep", "batch-vector", "streamed-weights", "epilogue", "weight-gradient-epilogue",
+        "channel-vector-deep", "batch-vector", "streamed-weights", "channel-vector-groups", "parity-gather", "epilogue", "weight-gradient-epilogue",
         "short-weight-gradient"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
