@@ -49,13 +49,14 @@ def profile_program(program: Program, steps: int = 5, warmup: int = 2) -> tuple[
         step()
         plain.append(1e3 * (time.perf_counter() - start))
     flops = program.report().kernel_flops if program.report() else {}
-    total, started = defaultdict(float), {}
+    total, calls, started = defaultdict(float), defaultdict(int), {}
 
     def instrument(_func, name, before, _ret, *_args):
         if before:
             started[name] = time.perf_counter()
         elif name in flops or name in started:
             total[name] += time.perf_counter() - started.pop(name, time.perf_counter())
+            calls[name] += 1
         return 0
 
     program.instrument(instrument)
@@ -67,7 +68,7 @@ def profile_program(program: Program, steps: int = 5, warmup: int = 2) -> tuple[
     kernels = {k: v for k, v in total.items() if not k.startswith("vm.builtin.")}
     summed = sum(kernels.values()) or 1.0
     rows = [KernelRow(name, 1e3 * t / steps, t / summed,
-                      flops[name] * steps / t / 1e9 if flops.get(name) and t > 0 else None)
+                      flops[name] * calls[name] / t / 1e9 if flops.get(name) and t > 0 else None)
             for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])]
     return float(np.median(plain)), rows
 
