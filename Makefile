@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
 
-# The tuning database shipped for this machine's CPU (pock_tvm/tuning/<arch>-<cpu>): the slowest
+# The tuning database shipped for this machine's vector ISA (pock_tvm/tuning/<arch>-<isa>): the slowest
 # kernels of the reference models' steps, tuned with MetaSchedule. Resumable: run it again (even
 # across sessions) and it continues where it stopped; commit the database after each model.
 TUNE := $(PY) -m pock_tvm.cli.main tune --kernels $(or $(KERNELS),10) --trials $(or $(TRIALS),16)

@@ -45,8 +45,11 @@ class ScheduleForCPU:
       read follows as a whole dimension and no other read follows, read from a copy of that input
       with the dimension innermost: output channels from the weights, or the batch from the
       activations where the weights are large (the cheaper by ``work / lanes + COPY_COST x copy``;
-      each copied element must be used ``MIN_REUSE`` times); up to 8 outputs of the row
-      form the register tile;
+      each copied element must be used ``MIN_REUSE`` times; the copy is parallel and written
+      contiguously); the register tile is up to 16 outputs of the row (two rows fused where rows
+      are short) times up to 4 channel vectors, at most ``ACCUMULATORS`` vectors, accumulated
+      with the channel dimension innermost so that each vector stays in a register. Also for
+      gathers by parity (a strided conv's input gradient);
     - **register-tiled reduction** (1x1 convs, their input gradients, matmuls: a reduction longer
       than ``short_reduction`` whose output's innermost dimension is at least 4 long and reads every
       input contiguously or not at all along it): the output's

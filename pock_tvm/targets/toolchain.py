@@ -40,6 +40,13 @@ def system_cpu() -> str:
     return str(tvm.get_global_func("target.llvm_get_system_cpu")())
 
 
+def system_cpu_features() -> set[str]:
+    """The ISA features (LLVM's names: ``avx512f``, ``neon``, ...) of the CPU LLVM detects here."""
+    from tvm.target import codegen
+
+    return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()}))}
+
+
 def _native(spec: dict) -> dict:
     if spec.get("mcpu") == "native":
         spec["mcpu"] = system_cpu()

@@ -1,6 +1,8 @@
-"""Tuning databases shipped with pock_tvm, one directory per host CPU (``<arch>-<llvm cpu>``), made by
-``make tune-host`` (``pock-tvm tune`` on the reference models). ``compile(target="host")`` applies
-the one for this CPU; another CPU gets the default schedules, and is told so once."""
+"""Tuning databases shipped with pock_tvm, one directory per host vector ISA (``<arch>-<isa>``,
+e.g. ``x86_64-avx512f``), made by ``make tune-host`` (``pock-tvm tune`` on the reference models).
+``compile(target="host")`` applies the one for this CPU's ISA (the schedules are made for its vector
+width: a database tuned on one AVX-512 CPU serves another); a CPU without one gets the default
+schedules, and is told so once."""
 
 from __future__ import annotations
 
@@ -13,16 +15,22 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 
 
-def host_cpu() -> str:
-    """``x86_64-znver4``: the architecture and the CPU LLVM detects (its ISA features follow from it)."""
-    from ..targets import host_arch
-    from ..targets.toolchain import system_cpu
+# per architecture, the vector extensions a database is made for, widest first (LLVM feature names)
+VECTOR_ISAS = {"x86_64": ("avx512f", "avx2", "sse2"), "aarch64": ("sve", "neon")}
 
-    return f"{host_arch()}-{system_cpu()}"
+
+def host_cpu() -> str:
+    """``x86_64-avx512f``: the architecture and the widest vector extension of the CPU LLVM detects."""
+    from ..targets import host_arch
+    from ..targets.toolchain import system_cpu_features
+
+    features = system_cpu_features()
+    arch = host_arch()
+    return f"{arch}-{next((f for f in VECTOR_ISAS.get(arch, ()) if f in features), 'generic')}"
 
 
 def shipped_database_dir() -> Path:
-    """Where this CPU's shipped database lives (or would, for ``make tune-host``)."""
+    """Where the shipped database for this CPU's ISA lives (or would, for ``make tune-host``)."""
     return ROOT / host_cpu()
 
 

@@ -95,6 +95,22 @@ def test_a_cpu_without_a_shipped_database_gets_defaults_and_is_told_once(monkeyp
         tuning.shipped_database.cache_clear()
 
 
+@pytest.mark.parametrize("arch, features, key", [
+    ("x86_64", {"sse2", "avx2", "fma", "avx512f", "avx512bw"}, "x86_64-avx512f"),  # znver4, rocketlake alike
+    ("x86_64", {"sse2", "avx2", "fma"}, "x86_64-avx2"),
+    ("aarch64", {"neon", "fp-armv8"}, "aarch64-neon"),
+    ("riscv64", {"v"}, "riscv64-generic"),
+])
+def test_shipped_databases_are_keyed_by_the_widest_vector_extension_not_the_cpu_model(monkeypatch, arch, features,
+                                                                                   key):
+    from pock_tvm import targets, tuning
+    from pock_tvm.targets import toolchain
+
+    monkeypatch.setattr(toolchain, "system_cpu_features", lambda: features)
+    monkeypatch.setattr(targets, "host_arch", lambda: arch)
+    assert tuning.host_cpu() == key
+
+
 def _free_port():
     import socket
 
