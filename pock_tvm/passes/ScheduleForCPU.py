@@ -316,23 +316,43 @@ class ScheduleForCPU:
             loops[r - 1:r + 1] = [sch.fuse(loops[r - 1], loops[r])]  # one run over two dims
         used = nest.primary_vars()
         u = next((i for i in reversed(nest.spatial) if i not in used and nest.extents[i] >= 2), None)
-        tile = _tile(nest.extents[u]) if u is not None else None
+        window = u is None and self._shared_window(nest)
+        if window:
+            u = nest.spatial[-1]
         _, lane = sch.split(loops[-1], [None, lanes])
         partial = sch.rfactor(lane, factor_axis=0)  # partial sums, one per lane
         loops = sch.get_loops(partial)  # the same nest: spatial..., reduce..., lane
-        outer, inner = _split_spatial(sch, loops, nest.spatial, nest.extents, {u: tile} if tile else {})
-        tile_loop = inner.get(u)
         reduce_loops = loops[len(nest.spatial):-1]
+        loops, extents, spatial = list(loops), list(nest.extents), list(nest.spatial)
+        if window:  # the output's last two dims as one tile
+            loops[u] = sch.fuse(loops[u - 1], loops[u])
+            extents[u] *= extents[u - 1]
+            spatial.remove(u - 1)
+        tile = _tile(extents[u], ACCUMULATORS if window else 8) if u is not None else None
+        outer, inner = _split_spatial(sch, loops, spatial, extents, {u: tile} if tile else {})
+        tile_loop = inner.get(u)
         sch.reorder(*outer, *reduce_loops, *([tile_loop] if tile_loop is not None else []), loops[-1])
         write_back = sch.cache_write(partial, 0, "local")
         if outer:
             sch.reverse_compute_at(write_back, outer[-1])
+        # the lanes innermost in the local buffer: each output's partial sums are one register
+        sch.transform_layout(partial, ("write", 0), _moved_innermost(0, len(sch.get(partial).writes[0].region)))
         self._parallel(sch, outer, nest.work())
         if tile_loop is not None:
             sch.unroll(tile_loop)
         sch.vectorize(loops[-1])
         _split_init(sch, partial, reduce_loops[0])
         return True
+
+    def _shared_window(self, nest: _Nest) -> bool:
+        """Whether the output's last two dims (a depthwise weight gradient's 3x3 window) are loops
+        that another read does not follow: one vector of it then feeds every output of the window."""
+        if len(nest.spatial) < 2 or nest.spatial[-2] != nest.spatial[-1] - 1:
+            return False
+        a, b = nest.spatial[-2:]
+        primary = nest.primary_vars()
+        return nest.extents[a] * nest.extents[b] <= ACCUMULATORS and min(nest.extents[a], nest.extents[b]) >= 2 \
+            and any(not ({a, b} & set().union(*r.dims)) for r in nest.reads if set().union(*r.dims) != primary)
 
     def _plain_reduction(self, sch, nest: _Nest) -> bool:
         loops = nest.loops

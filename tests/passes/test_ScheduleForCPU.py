@@ -274,9 +274,44 @@ def test_long_reduction_along_the_inputs_rows_is_vectorized_as_partial_sums():
         sch.reorder(i, ko, lane)
         write_back = sch.cache_write(partial, 0, "local")
         sch.reverse_compute_at(write_back, i)
+        sch.transform_layout(partial, ("write", 0), lambda lane, i: (i, lane))  # an output's lanes: one register
         sch.parallel(i)
         sch.vectorize(lane)
         sch.vectorize(sch.get_loops(sch.decompose_reduction(partial, ko))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
+def _depthwise_weight_gradient(x, dy):
+    n, y, i = (te.reduce_axis((0, e), name=k) for e, k in ((2, "n"), (32, "y"), (32, "i")))
+    return te.compute((16, 3, 3), lambda c, ky, kx: te.sum(x[n, c, y + ky, i + kx] * dy[n, c, y, i],
+                                                           axis=[n, y, i]), name="dw")
+
+
+def _depthwise_weight_gradient_reference(x, dy):
+    return np.stack([np.stack([np.einsum("ncyx,ncyx->c", x[:, :, ky:ky + 32, kx:kx + 32], dy)
+                               for kx in range(3)], -1) for ky in range(3)], 1)
+
+
+def test_depthwise_weight_gradient_tiles_its_window_over_partial_sums_of_the_shared_gradient():
+    # every output of the 3x3 window reads dy at the same place: one vector of dy feeds 9 accumulators
+    before = _kernel(_depthwise_weight_gradient, (2, 16, 34, 34), (2, 16, 32, 32))
+
+    def schedule(sch):
+        block = sch.get_sblock("dw")
+        c, ky, kx, n, y, i = sch.get_loops(block)
+        _, lane = sch.split(sch.fuse(y, i), [None, 16])
+        partial = sch.rfactor(lane, factor_axis=0)
+        c, ky, kx, n, run, lane = sch.get_loops(partial)
+        window = sch.fuse(ky, kx)
+        sch.reorder(c, n, run, window, lane)
+        write_back = sch.cache_write(partial, 0, "local")
+        sch.reverse_compute_at(write_back, c)
+        sch.transform_layout(partial, ("write", 0), lambda lane, c, ky, kx: (c, ky, kx, lane))
+        sch.parallel(c)
+        sch.unroll(window)
+        sch.vectorize(lane)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(partial, n))[-1])
 
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
@@ -316,11 +351,12 @@ def _row_sum(a):
     (*_conv3x3(1, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (*_conv3x3(4, 2), lambda x, w: torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w)).numpy()),
     (_strided_input_gradient, [(2, 64, 4, 4), (64, 32)], _strided_input_gradient_reference),
+    (_depthwise_weight_gradient, [(2, 16, 34, 34), (2, 16, 32, 32)], _depthwise_weight_gradient_reference),
     (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
     (_pointwise_weight_gradient, [(28, 16), (48, 16)], lambda x, dy: dy @ x.T),
     (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
 ], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
-        "channel-vector-deep", "batch-vector", "streamed-weights", "channel-vector-groups", "parity-gather", "epilogue", "weight-gradient-epilogue",
+        "channel-vector-deep", "batch-vector", "streamed-weights", "channel-vector-groups", "parity-gather", "window-partial-sums", "epilogue", "weight-gradient-epilogue",
         "short-weight-gradient"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
