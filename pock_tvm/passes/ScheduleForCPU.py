@@ -286,7 +286,7 @@ class ScheduleForCPU:
         loop the primary input does not depend on, or None) and whether the vector loop takes in
         the row above it (short rows); None when the output has no such vector loop."""
         v = nest.output_inner()
-        if v not in nest.spatial or nest.extents[v] < 4 or nest.work(nest.reduce) <= self.short_reduction:
+        if v not in nest.spatial or nest.extents[v] < 4 or not nest.reduce:
             return None
         rows = nest.extents[v] < self.lanes and nest.rows_above(v)
         if not self._lanes(nest.extents[v] * (nest.extents[v - 1] if rows else 1)):
@@ -294,6 +294,8 @@ class ScheduleForCPU:
         used = nest.primary_vars()
         u = next((i for i in reversed(nest.spatial) if i not in (v, v - 1 if rows else v)
                   and i not in used and nest.extents[i] >= 2), None)
+        if nest.work(nest.reduce) <= self.short_reduction and u is None:
+            return None  # a short reduction (a depthwise window) tiles only with reuse (a 1x1 conv of 8 channels)
         return v, u, rows
 
     def _vectorized_reduction(self, sch, nest: _Nest) -> bool:

@@ -94,6 +94,18 @@ def test_reduction_longer_than_a_3x3_window_gets_the_register_tile():
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
 
 
+def _matmul_of_8(a, b):
+    # a 1x1 conv of 8 input channels (MobileNetV2's first expansion), as a matmul: a reduction of 8
+    k = te.reduce_axis((0, 8), name="k")
+    return te.compute((64, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
+
+
+def test_reduction_shorter_than_a_window_gets_the_register_tile_where_inputs_are_reused():
+    # 8 rows of i share each vector of b (a depthwise window, with no such reuse, keeps its order)
+    before = _kernel(_matmul_of_8, (64, 8), (8, 96))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
+
+
 def _matmul_relu(a, b):
     m = _matmul(a, b)
     return te.compute(m.shape, lambda i, j: te.max(m[i, j], 0.0), name="relu")
@@ -353,11 +365,12 @@ def _row_sum(a):
     (_strided_input_gradient, [(2, 64, 4, 4), (64, 32)], _strided_input_gradient_reference),
     (_depthwise_weight_gradient, [(2, 16, 34, 34), (2, 16, 32, 32)], _depthwise_weight_gradient_reference),
     (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
+    (_matmul_of_8, [(64, 8), (8, 96)], lambda a, b: a @ b),
     (_pointwise_weight_gradient, [(28, 16), (48, 16)], lambda x, dy: dy @ x.T),
     (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
 ], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
-        "channel-vector-deep", "batch-vector", "streamed-weights", "channel-vector-groups", "parity-gather", "window-partial-sums", "epilogue", "weight-gradient-epilogue",
-        "short-weight-gradient"])
+        "channel-vector-deep", "batch-vector", "streamed-weights", "channel-vector-groups", "parity-gather",
+        "window-partial-sums", "epilogue", "short-register-tile", "weight-gradient-epilogue", "short-weight-gradient"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
