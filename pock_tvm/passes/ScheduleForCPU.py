@@ -488,8 +488,9 @@ class _Nest:
 
     def stride(self, read: _Read, loop: int) -> int | None:
         """How far apart in ``read``'s innermost dimension two neighbours of ``loop`` are (None:
-        not linear, e.g. the ``(h + dh - 1) // 2`` of a strided conv's input gradient)."""
-        if not read.starts:
+        not linear, e.g. the ``(h + dh - 1) // 2`` of a strided conv's input gradient, or the loop
+        also moves an outer dimension: the channels of a weight gradient's activations)."""
+        if not read.starts or any(loop in d for d in read.dims[:-1]):
             return None
         coefficients = detect_linear_equation(read.starts[-1], [self.block_vars[loop]])
         return int(coefficients[0]) if coefficients and isinstance(coefficients[0], tvm.tirx.IntImm) else None

@@ -83,13 +83,14 @@ def _register_tiled_matmul(sch, name="matmul", lanes=16):
 
 
 def _pointwise_weight_gradient(x, dy):
-    # a 1x1 conv's weight gradient over 4x4 maps at batch 1: a reduction of 16, just above a 3x3 window
+    # a 1x1 conv's weight gradient over 4x4 maps at batch 1 (activations stored channels-last): a
+    # reduction of 16, just above a 3x3 window
     r = te.reduce_axis((0, 16), name="r")
-    return te.compute((48, 28), lambda f, c: te.sum(x[c, r] * dy[f, r], axis=r), name="grad")
+    return te.compute((48, 28), lambda f, c: te.sum(x[r, c] * dy[f, r], axis=r), name="grad")
 
 
 def test_reduction_longer_than_a_3x3_window_gets_the_register_tile():
-    before = _kernel(_pointwise_weight_gradient, (28, 16), (48, 16))
+    before = _kernel(_pointwise_weight_gradient, (16, 28), (48, 16))
     expected = _expected(before, lambda sch: _register_tiled_matmul(sch, "grad", lanes=4))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
 
@@ -104,6 +105,28 @@ def test_reduction_shorter_than_a_window_gets_the_register_tile_where_inputs_are
     # 8 rows of i share each vector of b (a depthwise window, with no such reuse, keeps its order)
     before = _kernel(_matmul_of_8, (64, 8), (8, 96))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
+
+
+def _channel_weight_gradient(x, dy):
+    # a 1x1 conv's weight gradient over 4x4 maps at batch 8: the output's inner loop (14 input
+    # channels) moves an outer dimension of x, so a vector of outputs would gather x
+    rc, ry, rx = (te.reduce_axis((0, e), name=k) for e, k in ((8, "rc"), (4, "ry"), (4, "rx")))
+    return te.compute((336, 14), lambda f, c: te.sum(x[rc, c, ry, rx] * dy[rc, f, ry, rx], axis=[rc, ry, rx]),
+                      name="grad")
+
+
+def test_vector_of_outputs_that_would_gather_through_an_outer_dimension_gets_no_register_tile():
+    before = _kernel(_channel_weight_gradient, (8, 14, 4, 4), (8, 336, 4, 4))
+
+    def schedule(sch):
+        block = sch.get_sblock("grad")
+        f, c, rc, ry, rx = sch.get_loops(block)
+        sch.reorder(f, rc, ry, rx, c)
+        sch.parallel(f)
+        sch.vectorize(c)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, rc))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
 
 def _matmul_relu(a, b):
@@ -366,11 +389,12 @@ def _row_sum(a):
     (_depthwise_weight_gradient, [(2, 16, 34, 34), (2, 16, 32, 32)], _depthwise_weight_gradient_reference),
     (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
     (_matmul_of_8, [(64, 8), (8, 96)], lambda a, b: a @ b),
-    (_pointwise_weight_gradient, [(28, 16), (48, 16)], lambda x, dy: dy @ x.T),
+    (_channel_weight_gradient, [(8, 14, 4, 4), (8, 336, 4, 4)], lambda x, dy: np.einsum("rcyx,rfyx->fc", x, dy)),
+    (_pointwise_weight_gradient, [(16, 28), (48, 16)], lambda x, dy: dy @ x),
     (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
 ], ids=["register-tile", "plain", "partial-sums", "channel-vector", "small-window", "rows-no-vector-width",
         "channel-vector-deep", "batch-vector", "streamed-weights", "channel-vector-groups", "parity-gather",
-        "window-partial-sums", "epilogue", "short-register-tile", "weight-gradient-epilogue", "short-weight-gradient"])
+        "window-partial-sums", "epilogue", "short-register-tile", "outer-gather", "weight-gradient-epilogue", "short-weight-gradient"])
 def test_each_reduction_rule_keeps_the_numbers(compute, shapes, reference):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
