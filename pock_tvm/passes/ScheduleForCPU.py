@@ -69,8 +69,9 @@ class ScheduleForCPU:
       gradient, BatchNorm after a conv): computed inside its producer's parallel loop, on the
       part of the output that iteration produced while it is in cache, vectorized along its
       contiguous run (for producers that are parallel and vectorized);
-    - **spatial** (elementwise, broadcast, injective): all loops fused, split by a vector width,
-      the inner part vectorized.
+    - **spatial** (elementwise, broadcast, injective): the loops below the outermost fused (all
+      loops where those are shorter than a vector), split by a vector width, the inner part
+      vectorized, the outer part fused with the outermost and parallel.
 
     "The primary input" above is the read the schedule is built around: the data input (a conv's
     activations, following the output's innermost loop) unless the largest read is streamed (used
@@ -138,13 +139,21 @@ class ScheduleForCPU:
     # -- rules: each returns False, without changing the schedule, when it does not apply --
 
     def _spatial(self, sch, nest: _Nest) -> bool:
-        fused = sch.fuse(*nest.loops) if len(nest.loops) > 1 else nest.loops[0]
+        loops, rest = nest.loops, nest.work(range(1, len(nest.loops)))
+        # the vector splits the inner loops fused and the outermost stays apart where they are long
+        # enough: a split of all loops fused over odd inner dims (a 3x3 weight's SGD update) leaves
+        # index arithmetic that is computed lane by lane (4x slower)
+        head = loops[0] if len(loops) > 1 and rest >= self.lanes and self._lanes(rest) else None
+        body = loops[1:] if head is not None else loops
+        fused = sch.fuse(*body) if len(body) > 1 else body[0]
         lanes = self._lanes(_extent(sch, fused))
         outer, inner = fused, None
         if lanes == _extent(sch, fused):
             outer, inner = None, fused
         elif lanes:
             outer, inner = sch.split(fused, [None, lanes])
+        if head is not None:
+            outer = sch.fuse(head, outer) if outer is not None else head
         if outer is not None and nest.work() >= self.min_parallel_work:
             sch.parallel(outer)
         if inner is not None:

@@ -32,8 +32,23 @@ def _expected(mod, schedule):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def test_elementwise_kernel_is_fused_parallel_and_vectorized():
-    before = _kernel(lambda a: te.compute((64, 512), lambda i, j: a[i, j] * 2.0, name="double"), (64, 512))
+def test_elementwise_kernel_is_split_by_a_vector_below_its_outermost_loop_and_parallel():
+    # a 3x3 conv weight's SGD update: the inner loops fused are split by the vector, the outermost
+    # stays apart (all four fused, the index of every lane is computed apart: measured 4x slower)
+    before = _kernel(lambda a: te.compute((64, 32, 3, 3), lambda *i: a[i] * 2.0, name="double"), (64, 32, 3, 3))
+
+    def schedule(sch):
+        block = sch.get_sblock("double")
+        head, *inner_loops = sch.get_loops(block)
+        outer, inner = sch.split(sch.fuse(*inner_loops), [None, 16])
+        sch.parallel(sch.fuse(head, outer))
+        sch.vectorize(inner)
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
+def test_elementwise_kernel_with_short_inner_loops_is_fused_whole():
+    before = _kernel(lambda a: te.compute((8192, 3), lambda i, j: a[i, j] * 2.0, name="double"), (8192, 3))
 
     def schedule(sch):
         block = sch.get_sblock("double")
