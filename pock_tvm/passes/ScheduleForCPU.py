@@ -47,7 +47,8 @@ class ScheduleForCPU:
       activations where the weights are large (the cheaper by ``work / lanes + COPY_COST x copy``;
       each copied element must be used ``MIN_REUSE`` times; the copy is parallel and written
       contiguously); the register tile is up to 16 outputs of the row (two rows fused where rows
-      are short) times up to 4 channel vectors, at most ``ACCUMULATORS`` vectors, accumulated
+      are short) times up to 4 channel vectors (or, where the channels make one vector, e.g. a
+      batch of 8, up to 4 of another output loop), at most ``ACCUMULATORS`` vectors, accumulated
       with the channel dimension innermost so that each vector stays in a register. Also for
       gathers by parity (a strided conv's input gradient);
     - **register-tiled reduction** (1x1 convs, their input gradients, matmuls: a reduction longer
@@ -230,6 +231,14 @@ class ScheduleForCPU:
         # the register tile: ``tile`` outputs of the row times ``vectors`` vectors of channels
         vectors = next(k for k in (4, 2, 1) if tile * k <= ACCUMULATORS and extents[c] % (lanes * k) == 0)
         factors = {v: tile, c: lanes * vectors}
+        # or, where the channels give one vector (the batch of 8), a few of another output loop (the
+        # output channels: one row of the streamed weights is then used whole)
+        other = next((i for i in reversed(spatial) if i not in (v, v - 1 if rows else v, c)
+                      and vectors == 1 and extents[i] % 2 == 0), None)
+        others = next((k for k in (4, 2) if other is not None and tile * k <= ACCUMULATORS
+                       and extents[other] % k == 0), None)
+        if others:
+            factors[other] = others
         if tile == row and factors[c] == extents[c] and len(spatial) - rows == 2:
             return False  # nothing outside the tile to accumulate it under
         if rows:
@@ -237,7 +246,7 @@ class ScheduleForCPU:
             extents[v] = row
             spatial.remove(v - 1)
         outer, inner = _split_spatial(sch, loops, spatial, extents, factors)
-        group, vector = sch.split(inner[c], [vectors, lanes]) if vectors > 1 else (None, inner[c])
+        group, vector = sch.split(inner[c], [vectors, lanes]) if vectors > 1 else (inner.get(other), inner[c])
         sch.reorder(*outer, *[loops[i] for i in nest.reduce], *([group] if group is not None else []), inner[v],
                     vector)
         _accumulate_locally(sch, nest.block, outer[-1], innermost=nest.write.index({c}))

@@ -237,13 +237,16 @@ def _channel_vectorized(vector_loop, copied, layout, parallel_copy):
         pixels = sch.fuse(y, i)
         if vector_loop == "f":
             fo, fi = sch.split(f, [None, 16])
-            outer, vector, local = [n, fo], fi, (lambda n, f, y, i: (n, y, i, f))
-        else:
-            outer, vector, local = [f], n, (lambda n, f, y, i: (f, y, i, n))
-        sch.reorder(*outer, c, ry, rx, pixels, vector)
+            outer, group, vector, local = [n, fo], [], fi, (lambda n, f, y, i: (n, y, i, f))
+        else:  # one vector of the batch (8) x 4 pixels: 4 output channels make the tile 16 vectors
+            fo, fi = sch.split(f, [None, 4])
+            outer, group, vector, local = [fo], [fi], n, (lambda n, f, y, i: (f, y, i, n))
+        sch.reorder(*outer, c, ry, rx, *group, pixels, vector)
         _accumulate_channels_innermost(sch, block, outer[-1], local)
         _transposed_copy(sch, block, copied, layout, parallel_copy, 16 if parallel_copy else None)
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        for loop in group:
+            sch.unroll(loop)
         sch.unroll(pixels)
         sch.vectorize(vector)
         sch.vectorize(sch.get_loops(sch.decompose_reduction(block, c))[-1])
