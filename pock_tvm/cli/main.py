@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--input-shape", type=_shape)
     u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     u.add_argument("--db", metavar="DIR", help="tuning database directory, created or continued (default: the "
-                   "one shipped for this CPU, pock_tvm/tuning/<arch>-<cpu>)")
+                   "one shipped for this CPU's vector ISA, pock_tvm/tuning/<arch>-<isa>)")
     u.add_argument("--kernels", type=int, default=10, help="how many of the slowest kernels to tune")
     u.add_argument("--trials", type=int, default=16, help="MetaSchedule trials per kernel (~4 s each here)")
     u.add_argument("--target", default="host", help="as for compile (CPU targets)")

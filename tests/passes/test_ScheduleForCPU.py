@@ -69,8 +69,8 @@ def test_small_elementwise_kernel_is_vectorized_but_not_parallel():
 
 
 def _matmul(a, b):
-    k = te.reduce_axis((0, 256), name="k")
-    return te.compute((64, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
+    k = te.reduce_axis((0, a.shape[1]), name="k")
+    return te.compute((a.shape[0], b.shape[1]), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
 
 
 def test_reduction_gets_a_register_tile_over_a_loop_the_primary_input_does_not_use():
@@ -110,15 +110,10 @@ def test_reduction_longer_than_a_3x3_window_gets_the_register_tile():
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
 
 
-def _matmul_of_8(a, b):
-    # a 1x1 conv of 8 input channels (MobileNetV2's first expansion), as a matmul: a reduction of 8
-    k = te.reduce_axis((0, 8), name="k")
-    return te.compute((64, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
-
-
 def test_reduction_shorter_than_a_window_gets_the_register_tile_where_inputs_are_reused():
+    # a 1x1 conv of 8 input channels (MobileNetV2's first expansion) as a matmul: a reduction of 8;
     # 8 rows of i share each vector of b (a depthwise window, with no such reuse, keeps its order)
-    before = _kernel(_matmul_of_8, (64, 8), (8, 96))
+    before = _kernel(_matmul, (64, 8), (8, 96))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
 
 
@@ -406,7 +401,7 @@ def _row_sum(a):
     (_strided_input_gradient, [(2, 64, 4, 4), (64, 32)], _strided_input_gradient_reference),
     (_depthwise_weight_gradient, [(2, 16, 34, 34), (2, 16, 32, 32)], _depthwise_weight_gradient_reference),
     (_matmul_relu, [(64, 256), (256, 96)], lambda a, b: np.maximum(a @ b, 0)),
-    (_matmul_of_8, [(64, 8), (8, 96)], lambda a, b: a @ b),
+    (_matmul, [(64, 8), (8, 96)], lambda a, b: a @ b),
     (_channel_weight_gradient, [(8, 14, 4, 4), (8, 336, 4, 4)], lambda x, dy: np.einsum("rcyx,rfyx->fc", x, dy)),
     (_pointwise_weight_gradient, [(16, 28), (48, 16)], lambda x, dy: dy @ x),
     (_weight_gradient_update, [(1, 32, 4, 4), (1, 48, 2, 2)], _weight_gradient_update_reference),
