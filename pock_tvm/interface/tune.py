@@ -93,6 +93,7 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
             continue
         start = time.perf_counter()
         scratch = ms.database.MemoryDatabase()  # a kernel lands in the database only when tuned:
+        _quiet_meta_schedule()  # (each tuning run adds its console handler again)
         ms.tir_integration.tune_tir(  # an interrupted one is tuned again by the next run
             mod, target, str(logs), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
             database=scratch, builder=builder, runner=runner, cost_model="xgb", seed=seed)
