@@ -185,10 +185,8 @@ class ScheduleForCPU:
             return False  # a vector of outputs would gather its inputs
         v, u, rows = axes
         loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
-        if rows:
-            loops[v] = sch.fuse(loops[v - 1], loops[v])  # short rows: one vector over two dims
-            extents[v] *= extents[v - 1]
-            spatial.remove(v - 1)
+        if rows:  # short rows: one vector over two dims
+            _fuse_rows(sch, loops, extents, spatial, v)
         factors = {v: self._lanes(extents[v]), **({u: _tile(extents[u])} if u is not None else {})}
         outer, inner = _split_spatial(sch, loops, spatial, extents, factors)
         vector, tile = inner[v], inner.get(u)
@@ -244,9 +242,7 @@ class ScheduleForCPU:
         if tile == row and factors[c] == extents[c] and len(spatial) - rows == 2:
             return False  # nothing outside the tile to accumulate it under
         if rows:
-            loops[v] = sch.fuse(loops[v - 1], loops[v])
-            extents[v] = row
-            spatial.remove(v - 1)
+            _fuse_rows(sch, loops, extents, spatial, v)
         outer, inner = _split_spatial(sch, loops, spatial, extents, factors)
         group, vector = sch.split(inner[c], [vectors, lanes]) if vectors > 1 else (inner.get(other), inner[c])
         sch.reorder(*outer, *[loops[i] for i in nest.reduce], *([group] if group is not None else []), inner[v],
@@ -288,9 +284,7 @@ class ScheduleForCPU:
         if not lanes:
             return False  # no vector width divides two rows (e.g. 7x7 maps)
         loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
-        loops[v] = sch.fuse(loops[v - 1], loops[v])  # short rows: one vector over two dims
-        extents[v] = extent
-        spatial.remove(v - 1)
+        _fuse_rows(sch, loops, extents, spatial, v)  # short rows: one vector over two dims
         outer, inner = _split_spatial(sch, loops, spatial, extents, {v: lanes})
         window = [loops[i] for i in nest.reduce]
         sch.reorder(*outer, *window, inner[v])
@@ -347,9 +341,7 @@ class ScheduleForCPU:
         reduce_loops = loops[len(nest.spatial):-1]
         loops, extents, spatial = list(loops), list(nest.extents), list(nest.spatial)
         if window:  # the output's last two dims as one tile
-            loops[u] = sch.fuse(loops[u - 1], loops[u])
-            extents[u] *= extents[u - 1]
-            spatial.remove(u - 1)
+            _fuse_rows(sch, loops, extents, spatial, u)
         tile = _tile(extents[u], ACCUMULATORS if window else 8) if u is not None else None
         outer, inner = _split_spatial(sch, loops, spatial, extents, {u: tile} if tile else {})
         tile_loop = inner.get(u)
@@ -531,6 +523,13 @@ def _split_spatial(sch, loops, spatial, extents, factors) -> tuple[list, dict]:
             head, inner[i] = sch.split(loops[i], [None, factor])
             outer.append(head)
     return outer, inner
+
+
+def _fuse_rows(sch, loops: list, extents: list, spatial: list, v: int) -> None:
+    """Loop ``v`` and the one above it (rows of a map) as one loop, in place in the lists."""
+    loops[v] = sch.fuse(loops[v - 1], loops[v])
+    extents[v] *= extents[v - 1]
+    spatial.remove(v - 1)
 
 
 def _contiguous_tail(sch, loops) -> list:
