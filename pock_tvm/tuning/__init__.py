@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent
 VECTOR_ISAS = {"x86_64": ("avx512f", "avx2", "sse2"), "aarch64": ("sve", "neon")}
 
 
-def host_cpu() -> str:
+def host_isa() -> str:
     """``x86_64-avx512f``: the architecture and the widest vector extension of the CPU LLVM detects."""
     from ..targets import host_arch
     from ..targets.toolchain import system_cpu_features
@@ -31,7 +31,7 @@ def host_cpu() -> str:
 
 def shipped_database_dir() -> Path:
     """Where the shipped database for this CPU's ISA lives (or would, for ``make tune-host``)."""
-    return ROOT / host_cpu()
+    return ROOT / host_isa()
 
 
 @functools.cache
@@ -43,5 +43,5 @@ def shipped_database() -> Path | None:
         return path
     shipped = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith("_"))
     logger.warning("no tuned kernel schedules ship for this CPU (%s; shipped: %s): default schedules are "
-                   "used; `pock-tvm tune` makes a database for it", host_cpu(), ", ".join(shipped) or "none")
+                   "used; `pock-tvm tune` makes a database for it", host_isa(), ", ".join(shipped) or "none")
     return None
