@@ -75,7 +75,7 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     step_ms, rows = profile_program(ranked)
     report(f"step {step_ms:.2f} ms with default schedules on this machine; {len(rows)} kernels; "
            f"measuring on {device.describe()}")
-    logs = _quiet_meta_schedule()
+    logs = _log_dir()
     # the kernels as the tuning database sees them: before any schedule
     options = replace(PipelineOptions.load(compile_args.pop("options", None)), schedule_kernels=False)
     plain = compile(model, example_inputs, options=options, **compile_args).ir
@@ -93,7 +93,7 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
             continue
         start = time.perf_counter()
         scratch = ms.database.MemoryDatabase()  # a kernel lands in the database only when tuned:
-        _quiet_meta_schedule()  # (each tuning run adds its console handler again)
+        _quiet_meta_schedule()  # before every run: each one adds its console handler again
         ms.tir_integration.tune_tir(  # an interrupted one is tuned again by the next run
             mod, target, str(logs), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
             database=scratch, builder=builder, runner=runner, cost_model="xgb", seed=seed)
@@ -156,16 +156,20 @@ def _tunable(target, device: TuningDevice):
     return preset
 
 
-def _quiet_meta_schedule() -> Path:
-    """MetaSchedule logs every round to the console: send it to files under the cache instead
-    (the returned directory), and drop unnamed handlers, which its logging setup cannot name."""
-    from ..targets.runner_build import cache_dir
-
+def _quiet_meta_schedule() -> None:
+    """MetaSchedule logs every round to the console: keep warnings only, and drop unnamed
+    handlers, which its logging setup cannot name (its own logs go to ``_log_dir()``)."""
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     ms_logger.setLevel(logging.WARNING)
     for handler in list(ms_logger.handlers):
         if handler.get_name() is None:
             ms_logger.removeHandler(handler)
+
+
+def _log_dir() -> Path:
+    """Where MetaSchedule writes its logs: under the cache, not the console or the database."""
+    from ..targets.runner_build import cache_dir
+
     logs = cache_dir() / "tune-logs"
     logs.mkdir(parents=True, exist_ok=True)
     return logs

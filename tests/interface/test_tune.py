@@ -56,6 +56,29 @@ def test_an_interrupted_kernel_leaves_nothing_in_the_database_and_is_tuned_next_
     assert (tmp_path / "database_workload.json").read_text() == ""
 
 
+def test_metaschedule_stays_off_the_console_for_every_kernel(monkeypatch, tmp_path, capsys):
+    # a tuning run leaves MetaSchedule's logger with an unnamed console handler at INFO, which the
+    # next kernel's run would print through
+    from tvm.s_tir import meta_schedule as ms
+
+    from pock_tvm.interface import tune as tune_module
+
+    def fake_tune(mod, *_args, database, **_kwargs):
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        ms_logger.info("Sending 16 sample(s) to builder")
+        ms_logger.addHandler(logging.StreamHandler())
+        ms_logger.setLevel(logging.INFO)
+
+    monkeypatch.setattr(ms.tir_integration, "tune_tir", fake_tune)
+    monkeypatch.setattr(tune_module, "_commit_default", lambda *_args: 0.1)  # (no builder start-up)
+    monkeypatch.setattr(tune_module, "_best_ms", lambda *_args: 0.1)
+    torch.manual_seed(0)
+    rows = tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path, kernels=2, trials=1,
+                report=lambda _: None, scheme="last-2", optimizer=SGD)
+    assert len(rows) == 2
+    assert "Sending 16 sample(s)" not in capsys.readouterr().err
+
+
 def test_compile_applies_the_tuned_schedule_and_numbers_do_not_change(tuned):
     from tvm.s_tir import meta_schedule as ms
 
@@ -90,7 +113,7 @@ def test_a_cpu_without_a_shipped_database_gets_defaults_and_is_told_once(monkeyp
             assert tuning.shipped_database() is None
             assert tuning.shipped_database() is None
         told = [r for r in caplog.records if "no tuned kernel schedules ship for this CPU" in r.getMessage()]
-        assert len(told) == 1 and tuning.host_cpu() in told[0].getMessage()
+        assert len(told) == 1 and tuning.host_isa() in told[0].getMessage()
     finally:
         tuning.shipped_database.cache_clear()
 
@@ -108,7 +131,7 @@ def test_shipped_databases_are_keyed_by_the_widest_vector_extension_not_the_cpu_
 
     monkeypatch.setattr(toolchain, "system_cpu_features", lambda: features)
     monkeypatch.setattr(targets, "host_arch", lambda: arch)
-    assert tuning.host_cpu() == key
+    assert tuning.host_isa() == key
 
 
 def _free_port():
