@@ -154,14 +154,20 @@ class Scheme:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_toml(self) -> str:
+        """The scheme as a ``.toml`` file that :meth:`load` reads back to an equal scheme."""
+        lines = [f"name = {json.dumps(self.name)}", f"bias = {json.dumps(self.bias)}",
+                 f"norm_affine = {json.dumps(self.norm_affine)}", f"default = {json.dumps(self.default)}"]
+        for rule in self.rules:
+            lines += ["", "[[rules]]", f"select = {json.dumps(rule.select)}", f"mode = {json.dumps(rule.mode)}"]
+            if rule.mode == "partial":
+                lines.append(f"ratio = {rule.ratio!r}")
+        return "\n".join(lines) + "\n"
+
     # ---- resolution -----------------------------------------------------------------------------
     def resolve(self, model: ImportedModel) -> dict[str, Update]:
         """Resolve to an :class:`Update` for every trainable (non-buffer) parameter of ``model``."""
-        uses = param_uses(model.mod["forward"])
-        params = [p for p in model.params if not p.is_buffer]
-        kinds = {p.name: uses[p.var_name].kind if p.var_name in uses else "other" for p in params}
-        order = sorted(params, key=lambda p: uses[p.var_name].position if p.var_name in uses else 0)
-        layers = list(dict.fromkeys(p.layer for p in order))
+        params, kinds, layers = trainable_params(model)
         blocks = list(dict.fromkeys(_block_of(layer) for layer in layers))
         result = {p.name: Update(self.default) for p in params}
 
@@ -188,6 +194,22 @@ class Scheme:
                     continue
                 result[p.name] = _partial(p, kinds[p.name], rule.ratio)
         return result
+
+
+def trainable_params(model: ImportedModel):
+    """``(params, kinds, layers)``: the non-buffer parameters in forward order, each one's kind
+    (:class:`pock_tvm.analysis.layers.ParamUse`: conv, depthwise, linear, norm, bias, other) by
+    name, and the layers in forward order."""
+    uses = param_uses(model.mod["forward"])
+    params = [p for p in model.params if not p.is_buffer]
+    params.sort(key=lambda p: uses[p.var_name].position if p.var_name in uses else 0)
+    kinds = {p.name: uses[p.var_name].kind if p.var_name in uses else "other" for p in params}
+    return params, kinds, list(dict.fromkeys(p.layer for p in params))
+
+
+def blocks(model: ImportedModel) -> list[str]:
+    """The blocks of ``model`` in forward order, as ``bias = N`` and ``last-N`` count them."""
+    return list(dict.fromkeys(_block_of(layer) for layer in trainable_params(model)[2]))
 
 
 def _block_of(layer: str) -> str:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import tvm
 from tvm import relax
 
@@ -44,15 +41,24 @@ def planned_bytes(lowered: tvm.IRModule, func_name: str = "train_step") -> dict[
 def kernel_workspace(lowered: tvm.IRModule) -> dict[str, int]:
     """``{"peak": bytes, "kernel": name}``: the largest scratch memory one kernel allocates for its
     own intermediates (e.g. a padded input, a conv result before its fused epilogue). Kernels run
-    one at a time, so the step needs the largest of them on top of its planned storage."""
+    one at a time, so the step needs the largest of them on top of its planned storage.
+
+    Read after TIR's own buffer compaction (the passes ``tvm.compile`` runs first): a schedule
+    that computes a stage inside a loop nest declares the whole buffer but allocates only the
+    region one iteration touches (a register tile, one row). Registers (``local``) are not
+    counted; an allocation inside a parallel loop counts once, not once per thread."""
+    from tvm.s_tir import transform as s_tir
+    from tvm.s_tir.analysis import calculate_allocated_bytes
+
+    compact = tvm.transform.Sequential([s_tir.LowerInitBlock(), s_tir.PlanAndUpdateBufferAllocationLocation(),
+                                        s_tir.ConvertBlocksToOpaque(), s_tir.CompactBufferAllocation(),
+                                        s_tir.LowerOpaqueBlock(), tvm.tirx.transform.FlattenBuffer()])
     peak, name = 0, ""
     for gvar, func in lowered.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or not hasattr(func.body, "block"):
+        if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        # unscheduled kernels (legalized, fused) declare every intermediate on their root block
-        size = sum(math.prod(int(d) for d in buf.shape) * np.dtype(str(buf.dtype)).itemsize
-                   for buf in func.body.block.alloc_buffers)
+        sizes = calculate_allocated_bytes(compact(tvm.IRModule({"main": func})))["main"]
+        size = int(sizes.get("global", 0))
         if size > peak:
             peak, name = size, gvar.name_hint
     return {"peak": peak, "kernel": name}
-

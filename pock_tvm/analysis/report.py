@@ -41,6 +41,16 @@ class Report:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def training_bytes(self) -> int:
+        """Planned memory training adds to the model's parameters: step storage (saved activations,
+        gradients, intermediates), the largest kernel scratch and the optimizer state."""
+        p = self.planned
+        return p["train_step"] + p.get("kernel_scratch", 0) + self.optimizer_state_bytes
+
+    def inference_bytes(self) -> int:
+        """Planned memory of the forward alone, beside the parameters (what no update costs)."""
+        return self.planned["forward"] + self.planned.get("kernel_scratch", 0)
+
     @staticmethod
     def from_json(data: dict) -> Report:
         return Report(data["scheme"], [LayerRow(**r) for r in data["layers"]], data["dense"],
@@ -58,14 +68,14 @@ class Report:
         lines += ["", f"trainable parameters: {trainable} of {total} ({100.0 * trainable / max(total, 1):.2f}%)",
                   "", f"{'per step':<28} {'full backprop':>16} {'this scheme':>16} {'saved':>8}"]
         rows = [("forward FLOPs", "forward_flops", _num), ("backward FLOPs", "backward_flops", _num),
-                ("saved activations", "saved_activation_bytes", _bytes),
-                ("gradients", "gradient_bytes", _bytes)]
+                ("saved activations", "saved_activation_bytes", format_bytes),
+                ("gradients", "gradient_bytes", format_bytes)]
         for label, key, fmt in rows:
             d, s = self.dense[key], self.sparse[key]
             ratio = f"{d / s:.1f}x" if s else "all"
             lines.append(f"{label:<28} {fmt(d):>16} {fmt(s):>16} {ratio:>8}")
-        lines.append(f"{'optimizer state':<28} {'':>16} {_bytes(self.optimizer_state_bytes):>16}")
-        lines.append(f"{'parameters':<28} {_bytes(self.param_bytes):>16} {_bytes(self.param_bytes):>16}")
+        lines.append(f"{'optimizer state':<28} {'':>16} {format_bytes(self.optimizer_state_bytes):>16}")
+        lines.append(f"{'parameters':<28} {format_bytes(self.param_bytes):>16} {format_bytes(self.param_bytes):>16}")
         lines += self._memory_lines()
         ops = ", ".join(f"{k.replace('relax.', '')} x{v}" for k, v in sorted(self.sparse["backward_ops"].items()))
         lines += ["", f"backward ops kept: {ops}"] + self.notes
@@ -78,18 +88,18 @@ class Report:
         storage, scratch = p["train_step"], p.get("kernel_scratch", 0)
         peak = self.param_bytes + self.optimizer_state_bytes + storage + scratch
         lines = ["", "planned memory of one training step (static plan, nothing allocated at run time):",
-                 f"  parameters         {_bytes(self.param_bytes):>12}"
-                 + (f"   ({_bytes(p['folded_bytes'])} frozen, folded into the step as constants)"
+                 f"  parameters         {format_bytes(self.param_bytes):>12}"
+                 + (f"   ({format_bytes(p['folded_bytes'])} frozen, folded into the step as constants)"
                     if p.get("folded_bytes") else ""),
-                 f"  optimizer state    {_bytes(self.optimizer_state_bytes):>12}",
-                 f"  step storage       {_bytes(storage):>12}   (saved activations, gradients and "
-                 f"intermediates, reused by liveness; forward alone: {_bytes(p['forward'])})",
-                 f"  kernel scratch     {_bytes(scratch):>12}   (the largest one kernel needs)",
-                 f"  peak               {_bytes(peak):>12}"]
+                 f"  optimizer state    {format_bytes(self.optimizer_state_bytes):>12}",
+                 f"  step storage       {format_bytes(storage):>12}   (saved activations, gradients and "
+                 f"intermediates, reused by liveness; forward alone: {format_bytes(p['forward'])})",
+                 f"  kernel scratch     {format_bytes(scratch):>12}   (the largest one kernel needs)",
+                 f"  peak               {format_bytes(peak):>12}"]
         if self.phases:
             keys = ["saved_activations", "gradients", "step_storage", "kernel_scratch", "peak"]
             lines += ["", f"{'after phase':<26}" + "".join(f"{k.replace('_', ' '):>19}" for k in keys)]
-            lines += [f"{r['phase']:<26}" + "".join(f"{_bytes(r[k]):>19}" for k in keys) for r in self.phases]
+            lines += [f"{r['phase']:<26}" + "".join(f"{format_bytes(r[k]):>19}" for k in keys) for r in self.phases]
         return lines
 
 
@@ -100,7 +110,7 @@ def _num(value: int) -> str:
     return str(value)
 
 
-def _bytes(value: int) -> str:
+def format_bytes(value: int) -> str:
     for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
         if value >= scale:
             return f"{value / scale:.2f} {unit}"

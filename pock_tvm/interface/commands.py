@@ -24,13 +24,13 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
     """
     import torch
 
-    from ..models import _REGISTRY, build
+    from ..models import _REGISTRY, DEFAULT_INPUT_SHAPES, build
 
     if spec.endswith(".onnx"):
         return spec, None
     if spec in _REGISTRY:
         model = build(spec)
-        shape = input_shape or {"mlp": (8, 32)}.get(spec, (8, 3, 128, 128))
+        shape = input_shape or DEFAULT_INPUT_SHAPES.get(spec, (8, 3, 128, 128))
         return model, (torch.randn(*shape),)
     if ":" in spec:
         where, name = spec.rsplit(":", 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 import warnings
 
 import numpy as np
@@ -82,27 +82,27 @@ def build_training_graph(imported, trainable, partial, loss, optimizer,
                              frozen_values=frozen_values, options=options, lower=False)(imported.mod)
 
 
-def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
-            target="host", input_shapes: dict | None = None, memory_phases: bool = False,
-            options: PipelineOptions | str | None = None, tuning_database=None) -> Program:
-    """Compile ``model`` into a training :class:`Program`.
+@dataclass
+class PlannedStep:
+    """A training step lowered and memory-planned, before code generation: what the compiler knows
+    of its cost (``report``: planned bytes, FLOPs) and what :func:`build` needs to make a program."""
 
-    ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
-    jetson-orin, jetson-nano, cuda) or a target file; a program for another machine cannot
-    ``step`` here, ``save`` writes its bundle for the device runner.
-    ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), an ONNX path or ``ModelProto``.
-    ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
-    ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
-    ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
-    ``options`` switch optimizations of the pipeline: a :class:`PipelineOptions` or a preset
-    ``"O0"``..``"O3"`` (default ``O3``, everything; ``PipelineOptions(fold_frozen=False)`` keeps
-    frozen tensors as runtime inputs so that they can be reloaded).
-    ``tuning_database`` is a directory of tuned kernel schedules (``pock-tvm tune``) for ``target``;
-    for ``host`` it defaults to the database shipped for this CPU, if any (``pock_tvm/tuning``);
-    ``False`` applies none.
-    ``memory_phases=True`` adds the planned memory after each optimization phase to the report
-    (one more lowering per phase, no code generation).
-    """
+    lowered: tvm.IRModule
+    report: Report
+    layout: Layout
+    values: dict
+    preset: object
+    target: tvm.target.Target
+
+
+def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
+              target="host", input_shapes: dict | None = None, memory_phases: bool = False,
+              options: PipelineOptions | str | None = None, tuning_database=None,
+              baseline: bool = True) -> PlannedStep:
+    """The first half of :func:`compile` (same arguments): import, training graph, lowering and the
+    static memory plan, without code generation. ``model`` may also be an :class:`ImportedModel`
+    (import once, plan many schemes). ``baseline=False`` skips the full-backprop column of the
+    report (one graph less to build), for callers that only read this scheme's cost."""
     options = PipelineOptions.load(options)
     preset = load_target(target)
     if tuning_database is None and preset.name == "host" and options.schedule_kernels:
@@ -122,7 +122,7 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
         params = [replace(p, folded=not p.trainable) for p in params]
     frozen = {p.var: values[p.var] for p in params if p.folded}
     train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen)
-    report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer)
+    report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, baseline)
     if memory_phases:
         report.phases = memory_by_phase(
             lambda opts: build_training_graph(imported, trainable, partial, loss, optimizer, opts, all_frozen),
@@ -137,11 +137,9 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
                           "folded_bytes": sum(int(v.nbytes) for v in frozen.values())}
         report.kernel_flops = kernel_flops(lowered)
-        if tuning_database:
-            report.notes.append(f"kernel schedules: tuned ones from {tuning_database}, defaults for the rest")
-        report.notes.append(f"convs compiled in {preset.conv_layout} (target '{preset.name}')")
-        with cuda_build_env(preset):
-            exe = tvm.compile(lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
+    if tuning_database:
+        report.notes.append(f"kernel schedules: tuned ones from {tuning_database}, defaults for the rest")
+    report.notes.append(f"convs compiled in {preset.conv_layout} (target '{preset.name}')")
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
                     scheme.to_dict(), preset.name)
@@ -149,16 +147,51 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     if [p.name for p in train_mod["train_step"].params] != expected:  # a pipeline bug, not user input
         raise RuntimeError(f"compile: train_step takes {[p.name for p in train_mod['train_step'].params]}, "
                            f"the calling convention says {expected}")
-    logger.info("compiled %d trainable tensors of %d (%d frozen folded into the step)",
+    logger.info("planned %d trainable tensors of %d (%d frozen folded into the step)",
                 len(trainable), len(params), len(frozen))
+    return PlannedStep(lowered, report, layout, values, preset, tgt)
+
+
+def build(planned: PlannedStep) -> Program:
+    """The second half of :func:`compile`: code generation for the planned step's target."""
+    preset, tgt = planned.preset, planned.target
+    gpu = tgt.kind.name == "cuda"
+    with tgt, tvm.transform.PassContext(opt_level=3), cuda_build_env(preset):
+        exe = tvm.compile(planned.lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
     extra = {"target": {**preset.to_json(), "tvm_target": json.loads(str(tgt))}}
     if gpu:
         extra["cuda"] = cuda_info(tgt)
     device = tvm.cuda() if gpu and tvm.cuda().exist else None
-    program = Program(exe, layout, values, report, device, extra)
+    program = Program(exe, planned.layout, planned.values, planned.report, device, extra)
     program.exporter = exporter(preset)
-    program.ir = lowered  # the kernels as compiled, for `pock-tvm tune`
+    program.ir = planned.lowered  # the kernels as compiled, for `pock-tvm tune`
     return program
+
+
+def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
+            target="host", input_shapes: dict | None = None, memory_phases: bool = False,
+            options: PipelineOptions | str | None = None, tuning_database=None) -> Program:
+    """Compile ``model`` into a training :class:`Program` (:func:`plan_step`, then :func:`build`).
+
+    ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
+    jetson-orin, jetson-nano, cuda) or a target file; a program for another machine cannot
+    ``step`` here, ``save`` writes its bundle for the device runner.
+    ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), an ONNX path or ``ModelProto``.
+    ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
+    ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
+    ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
+    ``options`` switch optimizations of the pipeline: a :class:`PipelineOptions` or a preset
+    ``"O0"``..``"O3"`` (default ``O3``, everything; ``PipelineOptions(fold_frozen=False)`` keeps
+    frozen tensors as runtime inputs so that they can be reloaded).
+    ``tuning_database`` is a directory of tuned kernel schedules (``pock-tvm tune``) for ``target``;
+    for ``host`` it defaults to the database shipped for this CPU, if any (``pock_tvm/tuning``);
+    ``False`` applies none.
+    ``memory_phases=True`` adds the planned memory after each optimization phase to the report
+    (one more lowering per phase, no code generation).
+    """
+    return build(plan_step(model, example_inputs, scheme=scheme, loss=loss, optimizer=optimizer,
+                           target=target, input_shapes=input_shapes, memory_phases=memory_phases,
+                           options=options, tuning_database=tuning_database))
 
 
 def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict[str, np.ndarray]:
@@ -176,21 +209,22 @@ def _optimizer_json(optimizer) -> dict:
     return asdict(optimizer)
 
 
-def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer) -> Report:
+def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, baseline: bool = True) -> Report:
     sparse = training_cost(train_mod, trainable)
-    _, dense_trainable, _ = plan(imported, Scheme.preset("full").resolve(imported))
-    try:
-        dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer)
-        dense = training_cost(dense_mod, dense_trainable)
-    except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
-        logger.info("no full-backprop baseline for the report: %s", err)
-        dense = None
+    dense = None
+    if baseline:
+        _, dense_trainable, _ = plan(imported, Scheme.preset("full").resolve(imported))
+        try:
+            dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer)
+            dense = training_cost(dense_mod, dense_trainable)
+        except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
+            logger.info("no full-backprop baseline for the report: %s", err)
     params = train_mod["loss"].params
     state = len(optimizer.state_names()) * sum(nbytes(p.ty) for p in params if p.name in set(trainable))
     param_bytes = sum(int(p.value.nbytes) for p in imported.params)
     report = Report.build(scheme.name, _layer_rows(imported, updates), dense or sparse, sparse, state,
                           param_bytes)
-    if dense is None:
+    if dense is None and baseline:
         report.notes.append("full backprop is not possible for this model (an op lacks a gradient "
                             "rule below the updated layers): its column repeats this scheme")
     if any(p.is_buffer for p in imported.params):
