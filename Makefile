@@ -11,11 +11,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[torch,tune,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[torch,tune,test,demo]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-demo: $(STAMP)
+demo: $(STAMP) tools
 	$(PY) -m pock_tvm.cli.main demo
 
 # Cross tools for the emulated-board tests (aarch64 runner under qemu, M1 dylib): installed with

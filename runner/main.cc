@@ -266,7 +266,12 @@ int Train(const std::string& dir, const std::string& data_path, int steps, doubl
                                           "; lower the learning rate (--lr); parameters not saved");
   }
   std::printf("steps %d mean_time_ms %.3f\n", steps, total_ms / steps);
-  std::printf("memory loaded_kib %ld train_peak_kib %ld\n", base_kib, StatusKiB("VmHWM") - base_kib);
+  // train_peak_kib: what the steps allocate beyond the loaded bundle (activations, gradients, scratch);
+  // the optimizer state was loaded with the bundle, so it is reported beside it
+  size_t state_bytes = 0;
+  for (const Entry& e : s.m.tensors) state_bytes += e.role == "state" ? e.nbytes : 0;
+  std::printf("memory loaded_kib %ld train_peak_kib %ld optimizer_state_kib %zu\n", base_kib,
+              StatusKiB("VmHWM") - base_kib, (state_bytes + 1023) / 1024);
   std::string current = s.CurrentState();
   std::string bad = NonFinite(s.m, current);
   if (!bad.empty()) {

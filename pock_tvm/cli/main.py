@@ -88,10 +88,26 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=5)
     f.add_argument("--top", type=int, default=15)
 
-    d = sub.add_parser("demo", help="compile and fine-tune MobileNetV2-w0.35@128 on the host")
-    d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--scheme", default="tte-mbv2")
+    s = sub.add_parser("search", help="choose the sparse scheme: contribution analysis on your data, then the "
+                       "updates with the most gain within a memory (and latency) budget")
+    s.add_argument("model", help="a reference model (digitscnn, mobilenetv2, ...) or file.py:factory")
+    s.add_argument("--data", required=True, help=".npz with 'x' (samples) and 'y' (labels); a quarter is held "
+                   "out to measure each option's gain")
+    s.add_argument("--budget", required=True, help="planned training memory, e.g. 2MB, 512KiB")
+    s.add_argument("--latency", help="step time on this machine, e.g. 30ms")
+    s.add_argument("--input-shape", type=_shape, help="compiled shape, batch first (default: the model's)")
+    s.add_argument("--epochs", type=int, help="epochs of each option's short fine-tune (default 6)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cache", metavar="DIR", help="contribution cache (default ~/.cache/pock_tvm/search)")
+    s.add_argument("-o", "--output", required=True, help="the scheme file to write (.toml)")
+
+    d = sub.add_parser("demo", help="adapt a pretrained digits CNN to a new sensor: search the scheme within a "
+                       "memory budget, compare with bias-only and full fine-tuning, run it on the emulated rpi4")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--epochs", type=int, default=30, help="epochs of the final fine-tunes")
+    d.add_argument("--budget-fraction", type=float, default=0.25,
+                   help="memory budget as a fraction of full fine-tuning's planned training memory")
+    d.add_argument("--no-board", action="store_true", help="skip the emulated rpi4 run")
     return parser
 
 
@@ -160,8 +176,16 @@ def main(argv: list[str] | None = None) -> int:
             from ..interface.profile import format_profile, profile
 
             print(format_profile(*profile(args.bundle, args.steps), args.top))
+        elif args.command == "search":
+            from ..interface.search import search_command
+
+            result = search_command(args.model, args.data, args.budget, args.output, args.latency,
+                                    args.input_shape, args.seed, args.epochs, args.cache)
+            print(result.table())
+            print(f"\nwrote {args.output}")
         elif args.command == "demo":
-            demo.demo(args.steps, args.batch, args.scheme)
+            demo.demo(args.out, demo.DemoSettings(epochs=args.epochs, budget_fraction=args.budget_fraction),
+                      board=not args.no_board)
     except ValueError as err:
         print(f"pock-tvm {args.command}: error: {err}", file=sys.stderr)
         return 2

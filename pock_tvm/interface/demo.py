@@ -1,40 +1,263 @@
-"""The default job: compile MobileNetV2-w0.35@128 for a sparse fine-tune and run it on the host."""
+"""The main job (``make demo``): adapt a pretrained CNN to a new sensor on the device, choosing what
+to update by contribution analysis within a memory budget.
+
+1. :mod:`pock_tvm.tasks.digits`: a :class:`~pock_tvm.models.DigitsCNN` pretrained on clean digits
+   (cached), and the same kind of digits through a new sensor: 300 labelled, 600 held out.
+2. Budget: ``budget_fraction`` of what the compiler plans for full fine-tuning.
+3. :func:`pock_tvm.interface.search.search_scheme` picks the updates (cached per model + data).
+4. No update, bias-only, the searched scheme and full fine-tuning are compiled, fine-tuned on the
+   labelled samples and tested on the held-out ones; each bundle's training memory is measured
+   by the C++ runner (``pock_runner train``), not estimated.
+5. The searched scheme's bundle for ``rpi4`` trains under qemu and must give the host's losses.
+
+Writes ``summary.json`` and ``schemes.png`` to ``out``; the last line printed is the summary.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-import statistics
+import os
+import shutil
+import subprocess
+import sys
 import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from ..models import MobileNetV2
-from ..models.synthetic import synthetic_task
-from .compiler import compile
+import numpy as np
+
+from ..analysis.report import format_bytes
+from ..optim import Adam, SGD
+from ..scheme import Scheme
+from ..search import AnalysisSettings
 
 logger = logging.getLogger(__name__)
+BOARD = "rpi4"
 
 
-def demo(steps: int = 20, batch: int = 8, scheme: str = "tte-mbv2", lr: float = 0.05) -> dict:
+@dataclass(frozen=True)
+class DemoSettings:
+    batch: int = 16
+    epochs: int = 30  # of the final fine-tunes over the 300 labelled samples
+    optimizer: SGD | Adam = field(default_factory=lambda: Adam(lr=1e-3))
+    analysis_epochs: int = 6
+    budget_fraction: float = 0.25  # of full fine-tuning's planned training memory
+    seed: int = 0
+    board_steps: int = 3  # steps of the searched scheme on the emulated board
+    runner_steps: int = 5  # steps each bundle trains in the runner to measure its memory
+
+
+def demo(out: str | Path = "out/demo", settings: DemoSettings = DemoSettings(), board: bool = True) -> dict:
     import torch
 
-    from ..optim import SGD
+    from ..frontend import import_model
+    from ..targets.runner_build import cache_dir
+    from ..tasks.digits import LABELLED, load_task, pretrained
+    from .compiler import plan_step
+    from .search import progress_bar, search_scheme
 
-    torch.manual_seed(0)
-    model = MobileNetV2(width_mult=0.35, num_classes=10)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    program = compile(model, (torch.zeros(batch, 3, 128, 128),), scheme=scheme,
-                      optimizer=SGD(lr=lr, momentum=0.9))
-    compile_s = time.perf_counter() - start
-    print(program.report())
-    x, y = synthetic_task(batch, 10)
-    losses, times = [], []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        losses.append(program.step(x, y))
-        times.append(time.perf_counter() - t0)
-        print(f"step {i:3d}  loss {losses[-1]:.4f}  {1e3 * times[-1]:.1f} ms")
-    result = {"compile_s": compile_s, "first_loss": losses[0], "last_loss": losses[-1],
-              "median_step_ms": 1e3 * statistics.median(times[1:] or times)}
-    print(f"\ncompiled in {compile_s:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-          f"median step {result['median_step_ms']:.1f} ms (batch {batch}, host CPU; default kernel schedules, "
-          "tuned ones where this CPU's shipped database has them)")
-    return result
+    task = load_task()
+    model = pretrained(cache_dir() / "demo")
+    imported = import_model(model, (torch.zeros(settings.batch, *task.test[0].shape[1:]),))
+    full = plan_step(imported, scheme="full", optimizer=settings.optimizer, baseline=False).report.training_bytes()
+    budget = int(settings.budget_fraction * full)
+    print(f"task: {LABELLED} labelled digits through a new sensor ({_sensor_text(task.sensor)}), "
+          f"{len(task.test[1])} held out")
+    print(f"budget: {settings.budget_fraction:g} of full fine-tuning's planned training memory "
+          f"({format_bytes(full)}) = {format_bytes(budget)}\n")
+    analysis_settings = AnalysisSettings(epochs=settings.analysis_epochs, optimizer=settings.optimizer,
+                                         seed=settings.seed)
+    found = search_scheme(imported, *task.labelled, batch=settings.batch, budget=budget, seed=settings.seed,
+                          settings=analysis_settings, cache_dir=cache_dir() / "search", progress=progress_bar())
+    print(found.table() + "\n")
+    search_s = time.perf_counter() - start
+
+    schemes = {"bias-only": Scheme.preset("bias-only"), "searched": found.scheme, "full": Scheme.preset("full")}
+    rows = {"no update": None}
+    runner = _build_runner("host")
+    for name, scheme in schemes.items():
+        rows[name] = _fine_tune(imported, scheme, task, settings, out / "bundles" / name, runner)
+        if rows["no update"] is None:
+            rows["no update"] = {"test_accuracy": rows[name].pop("accuracy_before"), "measured_training_kib": 0,
+                                 "planned_training_bytes": 0, "median_step_ms": None}
+        rows[name].pop("accuracy_before", None)
+    print(_table(rows))
+
+    summary = {
+        "task": {"data": "sklearn load_digits, 8x8 upsampled to 24x24, standardized per image",
+                 "sensor": asdict(task.sensor), "labelled": int(len(task.labelled[1])),
+                 "test": int(len(task.test[1])), "model": "DigitsCNN (pretrained on the source domain)"},
+        "settings": {**asdict(settings), "optimizer": asdict(settings.optimizer)},
+        "budget_bytes": budget, "full_planned_bytes": full,
+        "schemes": rows,
+        "searched": {"options": [o.key for o in found.choice.options], "method": found.choice.method,
+                     "planned_bytes": found.planned_bytes, "scheme": found.scheme.to_dict()},
+        "board": _on_board(imported, found.scheme, task, settings, out, runner) if board else
+        {"skipped": "board run switched off (--no-board)"},
+        "seconds": {"search": round(search_s, 1), "total": round(time.perf_counter() - start, 1)},
+    }
+    _plot(found, rows, budget, out / "schemes.png")
+    _write_json(out / "summary.json", summary)
+    print(f"\nwrote {out / 'summary.json'} and {out / 'schemes.png'}")
+    print(json.dumps(summary, separators=(",", ":")))
+    return summary
+
+
+def _sensor_text(sensor) -> str:
+    return (f"rotated {sensor.rotation_deg:g} deg, {sensor.blur} blur, contrast x{sensor.contrast:g}, "
+            f"{'inverted, ' if sensor.inverted else ''}noise sigma {sensor.noise_sigma:g}")
+
+
+def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, runner: Path | None) -> dict:
+    from .compiler import compile
+    from .finetune import accuracy, fit
+
+    program = compile(imported, scheme=scheme, optimizer=settings.optimizer)
+    before = accuracy(program, *task.test)
+    result = fit(program, *task.labelled, settings.epochs, settings.seed)
+    row = {"test_accuracy": accuracy(program, *task.test), "accuracy_before": before,
+           "planned_training_bytes": program.report_data.training_bytes(),
+           "median_step_ms": round(result.median_step_ms, 2), "first_loss": result.losses[0],
+           "last_loss": result.losses[-1]}
+    print(f"{scheme.name}: test accuracy {100 * before:.1f}% -> {100 * row['test_accuracy']:.1f}% "
+          f"after {settings.epochs} epochs, {row['median_step_ms']:.1f} ms/step")
+    row["measured_training_kib"] = _runner_memory(imported, scheme, task, settings, bundle, runner)
+    return row
+
+
+def _runner_memory(imported, scheme, task, settings: DemoSettings, bundle: Path, runner: Path | None):
+    """Peak memory the runner's training steps add to the loaded bundle, plus its optimizer state."""
+    from ..runtime.bundle import write_batches
+    from .compiler import compile
+
+    if runner is None:
+        return None
+    program = compile(imported, scheme=scheme, optimizer=settings.optimizer)  # untrained: the device's start
+    _save(program, bundle)
+    data = bundle.parent / f"{bundle.name}.data.bin"
+    write_batches(data, program.layout, [task.labelled[0]], task.labelled[1])
+    result = subprocess.run([str(runner / "pock_runner"), "train", str(bundle), str(data), "--steps",
+                             str(settings.runner_steps), "--no-save"], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise ValueError(f"demo: the runner failed on {bundle}: {result.stderr.strip()[-600:]}")
+    fields = next(line.split() for line in result.stdout.splitlines() if line.startswith("memory "))
+    values = dict(zip(fields[1::2], (int(v) for v in fields[2::2])))
+    return values["train_peak_kib"] + values["optimizer_state_kib"]
+
+
+def _save(program, bundle: Path) -> None:
+    """Save a fresh bundle; TVM's per-constant warnings while exporting go to ``tvm.log`` beside it."""
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    with open(bundle.parent / "tvm.log", "ab") as log, _native_stderr(log):
+        program.save(bundle)
+
+
+@contextlib.contextmanager
+def _native_stderr(file):
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _build_runner(target: str) -> Path | None:
+    from ..targets.runner_build import build_runner
+
+    try:
+        return build_runner(target)
+    except ValueError as err:  # no cmake / cross compiler: say so, keep the rest of the demo
+        logger.warning("demo: cannot build the %s runner (%s)", target, err)
+        return None
+
+
+def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_runner) -> dict:
+    """The searched scheme's rpi4 bundle under qemu: its losses against the host's, step by step."""
+    from ..runtime.bundle import write_batches
+    from .compiler import compile
+
+    qemu = shutil.which("qemu-aarch64-static")
+    runner = _build_runner(BOARD) if qemu else None
+    if runner is None:
+        reason = "qemu-aarch64-static is missing" if qemu is None else f"the {BOARD} runner could not be built"
+        print(f"\nemulated {BOARD}: skipped ({reason}; `make tools` installs the cross tools as root)")
+        return {"skipped": reason}
+    n = settings.board_steps * settings.batch
+    x, y = task.labelled[0][:n], task.labelled[1][:n]
+    host = compile(imported, scheme=scheme, optimizer=settings.optimizer)
+    host_losses = [host.step(x[i:i + settings.batch], y[i:i + settings.batch]) for i in range(0, n, settings.batch)]
+    bundle = out / "bundles" / f"searched-{BOARD}"
+    _save(compile(imported, scheme=scheme, optimizer=settings.optimizer, target=BOARD), bundle)
+    data = out / "bundles" / f"searched-{BOARD}.data.bin"
+    write_batches(data, host.layout, [x], y)
+    start = time.perf_counter()
+    result = subprocess.run(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu", str(runner / "pock_runner"),
+                             "train", str(bundle), str(data), "--no-save"], capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode != 0:
+        raise ValueError(f"demo: the {BOARD} runner failed under qemu: {result.stderr.strip()[-600:]}")
+    board_losses = [float(line.split()[3]) for line in result.stdout.splitlines() if line.startswith("step ")]
+    diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(board_losses, host_losses))
+    print(f"\nemulated {BOARD} (qemu, {time.perf_counter() - start:.1f} s): losses "
+          + " ".join(f"{v:.5f}" for v in board_losses) + "; host " + " ".join(f"{v:.5f}" for v in host_losses)
+          + f" (largest relative difference {diff:.1e})")
+    return {"target": BOARD, "losses": board_losses, "host_losses": host_losses, "max_relative_difference": diff}
+
+
+def _table(rows: dict) -> str:
+    lines = ["", f"{'scheme':<12} {'test accuracy':>14} {'training memory (runner)':>25} {'planned':>11} "
+                 f"{'step (host)':>12}"]
+    for name, r in rows.items():
+        measured = "-" if not r["measured_training_kib"] else format_bytes(1024 * r["measured_training_kib"])
+        planned = "-" if not r["planned_training_bytes"] else format_bytes(r["planned_training_bytes"])
+        step = "-" if r["median_step_ms"] is None else f"{r['median_step_ms']:.1f} ms"
+        lines.append(f"{name:<12} {100 * r['test_accuracy']:>13.1f}% {measured:>25} {planned:>11} {step:>12}")
+    return "\n".join(lines)
+
+
+def _plot(found, rows: dict, budget: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..runtime.files import atomic_file
+
+    base = found.analysis.baseline_accuracy or 0.0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    measured = [r for r in found.analysis.rows if r.accuracy is not None]
+    ax.scatter([r.memory / 2**20 for r in measured], [100 * r.accuracy for r in measured], s=14, c="0.6",
+               label="one option alone (short fine-tune, validation)")
+    colors = {"bias-only": "tab:blue", "searched": "tab:red", "full": "tab:green"}
+    for name, color in colors.items():
+        r = rows[name]
+        ax.scatter([r["planned_training_bytes"] / 2**20], [100 * r["test_accuracy"]], s=160 if name == "searched" else 60,
+                   marker="*" if name == "searched" else "o", c=color, zorder=3,
+                   label=f"{name} ({'chosen, ' if name == 'searched' else ''}full fine-tune, test)")
+    ax.axhline(100 * rows["no update"]["test_accuracy"], ls=":", c="0.3", label="no update (test)")
+    ax.axvline(budget / 2**20, ls="--", c="tab:red", lw=1, label="budget")
+    ax.set_xlabel("planned training memory (MiB)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Schemes considered (validation accuracy before any update: {100 * base:.0f}%)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from ..runtime.files import atomic_file
+
+    with atomic_file(path) as f:
+        f.write((json.dumps(data, indent=1) + "\n").encode())

@@ -2,6 +2,7 @@
 
 from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
+from .ApplyTuningDatabase import ApplyTuningDatabase
 from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
 from .FoldBatchNorm import FoldBatchNorm
@@ -16,7 +17,7 @@ from .SplitPartialChannels import SplitPartialChannels
 
 register_gradient_rules()
 
-__all__ = ["AppendLoss", "AppendOptimizer", "BindFrozenParams", "CheckGradientRules", "FoldBatchNorm",
+__all__ = ["AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
            "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
            "register_gradient_rules"]

@@ -11,6 +11,7 @@ from tvm import relax
 
 from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
+from .ApplyTuningDatabase import ApplyTuningDatabase
 from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
 from .FoldBatchNorm import FoldBatchNorm
@@ -83,7 +84,7 @@ def pock_tvm_pipeline(
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
-            *([relax.transform.MetaScheduleApplyDatabase(tuning_database)] if tuning_database else []),
+            *([ApplyTuningDatabase(tuning_database)] if tuning_database else []),  # tuned kernels (read once)
             *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
             *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
             # Phase 4: TVM's default build, with in-place updates before memory planning

@@ -166,11 +166,12 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
 
     for row in analysis.rows:
         done += 1
-        affordable = budget is None or row.memory <= budget
-        if row.accuracy is not None or not affordable:
+        skip = ("cached" if row.accuracy is not None else
+                "alone over the budget, not fine-tuned" if budget is not None and row.memory > budget else
+                "a larger ratio plans no more memory, not fine-tuned" if _dominated(row, analysis.rows) else None)
+        if skip:
             if progress:
-                progress(done, total, f"{row.option.key}: " + ("cached" if row.accuracy is not None
-                                                               else "alone over the budget, not fine-tuned"))
+                progress(done, total, f"{row.option.key}: {skip}")
             continue
         program = build(plan(scheme_of([row.option], row.option.key)))
         if analysis.baseline_accuracy is None:
@@ -188,6 +189,13 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
             progress(done, total, f"{row.option.key}: gain {100 * row.gain(analysis.baseline_accuracy):+.1f} "
                                   f"points, {row.step_ms:.1f} ms/step")
     return analysis
+
+
+def _dominated(row: OptionRow, rows: list[OptionRow]) -> bool:
+    """Whether a larger ratio of the same weight plans no more memory (it updates more for the same cost:
+    the search would take it instead, so this option's fine-tune is not worth running)."""
+    return any(r.option.group == row.option.group and r.option.ratio > row.option.ratio and r.memory <= row.memory
+               for r in rows)
 
 
 def _load(path: Path | None, key: str) -> Analysis | None:
