@@ -12,7 +12,7 @@ import numpy as np
 from ..analysis.report import format_bytes
 from ..scheme import Scheme
 from ..search import Analysis, AnalysisSettings, Choice, analyze, scheme_of, search
-from ..search.search import items
+from ..search.search import check_budget, items
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _TIME_UNITS = {"ms": 1.0, "s": 1e3, "us": 1e-3}
@@ -81,6 +81,7 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
 
     analysis = analyze(imported, x, y, batch=batch, settings=settings, budget=budget, cache_dir=cache_dir,
                        progress=progress, target=target)
+    check_budget(analysis, budget, latency_ms)
     if not items(analysis, latency_ms is not None):
         raise ValueError("search: no update option improved the validation accuracy in its short fine-tune; "
                          "the model may already fit this data, or give more labelled samples / epochs")

@@ -58,7 +58,7 @@ def search(analysis: Analysis, budget: int, latency_ms: float | None = None, see
            method: str = "auto", max_states: int = MAX_STATES) -> Choice:
     """The best choice within ``budget`` planned training bytes (and ``latency_ms`` per step).
     ``method``: ``auto`` (exact unless too large), ``exact`` or ``evolutionary``."""
-    _check_budget(analysis, budget, latency_ms)
+    check_budget(analysis, budget, latency_ms)
     groups = list(items(analysis, latency_ms is not None).values())
     mem_left = budget - analysis.inference_bytes
     lat_left = None if latency_ms is None else latency_ms - (analysis.forward_ms or 0.0)
@@ -157,7 +157,8 @@ def smallest(analysis: Analysis) -> tuple[Option, int]:
     return row.option, row.memory
 
 
-def _check_budget(analysis: Analysis, budget: int, latency_ms: float | None) -> None:
+def check_budget(analysis: Analysis, budget: int, latency_ms: float | None) -> None:
+    """A clear error when no option fits the budget (naming the smallest one and its cost)."""
     from ..analysis.report import format_bytes
 
     option, memory = smallest(analysis)

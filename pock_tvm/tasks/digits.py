@@ -73,16 +73,20 @@ def _standardize(x):
     return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)
 
 
-def _rotate(x, radians):
+def _affine(x, radians, scale=1.0, shift=None):
+    """``x`` rotated by ``radians`` (one per image or one for all), scaled and shifted (fractions)."""
     import torch
     import torch.nn.functional as F
 
     n = len(x)
     radians = torch.as_tensor(radians, dtype=torch.float32).expand(n)
+    scale = torch.as_tensor(scale, dtype=torch.float32).expand(n)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(radians), -torch.sin(radians)
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(radians), torch.cos(radians)
-    return theta, F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(radians) * scale, -torch.sin(radians) * scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(radians) * scale, torch.cos(radians) * scale
+    if shift is not None:
+        theta[:, :, 2] = shift
+    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
 
 
 def _blur(x):
@@ -97,7 +101,7 @@ def through_sensor(x, sensor: Sensor, seed: int = 1):
     """Digits (N, 1, 24, 24 in [0, 1]) as the new sensor sees them, standardized."""
     import torch
 
-    _, x = _rotate(x, np.deg2rad(sensor.rotation_deg))
+    x = _affine(x, np.deg2rad(sensor.rotation_deg))
     x = _blur(x)
     x = sensor.contrast * x + (1 - sensor.contrast) / 2
     if sensor.inverted:
@@ -122,16 +126,11 @@ def load_task(sensor: Sensor = Sensor(), split_seed: int = 0) -> Task:
 
 def _augment(x, generator):
     import torch
-    import torch.nn.functional as F
 
     n = len(x)
     angle = (torch.rand(n, generator=generator) * 2 - 1) * np.deg2rad(15)
     scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.1
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * scale, -torch.sin(angle) * scale
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) * scale, torch.cos(angle) * scale
-    theta[:, :, 2] = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1
-    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    x = _affine(x, angle, scale, (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.1)
     mix = torch.rand(n, 1, 1, 1, generator=generator)
     x = mix * x + (1 - mix) * _blur(x)
     contrast = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=generator)

@@ -62,6 +62,15 @@ def test_updated_parameters_and_state_match_the_host(runs):
         np.testing.assert_allclose(device[p.var], host._value(p), rtol=1e-5, atol=1e-6, err_msg=p.var)
 
 
+def test_runner_reports_training_memory_and_the_optimizer_state(runs):
+    host, _, _, _, stdout = runs
+    fields = next(line.split() for line in stdout.splitlines() if line.startswith("memory "))
+    values = dict(zip(fields[1::2], map(int, fields[2::2])))
+    state = sum(host.optimizer_state()[k].nbytes for k in host.layout.state_keys())  # Adam's m and v
+    assert values["optimizer_state_kib"] == -(-state // 1024) > 0
+    assert values["train_peak_kib"] > 0 and values["loaded_kib"] > 0
+
+
 def test_eval_runs_the_forward(runs, rpi4_runner):
     _, _, bundle, data, _ = runs
     result = _run(rpi4_runner, "eval", bundle, data)
