@@ -35,7 +35,7 @@ def _kind(op: str, call: relax.Call, arg_index: int, value_ndim: int) -> str:
         return "depthwise" if groups > 1 and groups == int(call.ty.shape[1]) else "conv"
     if op == "relax.matmul" and arg_index == 1:
         return "linear"
-    if op == "relax.nn.batch_norm" and arg_index in (1, 2):
+    if op in ("relax.nn.batch_norm", "relax.nn.layer_norm", "relax.nn.rms_norm") and arg_index in (1, 2):
         return "norm"
     if op == "relax.nn.batch_norm":
         return "stat"

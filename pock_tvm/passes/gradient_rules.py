@@ -119,6 +119,52 @@ def _avg_pool3d(var, call, grad, ctx):
     return [R.reshape(back, (n, c, d, h, w))]
 
 
+def _layer_norm(var, call, grad, ctx):
+    """torch ``native_layer_norm_backward``: with ``xhat = (x - mean) * rstd`` over ``axes``,
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` where ``g = dy * gamma``;
+    ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over the other axes."""
+    x, gamma, beta = call.args
+    dtype = x.ty.dtype
+    ndim = len(_shape(x))
+    axes = sorted(int(a) % ndim for a in call.attrs.axes)
+    outer = [i for i in range(ndim) if i not in axes]
+    if axes != list(range(ndim - len(axes), ndim)):
+        raise ValueError(f"gradient of layer_norm: only trailing normalized axes are supported, got {axes}")
+    centered = R.subtract(x, R.mean(x, axes, keepdims=True))
+    rstd = R.rsqrt(R.add(R.mean(R.multiply(centered, centered), axes, keepdims=True),
+                         relax.const(float(call.attrs.epsilon), dtype)))
+    xhat = R.multiply(centered, rstd)
+    g = R.multiply(grad, gamma) if call.attrs.scale else grad
+    dx = R.multiply(rstd, R.subtract(R.subtract(g, R.mean(g, axes, keepdims=True)),
+                                     R.multiply(xhat, R.mean(R.multiply(g, xhat), axes, keepdims=True))))
+    dgamma = R.sum(R.multiply(grad, xhat), outer) if call.attrs.scale else R.zeros_like(gamma)
+    dbeta = R.sum(grad, outer) if call.attrs.center else R.zeros_like(beta)
+    return [dx, dgamma, dbeta]
+
+
+def _gelu(var, call, grad, ctx):
+    """Exact (erf) GELU, ``x * Phi(x)``: ``d/dx = Phi(x) + x * phi(x)`` (torch ``approximate='none'``)."""
+    x = call.args[0]
+    c = lambda v: relax.const(v, x.ty.dtype)  # noqa: E731
+    cdf = R.multiply(c(0.5), R.add(c(1.0), R.erf(R.multiply(x, c(1.0 / math.sqrt(2.0))))))
+    pdf = R.multiply(c(1.0 / math.sqrt(2.0 * math.pi)), R.exp(R.multiply(c(-0.5), R.multiply(x, x))))
+    return [R.multiply(grad, R.add(cdf, R.multiply(x, pdf)))]
+
+
+def _gelu_tanh(var, call, grad, ctx):
+    """Tanh GELU, ``0.5 x (1 + tanh(u))`` with ``u = sqrt(2/pi) (x + 0.044715 x^3)`` (torch
+    ``approximate='tanh'``). With ``s = sigmoid(2u) = (1 + tanh(u)) / 2`` (no cancellation where
+    ``tanh(u)`` is near -1): ``d/dx = s + 2 x s (1 - s) du/dx``."""
+    x = call.args[0]
+    c = lambda v: relax.const(v, x.ty.dtype)  # noqa: E731
+    k = math.sqrt(2.0 / math.pi)
+    x2 = R.multiply(x, x)
+    s = R.sigmoid(R.multiply(c(2.0 * k), R.add(x, R.multiply(c(0.044715), R.multiply(x2, x)))))
+    du = R.multiply(c(k), R.add(c(1.0), R.multiply(c(3 * 0.044715), x2)))
+    slope = R.multiply(R.multiply(c(2.0), x), R.multiply(R.multiply(s, R.subtract(c(1.0), s)), du))
+    return [R.multiply(grad, R.add(s, slope))]
+
+
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
     "relax.clip": _clip,
@@ -131,6 +177,9 @@ GRADIENT_RULES = {
     "relax.nn.pad": _pad,
     "relax.stack": _stack,
     "relax.nn.avg_pool3d": _avg_pool3d,
+    "relax.nn.layer_norm": _layer_norm,
+    "relax.nn.gelu": _gelu,
+    "relax.nn.gelu_tanh": _gelu_tanh,
 }
 
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.

@@ -101,3 +101,29 @@ def test_embedding_with_integer_inputs_matches_torch():
     assert_matches_torch(model, program, plain, (tokens,), labels(2))
     unseen = [r for r in range(20) if r not in set(tokens.flatten().tolist())]
     assert (program.state_dict()["embed.weight"][unseen] == model.embed.weight.detach().numpy()[unseen]).all()
+
+
+class _NormGelu(torch.nn.Module):
+    """The transformer MLP pieces: LayerNorm (weight and bias trained) and both GELU forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm1 = torch.nn.Linear(16, 32), torch.nn.LayerNorm(32)
+        self.fc2, self.norm2 = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(self.norm1(self.fc1(x)))
+        x = torch.nn.functional.gelu(self.norm2(self.fc2(x)), approximate="tanh")
+        return self.head(x)
+
+
+@pytest.mark.parametrize("scheme", ["full", "bias-only"])
+def test_layer_norm_and_gelu_match_torch(scheme):
+    model = _NormGelu()
+    x = torch.randn(4, 16)
+    program = pock_tvm.compile(model, (x,), scheme=scheme if scheme == "full" else pock_tvm.Scheme(
+        "norms", bias="all", norm_affine=True), optimizer=ADAM)
+    trained = {p.source for p in program.layout.params if p.trainable}
+    assert {"norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"} <= trained  # norms count as norms
+    assert_matches_torch(model, program, ADAM, (x,), labels(4))

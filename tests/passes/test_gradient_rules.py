@@ -28,13 +28,18 @@ def _grad(op, x: np.ndarray, out_shape) -> np.ndarray:
 
 
 def _torch_grad(fn, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    t = torch.tensor(x, requires_grad=True)
-    (fn(t) * torch.tensor(w)).sum().backward()
+    """Autograd in float64: the reference is the exact gradient, not float32 torch's rounding of it
+    (the tanh GELU's torch float32 gradient is 0 where the true one is 1e-6)."""
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    (fn(t) * torch.tensor(w, dtype=torch.float64)).sum().backward()
     return t.grad.numpy()
 
 
 X = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype("float32") * 4
 X[0, 0, 0, :3] = [0.0, 6.0, -0.0]  # exactly on the kinks
+
+GAMMA = np.random.default_rng(2).standard_normal((6, 6)).astype("float32")
+BETA = np.random.default_rng(3).standard_normal((6, 6)).astype("float32")
 
 CASES = {
     "relu6": (lambda x: R.clip(x, 0.0, 6.0), torch.nn.functional.relu6, X.shape),
@@ -53,6 +58,12 @@ CASES = {
             lambda t: torch.nn.functional.pad(t, (0, 3, 2, 1, 1, 0)), (2, 5, 9, 9)),
     "stack": (lambda x: R.stack(relax.Tuple([R.multiply(x, relax.const(2.0)), R.exp(R.multiply(x, relax.const(0.1)))]), 1),
               lambda t: torch.stack([t * 2, torch.exp(t * 0.1)], 1), (2, 2, 4, 6, 6)),
+    "gelu": (R.nn.gelu, torch.nn.functional.gelu, X.shape),
+    "gelu_tanh": (R.nn.gelu_tanh, lambda t: torch.nn.functional.gelu(t, approximate="tanh"), X.shape),
+    "layer_norm": (lambda x: R.nn.layer_norm(x, relax.const(GAMMA), relax.const(BETA), [-2, -1], 1e-5),
+                   lambda t: torch.nn.functional.layer_norm(t, (6, 6), torch.tensor(GAMMA, dtype=t.dtype),
+                                                            torch.tensor(BETA, dtype=t.dtype)),
+                   X.shape),
     # exported LocalResponseNorm: a (k, 1, 1) average over channels of the unsqueezed input
     "avg_pool3d": (lambda x: R.nn.avg_pool3d(R.expand_dims(x, 1), (3, 1, 1), padding=(1, 0, 0, 1, 0, 0)),
                    lambda t: torch.nn.functional.avg_pool3d(t.unsqueeze(1), (3, 1, 1), 1, (1, 0, 0)), (2, 1, 4, 6, 6)),
@@ -70,3 +81,22 @@ def test_every_rule_is_registered():
     from pock_tvm.passes.gradient_rules import GRADIENT_OVERRIDES, GRADIENT_RULES, has_gradient_rule
 
     assert all(has_gradient_rule(name) for name in [*GRADIENT_RULES, *GRADIENT_OVERRIDES])
+
+
+def test_layer_norm_gradients_of_weight_and_bias_match_torch():
+    x = X.reshape(2, 4, 36)
+    gamma, beta = GAMMA.reshape(36), BETA.reshape(36)
+    w = np.random.default_rng(1).standard_normal(x.shape).astype("float32")
+    bb = relax.BlockBuilder()
+    xv, gv, bv = (relax.Var(n, relax.TensorType(a.shape, "float32")) for n, a in (("x", x), ("g", gamma), ("b", beta)))
+    with bb.function("f", [xv, gv, bv]):
+        with bb.dataflow():
+            y = bb.emit(R.nn.layer_norm(xv, gv, bv, [-1], 1e-5))
+            out = bb.emit_output(R.sum(R.multiply(y, relax.const(w))))
+        bb.emit_func_output(out)
+    exe = tvm.compile(relax.transform.Gradient("f")(bb.get()), target=tvm.target.Target({"kind": "llvm"}))
+    grads = relax.VirtualMachine(exe, tvm.cpu())["f_adjoint"](*map(tvm.runtime.tensor, (x, gamma, beta)))[1]
+    ts = [torch.tensor(a, requires_grad=True) for a in (x, gamma, beta)]
+    (torch.nn.functional.layer_norm(ts[0], (36,), ts[1], ts[2]) * torch.tensor(w)).sum().backward()
+    for ours, theirs in zip(grads, ts):
+        np.testing.assert_allclose(ours.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-5)
