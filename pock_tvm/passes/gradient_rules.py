@@ -165,6 +165,25 @@ def _gelu_tanh(var, call, grad, ctx):
     return [R.multiply(grad, R.add(s, slope))]
 
 
+def _not_differentiable(var, call, grad, ctx):
+    """Boolean ops (attention masks): nothing flows back through a bool."""
+    return [no_grad(arg) for arg in call.args]
+
+
+def _max(var, call, grad, ctx):
+    """``max`` over ``axis`` (torch ``amax``): the gradient goes to the maxima, split evenly among
+    ties; a boolean ``max`` (torch ``any``) has none."""
+    x = call.args[0]
+    if x.ty.dtype == "bool":
+        return [no_grad(x)]
+    ndim = len(_shape(x))
+    axes = list(range(ndim)) if call.attrs.axis is None else [int(a) % ndim for a in call.attrs.axis]
+    keep = (lambda t: t) if call.attrs.keepdims else (lambda t: R.expand_dims(t, axes))  # noqa: E731
+    hit = R.astype(R.equal(x, keep(var)), x.ty.dtype)
+    share = R.divide(keep(grad), R.sum(hit, axes, keepdims=True))
+    return [R.multiply(hit, share)]
+
+
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
     "relax.clip": _clip,
@@ -180,6 +199,8 @@ GRADIENT_RULES = {
     "relax.nn.layer_norm": _layer_norm,
     "relax.nn.gelu": _gelu,
     "relax.nn.gelu_tanh": _gelu_tanh,
+    "relax.max": _max,
+    "relax.logical_not": _not_differentiable,
 }
 
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.

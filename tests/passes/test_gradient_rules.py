@@ -64,6 +64,11 @@ CASES = {
                    lambda t: torch.nn.functional.layer_norm(t, (6, 6), torch.tensor(GAMMA, dtype=t.dtype),
                                                             torch.tensor(BETA, dtype=t.dtype)),
                    X.shape),
+    # clamped at 2: rows with several maxima, the gradient split among the ties as torch does
+    "max": (lambda x: R.max(R.minimum(x, relax.const(2.0)), axis=[1, 3]),
+            lambda t: torch.amax(torch.clamp(t, max=2.0), (1, 3)), (2, 6)),
+    "max_keepdims": (lambda x: R.max(x, axis=[-1], keepdims=True), lambda t: torch.amax(t, -1, keepdim=True),
+                     (2, 4, 6, 1)),
     # exported LocalResponseNorm: a (k, 1, 1) average over channels of the unsqueezed input
     "avg_pool3d": (lambda x: R.nn.avg_pool3d(R.expand_dims(x, 1), (3, 1, 1), padding=(1, 0, 0, 1, 0, 0)),
                    lambda t: torch.nn.functional.avg_pool3d(t.unsqueeze(1), (3, 1, 1), 1, (1, 0, 0)), (2, 1, 4, 6, 6)),
