@@ -11,7 +11,7 @@ import math
 
 import tvm
 from tvm import relax
-from tvm.relax.op.grad import avg_pool2d_backward, no_grad
+from tvm.relax.op.grad import avg_pool2d_backward, no_grad, take_backward
 
 R = relax.op
 
@@ -184,6 +184,28 @@ def _max(var, call, grad, ctx):
     return [R.multiply(hit, share)]
 
 
+def _take(var, call, grad, ctx):
+    """TVM's ``take_backward`` handles 1-D indices only. A scalar index (``hidden[:, 0]``, the
+    classification token) becomes a 1-element one; token ids of shape (batch, sequence) along
+    axis 0 (an embedding lookup) are flattened together with the gradient's rows."""
+    x, indices = call.args
+    axis = call.attrs.axis
+    index_shape = _shape(indices)
+    if len(index_shape) == 1:
+        return [take_backward(grad, x, indices, axis), no_grad(indices)]
+    if axis is None:
+        raise ValueError(f"gradient of take: indices of shape {index_shape} need an axis")
+    axis = int(axis) % len(_shape(x))
+    if not index_shape:
+        return [take_backward(R.expand_dims(grad, [axis]), x, R.reshape(indices, (1,)), axis), no_grad(indices)]
+    if axis != 0:
+        raise ValueError(f"gradient of take: indices of shape {index_shape} are supported along axis 0 only, "
+                         f"got axis {axis}")
+    rows = math.prod(index_shape)
+    flat_grad = R.reshape(grad, (rows, *_shape(x)[1:]))
+    return [take_backward(flat_grad, x, R.reshape(indices, (rows,)), 0), no_grad(indices)]
+
+
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
     "relax.clip": _clip,
@@ -206,6 +228,7 @@ GRADIENT_RULES = {
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.
 GRADIENT_OVERRIDES = {
     "relax.nn.relu": _relu,
+    "relax.take": _take,
 }
 
 

@@ -105,3 +105,16 @@ def test_layer_norm_gradients_of_weight_and_bias_match_torch():
     (torch.nn.functional.layer_norm(ts[0], (36,), ts[1], ts[2]) * torch.tensor(w)).sum().backward()
     for ours, theirs in zip(grads, ts):
         np.testing.assert_allclose(ours.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_take_with_token_ids_of_batch_by_sequence_matches_torch_embedding():
+    table = np.random.default_rng(4).standard_normal((10, 5)).astype("float32")
+    ids = np.array([[1, 3, 3, 0], [9, 1, 2, 3]], "int64")  # repeated ids accumulate
+    ours, w = _grad(lambda t: R.take(t, relax.const(ids), axis=0), table, (2, 4, 5))
+    theirs = _torch_grad(lambda t: torch.nn.functional.embedding(torch.tensor(ids), t), table, w)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_take_of_one_position_matches_torch_indexing():
+    ours, w = _grad(lambda t: R.take(t, relax.const(2, "int64"), axis=2), X, (2, 4, 6))
+    np.testing.assert_allclose(ours, _torch_grad(lambda t: t[:, :, 2], X, w), rtol=1e-6)
