@@ -117,6 +117,8 @@ def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, run
     from .finetune import accuracy, fit
 
     program = compile(imported, scheme=scheme, optimizer=settings.optimizer)
+    if runner is not None:
+        _save(program, bundle)  # before training: the device starts from the pretrained weights
     before = accuracy(program, *task.test)
     result = fit(program, *task.labelled, settings.epochs, settings.seed)
     row = {"test_accuracy": accuracy(program, *task.test), "accuracy_before": before,
@@ -125,19 +127,15 @@ def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, run
            "last_loss": result.losses[-1]}
     print(f"{scheme.name}: test accuracy {100 * before:.1f}% -> {100 * row['test_accuracy']:.1f}% "
           f"after {settings.epochs} epochs, {row['median_step_ms']:.1f} ms/step")
-    row["measured_training_kib"] = _runner_memory(imported, scheme, task, settings, bundle, runner)
+    row["measured_training_kib"] = None if runner is None else _runner_memory(program, task, settings, bundle, runner)
     return row
 
 
-def _runner_memory(imported, scheme, task, settings: DemoSettings, bundle: Path, runner: Path | None):
-    """Peak memory the runner's training steps add to the loaded bundle, plus its optimizer state."""
+def _runner_memory(program, task, settings: DemoSettings, bundle: Path, runner: Path) -> int:
+    """Peak memory the runner's training steps on ``bundle`` add to the loaded bundle, plus its
+    optimizer state."""
     from ..runtime.bundle import write_batches
-    from .compiler import compile
 
-    if runner is None:
-        return None
-    program = compile(imported, scheme=scheme, optimizer=settings.optimizer)  # untrained: the device's start
-    _save(program, bundle)
     data = bundle.parent / f"{bundle.name}.data.bin"
     write_batches(data, program.layout, [task.labelled[0]], task.labelled[1])
     result = subprocess.run([str(runner / "pock_runner"), "train", str(bundle), str(data), "--steps",
