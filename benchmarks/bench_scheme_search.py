@@ -19,6 +19,7 @@ from pathlib import Path
 from pock_tvm.interface.compiler import compile
 from pock_tvm.interface.demo import DemoSettings, demo
 from pock_tvm.interface.finetune import accuracy, fit
+from pock_tvm.runtime.files import write_json
 from pock_tvm.scheme import Scheme
 
 SEEDS = (1, 2)
@@ -53,7 +54,7 @@ def main() -> None:
               "test_accuracy_by_seed": {n: {str(k): v for k, v in s.items()} for n, s in seeds.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scheme_search_digits_host.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "scheme_search_digits_host.json", result)
     (out / "scheme_search_digits_host.md").write_text(_markdown(result))
     print(_markdown(result))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..analysis.report import format_bytes
 from ..optim import Adam, SGD
+from ..runtime.files import write_json
 from ..scheme import Scheme
 from ..search import AnalysisSettings
 
@@ -101,7 +102,7 @@ def demo(out: str | Path = "out/demo", settings: DemoSettings = DemoSettings(), 
         "seconds": {"search": round(search_s, 1), "total": round(time.perf_counter() - start, 1)},
     }
     _plot(found, rows, budget, out / "schemes.png")
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     print(f"\nwrote {out / 'summary.json'} and {out / 'schemes.png'}")
     print(json.dumps(summary, separators=(",", ":")))
     return summary
@@ -251,10 +252,3 @@ def _plot(found, rows: dict, budget: int, path: Path) -> None:
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from ..runtime.files import atomic_file
-
-    with atomic_file(path) as f:
-        f.write((json.dumps(data, indent=1) + "\n").encode())

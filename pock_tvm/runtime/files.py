@@ -37,6 +37,14 @@ def atomic_file(path: Path) -> Iterator:
         raise
 
 
+def write_json(path: Path, data) -> None:
+    """``data`` as indented JSON at ``path``, replaced atomically (see :func:`atomic_file`)."""
+    import json
+
+    with atomic_file(Path(path)) as f:
+        f.write((json.dumps(data, indent=1) + "\n").encode())
+
+
 def write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

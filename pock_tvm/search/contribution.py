@@ -23,7 +23,7 @@ import numpy as np
 
 from ..frontend import import_model
 from ..optim import Adam, SGD, optimizer_from_json
-from ..runtime.files import atomic_file
+from ..runtime.files import write_json
 from .space import Option, options_for, scheme_of
 
 logger = logging.getLogger(__name__)
@@ -215,5 +215,4 @@ def _save(path: Path | None, analysis: Analysis) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        f.write(json.dumps(analysis.to_json(), indent=1).encode())
+    write_json(path, analysis.to_json())
