@@ -20,6 +20,7 @@ _LAZY = {
     "AdamW": ("pock_tvm.optim", "AdamW"),
     "CrossEntropy": ("pock_tvm.loss", "CrossEntropy"),
     "MSE": ("pock_tvm.loss", "MSE"),
+    "NextTokenCrossEntropy": ("pock_tvm.loss", "NextTokenCrossEntropy"),
     "TorchLoss": ("pock_tvm.loss", "TorchLoss"),
     "passes": ("pock_tvm.passes", None),
     "loss": ("pock_tvm.loss", None),

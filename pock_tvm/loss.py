@@ -13,6 +13,9 @@ from tvm.relax.training import loss as relax_loss
 
 from .frontend.model import TensorSpec
 
+R = relax.op
+IGNORE_INDEX = -100  # a label that does not count (torch's and Hugging Face's default)
+
 
 def _tensor_type(spec: TensorSpec) -> relax.TensorType:
     return relax.TensorType(spec.shape, spec.dtype)
@@ -37,6 +40,39 @@ class CrossEntropy:
     def relax_function(self, output: TensorSpec) -> relax.Function:
         return relax_loss.CrossEntropyLoss(reduction="mean")(
             _tensor_type(output), _target_var(self.target_spec(output)))
+
+
+@dataclass
+class NextTokenCrossEntropy:
+    """A causal LM's loss (Hugging Face ``labels=input_ids``): the logits at position ``t`` predict
+    the label at ``t + 1``; labels equal to ``ignore_index`` (padding, a prompt) do not count, and
+    the mean is over the labels that do. Takes ``(batch, sequence, vocab)`` logits and
+    ``(batch, sequence)`` integer labels."""
+
+    ignore_index = IGNORE_INDEX
+    name: str = "next_token"
+
+    def target_spec(self, output: TensorSpec) -> TensorSpec:
+        if len(output.shape) != 3 or output.shape[1] < 2:
+            raise ValueError("NextTokenCrossEntropy: needs (batch, sequence >= 2, vocab) logits, the model "
+                             f"returns {output.shape}; use loss='cross_entropy' for a classifier")
+        return TensorSpec("target", output.shape[:2], "int64")
+
+    def relax_function(self, output: TensorSpec) -> relax.Function:
+        batch, seq, vocab = output.shape
+        logits = relax.Var("prediction", _tensor_type(output))
+        labels = _target_var(self.target_spec(output))
+        bb = relax.BlockBuilder()
+        with bb.function("loss", [logits, labels]):
+            with bb.dataflow():
+                head = bb.emit(R.strided_slice(logits, [1], [0], [seq - 1]))
+                tail = bb.emit(R.strided_slice(labels, [1], [1], [seq]))
+                rows = batch * (seq - 1)
+                log_p = bb.emit(R.nn.log_softmax(R.reshape(head, (rows, vocab))))
+                loss = bb.emit_output(R.nn.nll_loss(log_p, R.reshape(tail, (rows,)), None, "mean",
+                                                    self.ignore_index))
+            bb.emit_func_output(loss)
+        return bb.get()["loss"]
 
 
 @dataclass
@@ -89,12 +125,17 @@ class TorchLoss:
         return imported.mod["forward"].without_attr("num_input")
 
 
-def make_loss(spec) -> CrossEntropy | MSE | TorchLoss:
-    """``"cross_entropy"``/``"ce"``, ``"mse"``, or a loss object."""
-    if isinstance(spec, (CrossEntropy, MSE, TorchLoss)):
+LOSSES = {"cross_entropy": CrossEntropy, "ce": CrossEntropy, "next_token": NextTokenCrossEntropy,
+          "mse": MSE}
+
+
+def make_loss(spec) -> CrossEntropy | NextTokenCrossEntropy | MSE | TorchLoss:
+    """A name of :data:`LOSSES` (``None`` is ``"cross_entropy"``) or a loss object."""
+    if isinstance(spec, (CrossEntropy, NextTokenCrossEntropy, MSE, TorchLoss)):
         return spec
-    if spec in ("cross_entropy", "ce", None):
+    if spec is None:
         return CrossEntropy()
-    if spec == "mse":
-        return MSE()
-    raise ValueError(f"unknown loss {spec!r}; use 'cross_entropy', 'mse' or pock_tvm.TorchLoss(module, target)")
+    if spec in LOSSES:
+        return LOSSES[spec]()
+    raise ValueError(f"unknown loss {spec!r}; use one of {', '.join(LOSSES)} or "
+                     "pock_tvm.TorchLoss(module, target)")

@@ -4,7 +4,10 @@ A scheme is data. Rules select parameters by glob over source names (``features.
 module path (``classifier`` selects every parameter under it) and give each an update mode:
 ``full``, ``partial`` (the first ``ceil(ratio * C)`` input channels of a conv or linear weight, or
 the first output channels of a depthwise weight) or ``frozen``. Shortcuts: ``bias`` (``"all"``,
-``"none"`` or the last N layers) and ``norm_affine`` (BatchNorm weight and bias). Later rules win.
+``"none"`` or the last N layers) and ``norm_affine`` (BatchNorm, LayerNorm and RMSNorm weight and
+bias). Later rules win. ``@role:attention`` / ``@role:mlp`` select the linear weights of a
+transformer's attention or MLP layers (:data:`ROLES`). ``lora`` adds low-rank adapters beside the
+selected linear weights (:class:`LoRA`); the adapters are trained, what else the rules say applies.
 """
 
 from __future__ import annotations
@@ -22,6 +25,37 @@ from .frontend.model import ImportedModel
 
 MODES = ("full", "partial", "frozen")
 
+# role -> globs over layer names; a linear layer takes the first role that matches it. Hugging Face
+# names: Llama ``self_attn.q_proj`` / ``mlp.up_proj``, BERT ``attention.self.query`` /
+# ``attention.output.dense`` / ``intermediate.dense`` / ``output.dense``.
+ROLES = {
+    "attention": ("*attn*", "*attention*"),
+    "mlp": ("*mlp*", "*intermediate*", "*.output.dense", "*feed_forward*", "*ffn*"),
+}
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters (Hu et al., 2021; PEFT's defaults): ``y = x W^T + (alpha / rank) x A^T B^T``
+    beside every linear weight ``select`` picks (a glob or ``@role:NAME``), ``A`` (rank, in)
+    uniform in +-1/sqrt(in) from ``seed``, ``B`` (out, rank) zero, so the model starts unchanged."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    select: str = "@role:attention"
+    seed: int = 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _is_lora(value) -> bool:
+    return isinstance(value, dict) and set(value) <= {"rank", "alpha", "select", "seed"} and \
+        type(value.get("rank", 8)) is int and value.get("rank", 8) > 0 and \
+        type(value.get("alpha", 16.0)) in (int, float) and isinstance(value.get("select", ""), str) and \
+        type(value.get("seed", 0)) is int
+
 
 def _is_bias(value) -> bool:
     return value in ("all", "none") or (type(value) is int and value >= 0)
@@ -31,16 +65,40 @@ def _is_ratio(value) -> bool:
     return type(value) in (int, float) and 0.0 < value <= 1.0
 
 
+# preset name -> scheme (called when asked for: Scheme is defined below). CNN presets first, then transformer ones (``@role`` rules: Llama, BERT names)
+PRESETS = {
+    "full": lambda: Scheme("full", default="full", bias="all", norm_affine=True),
+    "bias-only": lambda: Scheme("bias-only", bias="all"),
+    # TTE-style sparse update for MobileNetV2: biases of the last 7 blocks, the classifier, and the
+    # first pointwise conv of the last blocks with shrinking channel ratios
+    "tte-mbv2": lambda: Scheme("tte-mbv2", bias=7, rules=[
+        Rule("classifier", "full"),
+        Rule("features.17.conv.0.0.weight", "partial", 0.5),
+        Rule("features.16.conv.0.0.weight", "partial", 0.25),
+        Rule("features.15.conv.0.0.weight", "partial", 0.125),
+    ]),
+    "bias-norm": lambda: Scheme("bias-norm", bias="all", norm_affine=True),
+    "attention-only": lambda: Scheme("attention-only", rules=[Rule("@role:attention", "full")]),
+    "mlp-only": lambda: Scheme("mlp-only", rules=[Rule("@role:mlp", "full")]),
+    # the first quarter of the input channels of every MLP weight (TTE's partial channels)
+    "mlp-partial": lambda: Scheme("mlp-partial", rules=[Rule("@role:mlp", "partial", 0.25)]),
+    "lora": lambda: Scheme("lora", lora=LoRA()),
+}
+PRESET_NAMES = [*PRESETS, "last-k", "last-N"]
+
+
 # field -> (check, what it accepts): the whole file format of a scheme, in one place
 FIELDS = {
     "name": (lambda v: isinstance(v, str), "a string"),
-    "preset": (lambda v: isinstance(v, str), "a preset name: full, bias-only, last-k, last-N or tte-mbv2"),
+    "preset": (lambda v: isinstance(v, str), "a preset name: " + ", ".join(PRESET_NAMES)),
     "k": (lambda v: type(v) is int and v > 0, "a positive integer (blocks of the last-k preset)"),
     "bias": (_is_bias, '"all", "none" or a count of last layers (integer >= 0)'),
     "norm_affine": (lambda v: type(v) is bool, "true or false (not a string)"),
     "default": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
     "rules": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
               "a list of tables ([[rules]] in TOML)"),
+    "lora": (_is_lora, "a table with rank (integer > 0), alpha (number), select (a glob or @role:NAME) "
+                       "and seed (integer), each optional"),
 }
 RULE_FIELDS = {
     "select": (lambda v: isinstance(v, str) and v != "", "a glob over parameter names or a module path"),
@@ -91,28 +149,22 @@ class Scheme:
     bias: str | int = "none"
     norm_affine: bool = False
     default: str = "frozen"
+    lora: LoRA | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoRA(**self.lora)
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
     def preset(name: str, k: int = 2) -> Scheme:
-        """``full``, ``bias-only``, ``last-k`` (k blocks) or ``tte-mbv2``."""
-        if name == "full":
-            return Scheme("full", default="full", bias="all", norm_affine=True)
-        if name == "bias-only":
-            return Scheme("bias-only", bias="all")
-        if name in ("last-k", "last_k") or name.startswith("last-"):
+        """A name of :data:`PRESETS`; ``last-k`` updates the last ``k`` blocks (``last-3`` says it)."""
+        if name in ("last-k", "last_k") or (name.startswith("last-") and name[5:].isdigit()):
             blocks = k if name in ("last-k", "last_k") else int(name.split("-")[1])
             return Scheme(f"last-{blocks}", rules=[Rule(f"@last-blocks:{blocks}", "full")])
-        if name == "tte-mbv2":
-            # TTE-style sparse update for MobileNetV2: biases of the last 7 blocks, the classifier,
-            # and the first pointwise conv of the last blocks with shrinking channel ratios.
-            return Scheme("tte-mbv2", bias=7, rules=[
-                Rule("classifier", "full"),
-                Rule("features.17.conv.0.0.weight", "partial", 0.5),
-                Rule("features.16.conv.0.0.weight", "partial", 0.25),
-                Rule("features.15.conv.0.0.weight", "partial", 0.125),
-            ])
-        raise ValueError(f"Scheme: unknown preset {name!r}; choose full, bias-only, last-k, last-N or tte-mbv2")
+        if name not in PRESETS:
+            raise ValueError(f"Scheme: unknown preset {name!r}; choose {', '.join(PRESET_NAMES)}")
+        return PRESETS[name]()
 
     @staticmethod
     def from_dict(data: dict, source: str = "scheme") -> Scheme:
@@ -123,12 +175,15 @@ class Scheme:
         for i, rule in enumerate(data.get("rules", [])):
             _check_fields(rule, RULE_FIELDS, source, f"rules[{i}].")
             rules.append(Rule(**rule))
+        lora = LoRA(**data["lora"]) if "lora" in data else None
         if "preset" in data:
             base = Scheme.preset(data["preset"], int(data.get("k", 2)))
             base.rules += rules
+            if lora is not None:
+                base.lora = lora
             return base
         return Scheme(data.get("name", "custom"), rules, data.get("bias", "none"),
-                      data.get("norm_affine", False), data.get("default", "frozen"))
+                      data.get("norm_affine", False), data.get("default", "frozen"), lora)
 
     @staticmethod
     def load(spec: str | Path | Scheme | None) -> Scheme:
@@ -162,6 +217,8 @@ class Scheme:
             lines += ["", "[[rules]]", f"select = {json.dumps(rule.select)}", f"mode = {json.dumps(rule.mode)}"]
             if rule.mode == "partial":
                 lines.append(f"ratio = {rule.ratio!r}")
+        if self.lora is not None:
+            lines += ["", "[lora]"] + [f"{key} = {json.dumps(value)}" for key, value in asdict(self.lora).items()]
         return "\n".join(lines) + "\n"
 
     # ---- resolution -----------------------------------------------------------------------------
@@ -181,8 +238,11 @@ class Scheme:
                 if kinds[p.name] == "norm":
                     result[p.name] = Update("full")
 
+        for p in params:
+            if kinds[p.name] == "adapter":
+                result[p.name] = Update("full")
         for rule in self.rules:
-            matched = _select(rule.select, params, blocks)
+            matched = select_params(rule.select, params, blocks, kinds)
             if not matched:
                 names = [p.name for p in params] + layers
                 close = difflib.get_close_matches(rule.select, names, n=5, cutoff=0.5)
@@ -198,12 +258,14 @@ class Scheme:
 
 def trainable_params(model: ImportedModel):
     """``(params, kinds, layers)``: the non-buffer parameters in forward order, each one's kind
-    (:class:`pock_tvm.analysis.layers.ParamUse`: conv, depthwise, linear, norm, bias, other) by
+    (:class:`pock_tvm.analysis.layers.ParamUse`: conv, depthwise, linear, embedding, norm, bias,
+    other; ``adapter`` for LoRA's) by
     name, and the layers in forward order."""
     uses = param_uses(model.mod["forward"])
     params = [p for p in model.params if not p.is_buffer]
     params.sort(key=lambda p: uses[p.var_name].position if p.var_name in uses else 0)
-    kinds = {p.name: uses[p.var_name].kind if p.var_name in uses else "other" for p in params}
+    kinds = {p.name: "adapter" if p.adapter else uses[p.var_name].kind if p.var_name in uses else "other"
+             for p in params}
     return params, kinds, list(dict.fromkeys(p.layer for p in params))
 
 
@@ -229,7 +291,20 @@ def _last(layers: list[str], n: int, what: str) -> list[str]:
     return [layer for layer in layers if _block_of(layer) in keep]
 
 
-def _select(pattern: str, params, blocks: list[str]):
+def role_of(layer: str) -> str | None:
+    """The first role of :data:`ROLES` whose globs match ``layer``."""
+    for role, globs in ROLES.items():
+        if any(fnmatch.fnmatchcase(layer, g) for g in globs):
+            return role
+    return None
+
+
+def select_params(pattern: str, params, blocks: list[str], kinds: dict[str, str]):
+    if pattern.startswith("@role:"):
+        role = pattern.split(":", 1)[1]
+        if role not in ROLES:
+            raise ValueError(f"Scheme: unknown role {role!r} in {pattern!r}; roles are {', '.join(ROLES)}")
+        return [p for p in params if kinds[p.name] == "linear" and role_of(p.layer) == role]
     if pattern.startswith("@last-blocks:"):
         n = int(pattern.split(":")[1])
         if n <= 0 or n > len(blocks):
@@ -255,3 +330,4 @@ def _partial(param, kind: str, ratio: float) -> Update:
     if channels >= shape[axis]:
         return Update("full")
     return Update("partial", axis, channels)
+

@@ -23,10 +23,12 @@ def train_both(model, program, optimizer, inputs, target, steps: int = 3, loss_f
     return before, program.state_dict(), ref.state_dict(), ours, theirs
 
 
-def assert_matches_torch(model, program, optimizer, inputs, target, rtol=1e-4, update_tol=1e-3, kink_flips=0):
+def assert_matches_torch(model, program, optimizer, inputs, target, rtol=1e-4, update_tol=1e-3, kink_flips=0,
+                         loss_fn=None):
     """Losses and every parameter after 3 steps match autograd; frozen ones are bit-identical.
-    ``kink_flips``: how many elements per tensor may differ more (deep nets, see KINK_FLIPS)."""
-    before, after, expected, ours, theirs = train_both(model, program, optimizer, inputs, target)
+    ``kink_flips``: how many elements per tensor may differ more (deep nets, see KINK_FLIPS);
+    ``loss_fn``: torch's loss (default cross-entropy)."""
+    before, after, expected, ours, theirs = train_both(model, program, optimizer, inputs, target, loss_fn=loss_fn)
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=1e-6)
     trainable = {p.source for p in program.layout.params if p.trainable}
     assert trainable, "the scheme must update something"

@@ -29,7 +29,9 @@ class Reference:
     def __init__(self, model, program, optimizer, loss_fn=torch.nn.functional.cross_entropy):
         self.model = copy.deepcopy(model).eval()
         self.loss_fn = loss_fn
-        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # named_parameters() gives tied weights (lm_head = embeddings) one name, as the program does
+        named = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        self.state = {k: v.detach().clone() for k, v in named.items()}
         self.trained: dict[str, list] = {}
         leaves = []
         for p in program.layout.params:

@@ -14,7 +14,7 @@ _VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.astype"}
 class ParamUse:
     """The first non-view op that reads a parameter, and what kind of layer that makes it."""
 
-    kind: str  # conv | depthwise | linear | norm | bias | other
+    kind: str  # conv | depthwise | linear | embedding | norm | bias | other
     op: str
     position: int  # index of the binding, gives forward order
 
@@ -39,6 +39,10 @@ def _kind(op: str, call: relax.Call, arg_index: int, value_ndim: int) -> str:
         return "norm"
     if op == "relax.nn.batch_norm":
         return "stat"
+    if op == "relax.multiply" and value_ndim == 1:  # RMSNorm / LayerNorm decomposed by torch.export
+        return "norm"
+    if op == "relax.take" and arg_index == 0:
+        return "embedding"
     if op == "relax.add" and value_ndim == 1:
         return "bias"
     return "other"

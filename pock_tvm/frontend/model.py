@@ -30,13 +30,14 @@ class ParamInfo:
 
     ``name`` is the source name (``features.3.conv.0.weight`` or an ONNX initializer name),
     ``var_name`` the name of the matching Relax parameter of ``forward``. Buffers (BatchNorm
-    running statistics) are never trainable.
+    running statistics) are never trainable. ``adapter``: added by the compiler (LoRA), not the model.
     """
 
     name: str
     var_name: str
     value: np.ndarray
     is_buffer: bool = False
+    adapter: bool = False
 
     @property
     def layer(self) -> str:

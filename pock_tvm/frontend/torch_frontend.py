@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
+from ..passes.UnbroadcastLinear import UnbroadcastLinear
 from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,18 @@ def _buffers_to_params(model: torch.nn.Module) -> set[str]:
             if buf is None or not buf.is_floating_point():
                 continue
             del module._buffers[key]
+            module._non_persistent_buffers_set.discard(key)  # a parameter is always in the state dict
             module.register_parameter(key, torch.nn.Parameter(buf.detach().clone(), requires_grad=False))
             names.add(f"{prefix}.{key}" if prefix else key)
     return names
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for parameters that are one tensor under several names (tied input and
+    output embeddings); ``name`` is the one ``named_parameters()`` keeps."""
+    first = {id(p): name for name, p in model.named_parameters()}
+    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)
+            if first[id(p)] != name}
 
 
 def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
@@ -93,16 +103,25 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
 
     sig = exported.graph_signature
     var_to_source = dict(sig.inputs_to_parameters)
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters())  # one name per tensor: tied weights under the first
+    canonical = _tied_names(model)
     func = mod["main"]
     num_inputs = len(example_inputs)
-    params = []
+    params, seen, ties = [], {}, {}
     for var in func.params[num_inputs:]:
         source = var_to_source.get(var.name)
         if source is None:
             raise ValueError(f"from_torch: cannot map Relax input '{var.name}' to a parameter")
+        source = canonical.get(source, source)
+        if source in seen:  # a tied weight (lm_head = embeddings): one tensor, both uses
+            ties[var] = seen[source]
+            continue
+        seen[source] = var
         tensor = named[source].detach().cpu().numpy()
         params.append(ParamInfo(source, var.name, np.ascontiguousarray(tensor), source in buffer_names))
+    if ties:
+        func = func.bind_params(ties)
+        logger.info("tied parameters share one tensor: %s", {k.name: v.name for k, v in ties.items()})
     inputs = [
         TensorSpec(var.name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
         for var, t in zip(func.params[:num_inputs], example_inputs)
@@ -112,5 +131,6 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
     new_func = func.without_attr("params").with_attr("global_symbol", "forward")
     out_mod = type(mod)({})
     out_mod["forward"] = new_func
+    out_mod = UnbroadcastLinear()(out_mod)  # transformers' 3-D linear layers read their weight
     logger.info("imported torch model: %d inputs, %d parameters", len(inputs), len(params))
     return ImportedModel(out_mod, inputs, params, out_spec, origins, "torch")

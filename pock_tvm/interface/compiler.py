@@ -12,6 +12,7 @@ import tvm
 
 from ..analysis.cost import kernel_flops, nbytes, training_cost
 from ..analysis.memory import kernel_workspace, planned_bytes
+from ..adapters import add_lora
 from ..analysis.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
@@ -113,6 +114,8 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     gpu = tgt.kind.name == "cuda"
     imported = import_model(model, example_inputs, input_shapes)
     scheme = Scheme.load(scheme)
+    if scheme.lora is not None:
+        imported = add_lora(imported, scheme.lora)
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
     updates = scheme.resolve(imported)
     params, trainable, partial = plan(imported, updates)
@@ -178,7 +181,8 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``step`` here, ``save`` writes its bundle for the device runner.
     ``model`` is a ``torch.nn.Module`` (with ``example_inputs``), an ONNX path or ``ModelProto``.
     ``scheme`` is a :class:`Scheme`, a preset name or a ``.toml``/``.json`` file (default ``full``);
-    ``loss`` is ``"cross_entropy"``, ``"mse"`` or a :class:`pock_tvm.loss.TorchLoss`;
+    ``loss`` is a name of ``pock_tvm.loss.LOSSES`` (``"cross_entropy"``, ``"next_token"`` for a causal
+    LM, ``"mse"``) or a loss object such as :class:`pock_tvm.loss.TorchLoss`;
     ``optimizer`` is ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object.
     ``options`` switch optimizations of the pipeline: a :class:`PipelineOptions` or a preset
     ``"O0"``..``"O3"`` (default ``O3``, everything; ``PipelineOptions(fold_frozen=False)`` keeps

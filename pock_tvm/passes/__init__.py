@@ -14,10 +14,12 @@ from .ScheduleForCPU import ScheduleForCPU
 from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
+from .UnbroadcastLinear import UnbroadcastLinear
 
 register_gradient_rules()
 
 __all__ = ["AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
-           "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "pock_tvm_pipeline",
+           "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "UnbroadcastLinear",
+           "pock_tvm_pipeline",
            "register_gradient_rules"]

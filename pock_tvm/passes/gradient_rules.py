@@ -166,7 +166,7 @@ def _gelu_tanh(var, call, grad, ctx):
 
 
 def _not_differentiable(var, call, grad, ctx):
-    """Boolean ops (attention masks): nothing flows back through a bool."""
+    """Boolean and integer ops (attention masks, positions): nothing flows back through them."""
     return [no_grad(arg) for arg in call.args]
 
 
@@ -206,6 +206,66 @@ def _take(var, call, grad, ctx):
     return [take_backward(flat_grad, x, R.reshape(indices, (rows,)), 0), no_grad(indices)]
 
 
+def _ints(expr) -> list[int]:
+    """The integers of a tuple argument (``strided_slice``'s axes, begin, end, strides)."""
+    return [int(v.value) for v in expr.fields]
+
+
+def _strided_slice(var, call, grad, ctx):
+    """A unit-stride slice (rotary ``x[..., :d/2]``, a causal LM's ``logits[:, :-1]``): the gradient
+    is the output gradient padded with zeros back to the input's shape."""
+    x, axes, begin, end = call.args[:4]
+    shape = _shape(x)
+    strides = _ints(call.args[4]) if len(call.args) > 4 else [1] * len(axes.fields)
+    if any(s != 1 for s in strides):
+        raise ValueError(f"gradient of strided_slice: only unit strides are supported, got {strides}")
+    widths = [0] * (2 * len(shape))
+    for axis, b, e in zip(_ints(axes), _ints(begin), _ints(end)):
+        axis %= len(shape)
+        n = shape[axis]
+        b = min(max(b + n if b < 0 else b, 0), n)
+        e = min(max(e + n if e < 0 else e, b), n)
+        widths[2 * axis], widths[2 * axis + 1] = b, n - e
+    return [R.nn.pad(grad, widths), *[no_grad(arg) for arg in call.args[1:]]]
+
+
+def _index_tensor(var, call, grad, ctx):
+    """Advanced indexing; what transformers build masks with (integer or boolean data, no
+    gradient). Indexing float data on the backward path is not supported."""
+    data = call.args[0]
+    if "float" in str(data.ty.dtype):
+        raise ValueError("gradient of index_tensor: indexing float data with tensors (x[idx]) is not "
+                         "supported on the backward path; use torch.gather / index_select (take)")
+    return [no_grad(arg) for arg in call.args]
+
+
+def _nll_loss(var, call, grad, ctx):
+    """torch ``nll_loss``: ``-w[t] / norm`` at each target's class, where a target equal to
+    ``ignore_index`` counts nowhere (``norm`` is the summed weight of the counted targets for
+    ``mean``). TVM's rule handles a non-negative ``ignore_index`` only: with -100 (a causal LM's
+    padding) it counted padded positions and read ``w[-100]``."""
+    pred, target = call.args[:2]
+    weights = call.args[2] if len(call.args) > 2 else None
+    dtype, reduction = pred.ty.dtype, call.attrs.reduction
+    classes = _shape(pred)[1 if len(_shape(pred)) > 1 else 0]
+    valid = R.not_equal(target, relax.const(int(call.attrs.ignore_index), target.ty.dtype))
+    safe = R.where(valid, target, R.zeros_like(target))
+    weight = R.astype(valid, dtype)
+    if weights is not None:
+        weight = R.multiply(weight, R.take(weights, safe, axis=0))
+    if reduction == "none":
+        coef = R.multiply(R.negative(grad), weight)
+    else:
+        scale = R.negative(grad) if reduction == "sum" else R.divide(R.negative(grad), R.sum(weight))
+        coef = R.multiply(scale, weight)
+    axis = 1 if len(_shape(pred)) > 1 else 0
+    class_ids = R.reshape(R.arange(0, classes, 1, target.ty.dtype),
+                          [classes if i == axis else 1 for i in range(len(_shape(pred)))])
+    hit = R.astype(R.equal(R.expand_dims(safe, [axis]), class_ids), dtype)
+    rest = [no_grad(target)] + ([no_grad(weights)] if weights is not None else [])
+    return [R.multiply(hit, R.expand_dims(coef, [axis])), *rest]
+
+
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
     "relax.clip": _clip,
@@ -223,12 +283,17 @@ GRADIENT_RULES = {
     "relax.nn.gelu_tanh": _gelu_tanh,
     "relax.max": _max,
     "relax.logical_not": _not_differentiable,
+    "relax.bitwise_and": _not_differentiable,
+    "relax.arange": _not_differentiable,
+    "relax.strided_slice": _strided_slice,
+    "relax.index_tensor": _index_tensor,
 }
 
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.
 GRADIENT_OVERRIDES = {
     "relax.nn.relu": _relu,
     "relax.take": _take,
+    "relax.nn.nll_loss": _nll_loss,
 }
 
 

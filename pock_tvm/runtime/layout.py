@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import calling
 from ..frontend.model import TensorSpec
+from ..loss import IGNORE_INDEX
 
 
 @dataclass
@@ -62,17 +63,21 @@ class Layout:
                                   [p.var for p in self.trainable], self.state_names)
 
     def check_target(self, target: np.ndarray, where: str = "target") -> None:
-        """Class labels of a cross-entropy step lie in ``[0, classes)``: an out-of-range label
-        would read outside the logits. Other losses take any target."""
-        if self.loss != "cross_entropy" or len(self.output.shape) != 2:
+        """Class labels of a cross-entropy step lie in ``[0, classes)`` (a causal LM's next-token
+        labels in ``[0, vocab)`` or are the ignore index): an out-of-range label would read outside
+        the logits. Other losses take any target."""
+        if (self.loss, len(self.output.shape)) not in (("cross_entropy", 2), ("next_token", 3)):
             return
-        classes = self.output.shape[1]
+        classes = self.output.shape[-1]
         bad = (target < 0) | (target >= classes)
+        if self.loss == "next_token":
+            bad &= target != IGNORE_INDEX
         if np.any(bad):
             index = int(np.flatnonzero(np.ravel(bad))[0])
             raise ValueError(f"{where}: label {int(np.ravel(target)[index])} at position {index} is outside "
                              f"[0, {classes}) for the model's {classes} classes; fix the labels (class "
-                             "indices counted from 0)")
+                             "indices counted from 0" + (f", {IGNORE_INDEX} for one that does not count)"
+                                                         if self.loss == "next_token" else ")"))
 
     def to_json(self) -> dict:
         data = asdict(self)

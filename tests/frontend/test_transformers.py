@@ -1,15 +1,23 @@
 """Hugging Face ``transformers`` models through torch.export train like PyTorch (tiny configs, no download)."""
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 import pock_tvm
 from helpers import ADAM_DEEP, assert_matches_torch
+from pock_tvm.adapters import merge_lora
+from pock_tvm.scheme import Scheme
 
 transformers = pytest.importorskip("transformers")
 
 CONFIG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# grouped-query attention (4 query heads, 2 key/value heads) and tied input/output embeddings, as SmolLM2
+LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 class BertClassifier(torch.nn.Module):
@@ -24,6 +32,58 @@ class BertClassifier(torch.nn.Module):
     def forward(self, ids):
         hidden = self.bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
         return self.head(hidden[:, 0])
+
+
+class CausalLM(torch.nn.Module):
+    """``LlamaForCausalLM`` (RMSNorm, rotary embeddings, causal + padding mask, SwiGLU) -> logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+
+    def forward(self, ids, mask):
+        return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def next_token_loss(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _lm_batch():
+    torch.manual_seed(0)
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # the second sequence is padded: masked keys, labels that do not count
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+class LoRALinear(torch.nn.Linear):
+    """The torch reference of an adapted linear layer: ``weight``/``bias`` as before, adapters beside."""
+
+    def __init__(self, base: torch.nn.Linear, a: np.ndarray, b: np.ndarray, scale: float):
+        super().__init__(base.in_features, base.out_features, base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.lora_A = torch.nn.Linear(base.in_features, a.shape[0], bias=False)
+        self.lora_B = torch.nn.Linear(a.shape[0], base.out_features, bias=False)
+        self.lora_A.weight.data, self.lora_B.weight.data = torch.tensor(a), torch.tensor(b)
+        self.scale = scale
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+
+def with_lora(model, program, scale):
+    """A copy of ``model`` with the program's adapters (same initial values) on the same layers."""
+    model = copy.deepcopy(model)
+    state = program.state_dict()
+    for key in [k for k in state if k.endswith(".lora_A.weight")]:
+        path = key[: -len(".lora_A.weight")]
+        parent, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        lora_b = state[path + ".lora_B.weight"]
+        setattr(owner, leaf, LoRALinear(getattr(owner, leaf), state[key], lora_b, scale))
+    return model
 
 
 # Adam with eps=1e-6: the key projection's bias has a gradient of exactly zero in exact arithmetic
@@ -41,3 +101,52 @@ def test_bert_classifier_matches_torch(scheme):
     else:
         assert trained and all(n.startswith(("bert.encoder.layer.1.", "head.")) for n in trained)
     assert_matches_torch(model, program, ADAM_DEEP, (ids,), torch.randint(0, 3, (2,)))
+
+
+@pytest.mark.parametrize("scheme", ["full", "mlp-partial", "lora"])
+def test_llama_causal_lm_matches_torch(scheme):
+    ids, mask, labels = _lm_batch()
+    model = CausalLM().eval()
+    program = pock_tvm.compile(model, (ids, mask), scheme=scheme, loss="next_token", optimizer=ADAM_DEEP,
+                               tuning_database=False)
+    state = program.state_dict()
+    assert "lm.lm_head.weight" not in state  # tied to the input embeddings: one tensor, trained once
+    trained = {p.source for p in program.layout.params if p.trainable}
+    reference = model
+    if scheme == "full":
+        assert "lm.model.embed_tokens.weight" in trained and "lm.model.norm.weight" in trained
+    elif scheme == "lora":
+        assert trained == {f"lm.model.layers.{i}.self_attn.{p}_proj.lora_{m}.weight"
+                           for i in range(2) for p in "qkvo" for m in "AB"}
+        assert not state["lm.model.layers.0.self_attn.q_proj.lora_B.weight"].any()  # starts as the model
+        reference = with_lora(model, program, Scheme.preset("lora").lora.scale)
+    else:
+        assert {p.axis for p in program.layout.params if p.trainable} == {1}
+    assert_matches_torch(reference, program, ADAM_DEEP, (ids, mask), labels, loss_fn=next_token_loss)
+
+
+def test_merged_lora_weights_give_the_trained_model():
+    ids, mask, labels = _lm_batch()
+    model = CausalLM().eval()
+    program = pock_tvm.compile(model, (ids, mask), scheme="lora", loss="next_token",
+                               optimizer=pock_tvm.Adam(lr=1e-2), tuning_database=False)
+    for _ in range(3):
+        program.step(ids.numpy(), mask.numpy(), labels.numpy())
+    merged = merge_lora(program.state_dict(), Scheme.preset("lora").lora)
+    assert not any("lora" in k for k in merged)
+    model.load_state_dict({k: torch.tensor(v) for k, v in merged.items()}, strict=False)
+    changed = merged["lm.model.layers.1.self_attn.v_proj.weight"] - program.state_dict()[
+        "lm.model.layers.1.self_attn.v_proj.weight"]
+    assert np.abs(changed).max() > 1e-4  # the adapters learned something
+    with torch.no_grad():
+        np.testing.assert_allclose(model(ids, mask).numpy(), program.predict(ids.numpy(), mask.numpy()),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_a_label_outside_the_vocabulary_is_named():
+    ids, mask, labels = _lm_batch()
+    program = pock_tvm.compile(CausalLM().eval(), (ids, mask), scheme="last-1", loss="next_token",
+                               tuning_database=False)
+    labels[0, 3] = 100
+    with pytest.raises(ValueError, match=r"label 100 at position 3 is outside \[0, 100\).*-100 for one that does not"):
+        program.step(ids.numpy(), mask.numpy(), labels.numpy())

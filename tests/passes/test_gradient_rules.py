@@ -69,6 +69,9 @@ CASES = {
             lambda t: torch.amax(torch.clamp(t, max=2.0), (1, 3)), (2, 6)),
     "max_keepdims": (lambda x: R.max(x, axis=[-1], keepdims=True), lambda t: torch.amax(t, -1, keepdim=True),
                      (2, 4, 6, 1)),
+    # rotary embeddings' halves and a causal LM's shifted logits: unit-stride slices, negative ends
+    "strided_slice": (lambda x: R.strided_slice(x, [1, 3], [1, 0], [3, -2]), lambda t: t[:, 1:3, :, :-2],
+                      (2, 2, 6, 4)),
     # exported LocalResponseNorm: a (k, 1, 1) average over channels of the unsqueezed input
     "avg_pool3d": (lambda x: R.nn.avg_pool3d(R.expand_dims(x, 1), (3, 1, 1), padding=(1, 0, 0, 1, 0, 0)),
                    lambda t: torch.nn.functional.avg_pool3d(t.unsqueeze(1), (3, 1, 1), 1, (1, 0, 0)), (2, 1, 4, 6, 6)),
@@ -118,3 +121,22 @@ def test_take_with_token_ids_of_batch_by_sequence_matches_torch_embedding():
 def test_take_of_one_position_matches_torch_indexing():
     ours, w = _grad(lambda t: R.take(t, relax.const(2, "int64"), axis=2), X, (2, 4, 6))
     np.testing.assert_allclose(ours, _torch_grad(lambda t: t[:, :, 2], X, w), rtol=1e-6)
+
+
+# a causal LM's labels: -100 marks padding that must not count, in the mean's denominator either
+NLL_TARGETS = np.array([3, -100, 0, 5, -100, 5], "int64")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_loss_with_ignore_index_matches_torch(reduction, weighted):
+    x = X.reshape(6, 48)[:, :7]
+    weights = np.linspace(0.5, 2.0, 7).astype("float32") if weighted else None
+    out_shape = (6,) if reduction == "none" else ()
+    wv = relax.const(weights) if weighted else None
+    ours, w = _grad(lambda t: R.nn.nll_loss(R.nn.log_softmax(t), relax.const(NLL_TARGETS), wv, reduction), x,
+                    out_shape)
+    tw = torch.tensor(weights, dtype=torch.float64) if weighted else None
+    theirs = _torch_grad(lambda t: torch.nn.functional.nll_loss(
+        torch.log_softmax(t, -1), torch.tensor(NLL_TARGETS), tw, reduction=reduction), x, w)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
