@@ -207,7 +207,11 @@ class Scheme:
         return Scheme.preset(str(spec))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The scheme as :meth:`from_dict` reads it (``lora`` only when set)."""
+        data = asdict(self)
+        if data["lora"] is None:
+            del data["lora"]
+        return data
 
     def to_toml(self) -> str:
         """The scheme as a ``.toml`` file that :meth:`load` reads back to an equal scheme."""

@@ -21,11 +21,12 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model into a training program directory")
     c.add_argument("model", help="file.onnx, a reference model (mobilenetv2, resnet18, mlp, smallcnn) or file.py:factory")
-    c.add_argument("--scheme", default="full", help="preset (full, bias-only, last-N, tte-mbv2) or .toml/.json")
+    c.add_argument("--scheme", default="full", help="preset (full, bias-only, last-N, tte-mbv2; transformers: bias-norm, attention-only, mlp-only, "
+                   "mlp-partial, lora) or .toml/.json")
     c.add_argument("--target", default="host", help="preset (host, rpi4, rpi5, apple-m1, jetson-orin, "
                    "jetson-nano, cuda) or a target .toml/.json; writes a bundle for that device")
     c.add_argument("--input-shape", type=_shape, help="e.g. 8,3,128,128")
-    c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
+    c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "next_token", "mse"])
     c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
     c.add_argument("--lr", type=float)
     c.add_argument("--momentum", type=float, default=0.0)
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                    "scheme, shapes, optimizer and target)")
     u.add_argument("--scheme", default="full")
     u.add_argument("--input-shape", type=_shape)
-    u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
+    u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "next_token", "mse"])
     u.add_argument("--db", metavar="DIR", help="tuning database directory, created or continued (default: the "
                    "one shipped for this CPU's vector ISA, pock_tvm/tuning/<arch>-<isa>)")
     u.add_argument("--kernels", type=int, default=10, help="how many of the slowest kernels to tune")
