@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from tvm import relax
 from tvm.relax.training import loss as relax_loss
 
@@ -65,12 +66,13 @@ class NextTokenCrossEntropy:
         bb = relax.BlockBuilder()
         with bb.function("loss", [logits, labels]):
             with bb.dataflow():
-                head = bb.emit(R.strided_slice(logits, [1], [0], [seq - 1]))
+                # the labels move one position left (the last one counts nowhere), not the logits:
+                # no (batch, sequence - 1, vocab) copy of them and of their gradient
                 tail = bb.emit(R.strided_slice(labels, [1], [1], [seq]))
-                rows = batch * (seq - 1)
-                log_p = bb.emit(R.nn.log_softmax(R.reshape(head, (rows, vocab))))
-                loss = bb.emit_output(R.nn.nll_loss(log_p, R.reshape(tail, (rows,)), None, "mean",
-                                                    self.ignore_index))
+                ignored = relax.const(np.full((batch, 1), self.ignore_index, "int64"), "int64")
+                shifted = bb.emit(R.reshape(R.concat([tail, ignored], axis=1), (batch * seq,)))
+                log_p = bb.emit(R.nn.log_softmax(R.reshape(logits, (batch * seq, vocab))))
+                loss = bb.emit_output(R.nn.nll_loss(log_p, shifted, None, "mean", self.ignore_index))
             bb.emit_func_output(loss)
         return bb.get()["loss"]
 

@@ -26,6 +26,18 @@ COPY_COST, MIN_REUSE = 16, 16
 # the channel-vectorized rule's register tile: at most this many vector accumulators (of 32
 # AVX-512 / NEON registers; measured on ResNet-18's 3x3 convs: 16 reach ~110 GFLOP/s, 8 ~75)
 ACCUMULATORS = 16
+# A read of at least this many bytes does not stay in cache between tiles of the register-tiled
+# rule: the tile loop it does not depend on runs innermost of the parallel loops, so consecutive
+# tiles reuse its block while cached (an LM head's 113 MB weight was read once per row group)
+STREAMED_BYTES = 1 << 20
+# the register-tiled rule packs its right operand into panels where a step of the reduction jumps
+# at least this many bytes (one row of N). Measured on 128-row matmuls (znver3): rows of 576 and
+# 1536 floats 38-61 -> 56-69 GFLOP/s packed; rows of 96 and 192 the same either way
+PANEL_ROW_BYTES = 2048
+# vector registers of a CPU target, by the first of these LLVM features it has: (count, bytes). The
+# register-tiled rule keeps its accumulators, a loaded vector and a broadcast within them (AVX2:
+# 8 rows x 2 vectors spilled, 4 rows ran a 128x576x1536 matmul at 45-57 instead of 33-36 GFLOP/s)
+VECTOR_REGISTERS = (("avx512f", 32, 64), ("avx", 16, 32), ("neon", 32, 16), ("sse2", 16, 16))
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ScheduleForCPU")
@@ -187,14 +199,29 @@ class ScheduleForCPU:
         loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
         if rows:  # short rows: one vector over two dims
             _fuse_rows(sch, loops, extents, spatial, v)
-        factors = {v: self._lanes(extents[v]), **({u: _tile(extents[u])} if u is not None else {})}
+        width = self._lanes(extents[v])
+        factors = {v: width, **({u: _tile(extents[u], _tile_rows(width))} if u is not None else {})}
         outer, inner = _split_spatial(sch, loops, spatial, extents, factors)
+        outer, dims = _reuse_streamed_read(nest, outer, [i for i in spatial if factors.get(i) != extents[i]])
         vector, tile = inner[v], inner.get(u)
         reduce = [loops[i] for i in nest.reduce]
         sch.reorder(*outer, *reduce, *([tile] if tile is not None else []), vector)
+        panel = self._panel_read(nest, v, width)
+        # a panel per iteration of the loops above the innermost tile loop, when that loop does not
+        # move the panel (packed once, used by every tile of the loop); else the whole read, if small
+        per_tile = panel is not None and len(outer) >= 2 and dims[-1] not in set().union(*panel.dims)
+        if per_tile:
+            above = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
+            outer = [above, outer[-1]]
+            self._pack(sch, nest, panel, width, at=above)
+        elif panel is not None and _numel(panel.buffer) * 4 < STREAMED_BYTES:
+            self._pack(sch, nest, panel, width)
         if tile is not None and outer:  # the register tile accumulates locally, written back once
             _accumulate_locally(sch, nest.block, outer[-1])
-        self._parallel(sch, outer, nest.work())
+        if per_tile:
+            sch.parallel(outer[0])
+        else:
+            self._parallel(sch, outer, nest.work())
         if tile is not None:
             sch.unroll(tile)
         sch.vectorize(vector)
@@ -259,6 +286,39 @@ class ScheduleForCPU:
         sch.vectorize(vector)
         _split_init(sch, nest.block, loops[nest.reduce[0]])
         return True
+
+    def _panel_read(self, nest: _Nest, v: int, width: int) -> _Read | None:
+        """The read a register tile walks across rows: ``[..., K, N]`` with the vector loop along N
+        and the reduction along K, each step of K a jump of a row of N (a matmul's right operand);
+        None when there is none, or it is used fewer than ``MIN_REUSE`` times, or N does not split
+        into panels of ``width``."""
+        for read in nest.reads:
+            if len(read.dims) >= 2 and read.dims[-1] == {v} and len(read.dims[-2]) == 1 \
+                    and next(iter(read.dims[-2])) in nest.reduce and nest.stride(read, v) == 1 \
+                    and nest.extents[v] % width == 0 and nest.work() >= MIN_REUSE * _numel(read.buffer) \
+                    and nest.extents[v] * read.buffer.dtype.bits // 8 >= PANEL_ROW_BYTES:
+                return read
+        return None
+
+    def _pack(self, sch, nest: _Nest, read: _Read, width: int, at=None) -> None:
+        """Copy ``read`` (``[..., K, N]``) into panels ``[..., N / width, K, width]``, so a tile's
+        walk over K reads one contiguous panel instead of one cache line per row of N (page-sized
+        strides defeat the prefetcher: an LM head's weight ran at 8 GFLOP/s). With ``at`` (a loop
+        over panels), only that loop's panel is copied, inside it: ``K x width`` of scratch."""
+        copy = sch.cache_read(nest.block, read.index, "global")
+        sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
+            lambda *i: [*i[:-2], i[-1] // width, i[-2], i[-1] % width], ndim=len(read.dims)))
+        if at is not None:
+            sch.compute_at(copy, at)
+            sch.vectorize(sch.get_loops(copy)[-1])
+            return
+        loops = sch.get_loops(copy)
+        head, lane = sch.split(loops[-1], [None, width])
+        sch.reorder(*loops[:-2], head, loops[-2], lane)
+        outer = [*loops[:-2], head]
+        if _numel(read.buffer) >= self.min_parallel_work:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        sch.vectorize(lane)
 
     def _copy(self, sch, copy, d: int, numel: int) -> None:
         """A transposing copy (dimension ``d`` of the source moved innermost) walks its output
@@ -525,6 +585,20 @@ def _split_spatial(sch, loops, spatial, extents, factors) -> tuple[list, dict]:
     return outer, inner
 
 
+def _reuse_streamed_read(nest: _Nest, outer: list, outer_dims: list[int]) -> list:
+    """``(outer, outer_dims)`` (the tile loops and their block variables) with the last loop that
+    the largest read does not depend on moved innermost, when that read is at least ``STREAMED_BYTES``."""
+    largest = max(nest.reads, key=lambda r: _numel(r.buffer), default=None)
+    if largest is None or _numel(largest.buffer) * largest.buffer.dtype.bits // 8 < STREAMED_BYTES:
+        return outer, outer_dims
+    used = set().union(*largest.dims)
+    free = [k for k, i in enumerate(outer_dims) if i not in used and nest.extents[i] > 1]
+    if not free or free[-1] == len(outer) - 1:
+        return outer, outer_dims
+    k = free[-1]
+    return outer[:k] + outer[k + 1:] + [outer[k]], outer_dims[:k] + outer_dims[k + 1:] + [outer_dims[k]]
+
+
 def _fuse_rows(sch, loops: list, extents: list, spatial: list, v: int) -> None:
     """Loop ``v`` and the one above it (rows of a map) as one loop, in place in the lists."""
     loops[v] = sch.fuse(loops[v - 1], loops[v])
@@ -588,6 +662,21 @@ def _numel(buffer) -> int:
     for d in buffer.shape:
         total *= _extent_of(d) or 1
     return total
+
+
+def _tile_rows(width: int, limit: int = 8) -> int:
+    """How many rows of ``width`` float32 accumulators a register tile can hold on the current
+    target (``limit`` where the target is not known)."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return limit
+    from tvm.target import codegen
+
+    for feature, count, size in VECTOR_REGISTERS:
+        if codegen.target_has_features(feature, target):
+            per_row = max(1, width * 4 // size)
+            return max(1, min(limit, (count - 4) // per_row))
+    return limit
 
 
 def _tile(extent: int, limit: int = 8) -> int | None:

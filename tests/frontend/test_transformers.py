@@ -1,7 +1,5 @@
 """Hugging Face ``transformers`` models through torch.export train like PyTorch (tiny configs, no download)."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -9,6 +7,7 @@ import torch
 import pock_tvm
 from helpers import ADAM_DEEP, assert_matches_torch
 from pock_tvm.adapters import merge_lora
+from pock_tvm.models.lora import with_lora
 from pock_tvm.scheme import Scheme
 
 transformers = pytest.importorskip("transformers")
@@ -58,34 +57,6 @@ def _lm_batch():
     return ids, mask, labels
 
 
-class LoRALinear(torch.nn.Linear):
-    """The torch reference of an adapted linear layer: ``weight``/``bias`` as before, adapters beside."""
-
-    def __init__(self, base: torch.nn.Linear, a: np.ndarray, b: np.ndarray, scale: float):
-        super().__init__(base.in_features, base.out_features, base.bias is not None)
-        self.load_state_dict(base.state_dict())
-        self.lora_A = torch.nn.Linear(base.in_features, a.shape[0], bias=False)
-        self.lora_B = torch.nn.Linear(a.shape[0], base.out_features, bias=False)
-        self.lora_A.weight.data, self.lora_B.weight.data = torch.tensor(a), torch.tensor(b)
-        self.scale = scale
-
-    def forward(self, x):
-        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.scale
-
-
-def with_lora(model, program, scale):
-    """A copy of ``model`` with the program's adapters (same initial values) on the same layers."""
-    model = copy.deepcopy(model)
-    state = program.state_dict()
-    for key in [k for k in state if k.endswith(".lora_A.weight")]:
-        path = key[: -len(".lora_A.weight")]
-        parent, _, leaf = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        lora_b = state[path + ".lora_B.weight"]
-        setattr(owner, leaf, LoRALinear(getattr(owner, leaf), state[key], lora_b, scale))
-    return model
-
-
 # Adam with eps=1e-6: the key projection's bias has a gradient of exactly zero in exact arithmetic
 # (softmax ignores a shift shared by all keys), ~1e-9 of float noise in both frameworks; Adam's default
 # eps would turn that noise into full-size updates of random sign.
@@ -119,7 +90,7 @@ def test_llama_causal_lm_matches_torch(scheme):
         assert trained == {f"lm.model.layers.{i}.self_attn.{p}_proj.lora_{m}.weight"
                            for i in range(2) for p in "qkvo" for m in "AB"}
         assert not state["lm.model.layers.0.self_attn.q_proj.lora_B.weight"].any()  # starts as the model
-        reference = with_lora(model, program, Scheme.preset("lora").lora.scale)
+        reference = with_lora(model, state, Scheme.preset("lora").lora.scale)
     else:
         assert {p.axis for p in program.layout.params if p.trainable} == {1}
     assert_matches_torch(reference, program, ADAM_DEEP, (ids, mask), labels, loss_fn=next_token_loss)

@@ -79,11 +79,11 @@ def test_reduction_gets_a_register_tile_over_a_loop_the_primary_input_does_not_u
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
 
 
-def _register_tiled_matmul(sch, name="matmul", lanes=16):
+def _register_tiled_matmul(sch, name="matmul", lanes=16, rows=8):
     """The register-tile rule on a matmul-shaped block; returns the parallel loop."""
     block = sch.get_sblock(name)
     i, j, k = sch.get_loops(block)
-    io, ii = sch.split(i, [None, 8])
+    io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, lanes])
     sch.reorder(io, jo, k, ii, ji)
     write_back = sch.cache_write(block, 0, "local")
@@ -476,3 +476,69 @@ def test_a_kernel_written_as_plain_loops_keeps_them():
 
     mod = tvm.IRModule({"plain": plain})
     tvm.ir.assert_structural_equal(ScheduleForCPU()(mod), mod)
+
+
+def _packed(sch, name="matmul", rows=8, lanes=16, streamed=False):
+    """The register tile with the right operand copied into panels ``[N / lanes, K, lanes]``: the
+    whole operand before the kernel, or (``streamed``) each panel inside the loop over panels, with
+    that loop outermost and parallel and the rows' loop inside it."""
+    block = sch.get_sblock(name)
+    i, j, k = sch.get_loops(block)
+    io, ii = sch.split(i, [None, rows])
+    jo, ji = sch.split(j, [None, lanes])
+    outer = [jo, io] if streamed else [io, jo]
+    sch.reorder(*outer, k, ii, ji)
+    copy = sch.cache_read(block, 1, "global")
+    sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
+        lambda a, b: [b // lanes, a, b % lanes], ndim=2))
+    if streamed:
+        sch.compute_at(copy, jo)
+        sch.vectorize(sch.get_loops(copy)[-1])
+    else:
+        ck, cn = sch.get_loops(copy)
+        head, lane = sch.split(cn, [None, lanes])
+        sch.reorder(head, ck, lane)
+        sch.parallel(head)
+        sch.vectorize(lane)
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, outer[-1])
+    sch.vectorize(sch.get_loops(write_back)[-1])
+    sch.parallel(jo if streamed else sch.fuse(io, jo))
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+
+
+def test_right_operand_with_long_rows_is_packed_into_panels_first():
+    # b's rows are 4 KiB: each step of k would jump a page; packed, a tile walks one contiguous panel
+    before = _kernel(_matmul, (64, 128), (128, 1024))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _packed))
+
+
+def test_streamed_right_operand_is_packed_one_panel_at_a_time_under_the_loop_over_panels():
+    # b (2 MiB) does not stay in cache: the loop over its panels is outermost, each panel is copied
+    # once (32 KiB of scratch, not a copy of b) and used by every row tile
+    before = _kernel(_matmul, (64, 512), (512, 1024))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)),
+                                   _expected(before, lambda sch: _packed(sch, streamed=True)))
+
+
+@pytest.mark.parametrize("mcpu, rows", [("haswell", 4), ("skylake-avx512", 8)])
+def test_register_tile_rows_fit_the_targets_vector_registers(mcpu, rows):
+    # 16 lanes of float32: two AVX2 registers a row (16 registers: 4 rows), one AVX-512 register (32: 8)
+    before = _kernel(_matmul, (64, 256), (256, 96))
+    with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
+        scheduled = _prim(ScheduleForCPU()(before))
+    expected = _expected(before, lambda sch: _register_tiled_matmul(sch, rows=rows))
+    tvm.ir.assert_structural_equal(scheduled, expected)
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 1024), (64, 512, 1024)])
+def test_packed_matmuls_keep_their_numbers(shape):
+    m, k, n = shape
+    before = _kernel(_matmul, (m, k), (k, n))
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k)).astype("float32"), rng.standard_normal((k, n)).astype("float32")
+    exe = tvm.compile(ScheduleForCPU()(before), target=tvm.target.Target({"kind": "llvm"}))
+    out = relax.VirtualMachine(exe, tvm.cpu())["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
