@@ -147,6 +147,10 @@ Spec ParseSpec(const ffi::Any& v, const std::string& where) {
     if (__builtin_mul_overflow(n, static_cast<size_t>(d), &n)) Bad("'" + where + ".shape' is too large");
   }
   s.nbytes = n;
+  if (o.count(ffi::String("bound"))) {
+    s.bound = AsInt(Get(o, "bound", where + "."), where + ".bound");
+    if (s.bound <= 0 || (s.dtype != "int64" && s.dtype != "int32")) Bad("'" + where + ".bound' must be a positive integer on an int64/int32 input");
+  }
   return s;
 }
 

@@ -21,6 +21,7 @@ struct Spec {
   std::vector<int64_t> shape;
   std::string dtype;
   size_t nbytes = 0;
+  int64_t bound = -1;  // integer values must lie in [0, bound) (token ids into an embedding); -1: any
 };
 
 struct Entry : Spec {

@@ -153,19 +153,44 @@ Data LoadData(const Manifest& m, const std::string& path) {
                 " bytes, not a whole number of batches of " + std::to_string(d.batch_bytes) +
                 " bytes (inputs then target, shapes of manifest.json); write it with `pock-tvm pack-data`");
   }
-  // Class labels index the logits: one out of range would read outside them.
-  if (m.loss == "cross_entropy" && m.output.shape.size() == 2 && m.target.dtype == "int64") {
-    int64_t classes = m.output.shape[1];
+  // Token ids index an embedding table: one out of range would read outside it.
+  size_t offset = 0;
+  for (const Spec& spec : m.inputs) {
+    if (spec.bound >= 0) {
+      size_t width = spec.dtype == "int64" ? 8 : 4, count = spec.nbytes / width;
+      for (size_t b = 0; b < d.batches; ++b) {
+        const char* p = d.bytes.data() + b * d.batch_bytes + offset;
+        for (size_t i = 0; i < count; ++i) {
+          int64_t id = 0;
+          if (width == 8) std::memcpy(&id, p + i * 8, 8);
+          else { int32_t v; std::memcpy(&v, p + i * 4, 4); id = v; }
+          if (id < 0 || id >= spec.bound) {
+            throw Error("data file '" + path + "': input '" + spec.name + "' holds " + std::to_string(id) + " (batch " +
+                        std::to_string(b) + ", position " + std::to_string(i) + "), outside [0, " +
+                        std::to_string(spec.bound) + ") of the table it indexes (a vocabulary); fix the ids and pack "
+                        "the data again");
+          }
+        }
+      }
+    }
+    offset += spec.nbytes;
+  }
+  // Class labels index the logits: one out of range would read outside them. A causal LM's
+  // next-token labels may also be -100 (a position that does not count: padding).
+  bool next_token = m.loss == "next_token" && m.output.shape.size() == 3;
+  if ((next_token || (m.loss == "cross_entropy" && m.output.shape.size() == 2)) && m.target.dtype == "int64") {
+    int64_t classes = m.output.shape.back();
     size_t per_batch = m.target.nbytes / sizeof(int64_t);
     for (size_t b = 0; b < d.batches; ++b) {
       const char* t = d.bytes.data() + b * d.batch_bytes + (d.batch_bytes - m.target.nbytes);
       for (size_t i = 0; i < per_batch; ++i) {
         int64_t label;
         std::memcpy(&label, t + i * sizeof(int64_t), sizeof(int64_t));
-        if (label < 0 || label >= classes) {
+        if ((label < 0 || label >= classes) && !(next_token && label == -100)) {
           throw Error("data file '" + path + "': label " + std::to_string(label) + " (batch " + std::to_string(b) +
                       ", sample " + std::to_string(i) + ") is outside [0, " + std::to_string(classes) +
-                      ") for the model's classes; fix the labels and pack the data again");
+                      ") for the model's classes" + std::string(next_token ? " (or -100 for a position that does not count)" : "") +
+                      "; fix the labels and pack the data again");
         }
       }
     }

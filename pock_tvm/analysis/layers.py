@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -69,3 +70,21 @@ def param_uses(func: relax.Function) -> dict[str, ParamUse]:
                 continue
             uses[root] = ParamUse(_kind(op, value, index, ndim.get(root, 0)), op, pos)
     return uses
+
+
+def index_bounds(func: relax.Function, inputs: list[str]) -> dict[str, int]:
+    """``{input: rows}`` for each of ``inputs`` that ``take`` uses as indices (views looked through):
+    the smallest table it indexes along the taken axis."""
+    alias = {name: name for name in inputs}
+    bounds: dict[str, int] = {}
+    for binding in bindings(func):
+        value = binding.value
+        op = _call_op(value)
+        if op in _VIEW_OPS and getattr(value.args[0], "name", None) in alias:
+            alias[binding.var.name] = alias[value.args[0].name]
+        elif op == "relax.take" and getattr(value.args[1], "name", None) in alias:
+            table = [int(d) for d in value.args[0].ty.shape]
+            rows = int(np.prod(table)) if value.attrs.axis is None else table[int(value.attrs.axis) % len(table)]
+            root = alias[value.args[1].name]
+            bounds[root] = min(bounds.get(root, rows), rows)
+    return bounds

@@ -10,18 +10,34 @@ import tvm
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, shape and dtype of one runtime input."""
+    """Name, shape and dtype of one runtime input. ``bound``: the values must lie in ``[0, bound)``
+    (token ids index an embedding table of ``bound`` rows; one outside would read outside it)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    bound: int | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.bound is not None:
+            data["bound"] = self.bound
+        return data
 
     @staticmethod
     def from_json(data: dict) -> TensorSpec:
-        return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+        return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"], data.get("bound"))
+
+    def check_values(self, array, where: str) -> None:
+        """A clear error for a value outside ``[0, bound)``."""
+        if self.bound is None:
+            return
+        bad = (array < 0) | (array >= self.bound)
+        if bad.any():
+            index = int(np.flatnonzero(np.ravel(bad))[0])
+            raise ValueError(f"{where}: input '{self.name}' holds {int(np.ravel(array)[index])} at position {index}, "
+                             f"outside [0, {self.bound}): it indexes a table of {self.bound} rows (a vocabulary); "
+                             "fix the ids (e.g. the tokenizer's vocabulary must be the model's)")
 
 
 @dataclass
@@ -65,6 +81,16 @@ class ImportedModel:
             if info.name == name:
                 return info
         raise KeyError(name)
+
+
+def with_index_bounds(imported: ImportedModel) -> ImportedModel:
+    """``imported`` with ``bound`` set on every integer input that indexes a table (token ids into
+    an embedding), from :func:`pock_tvm.analysis.layers.index_bounds`."""
+    from ..analysis.layers import index_bounds
+
+    bounds = index_bounds(imported.mod["forward"], [s.name for s in imported.inputs])
+    imported.inputs = [TensorSpec(s.name, s.shape, s.dtype, bounds.get(s.name, s.bound)) for s in imported.inputs]
+    return imported
 
 
 def origins_by_binding(func, produced: dict[str, str]) -> dict[str, str]:

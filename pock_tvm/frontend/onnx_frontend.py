@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding
+from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding, with_index_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -338,4 +338,5 @@ def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = N
     out_mod = type(mod)({})
     out_mod["forward"] = func.without_attr("params").with_attr("global_symbol", "forward")
     logger.info("imported ONNX model: %d inputs, %d initializers", len(inputs), len(params))
-    return ImportedModel(out_mod, inputs, params, output, origins_by_binding(func, importer.produced), "onnx")
+    return with_index_bounds(ImportedModel(out_mod, inputs, params, output, origins_by_binding(func, importer.produced),
+                                           "onnx"))

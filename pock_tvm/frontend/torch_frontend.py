@@ -16,7 +16,7 @@ import torch
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ..passes.UnbroadcastLinear import UnbroadcastLinear
-from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding
+from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding, with_index_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -133,4 +133,4 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
     out_mod["forward"] = new_func
     out_mod = UnbroadcastLinear()(out_mod)  # transformers' 3-D linear layers read their weight
     logger.info("imported torch model: %d inputs, %d parameters", len(inputs), len(params))
-    return ImportedModel(out_mod, inputs, params, out_spec, origins, "torch")
+    return with_index_bounds(ImportedModel(out_mod, inputs, params, out_spec, origins, "torch"))

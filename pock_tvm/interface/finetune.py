@@ -26,22 +26,29 @@ def batch_size(program: Program) -> int:
     return int(program.layout.inputs[0].shape[0])
 
 
-def fit(program: Program, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> FitResult:
+def _inputs(x) -> tuple[np.ndarray, ...]:
+    """One input array, or a tuple of them (token ids and attention mask), as a tuple."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def fit(program: Program, x, y: np.ndarray, epochs: int, seed: int = 0) -> FitResult:
     """``epochs`` passes over ``(x, y)`` in shuffled batches of the compiled batch size (the last
-    partial batch of each epoch is dropped); stops with an error on a non-finite loss."""
+    partial batch of each epoch is dropped); ``x`` is an array or a tuple of arrays (the model's
+    inputs). Stops with an error on a non-finite loss."""
     batch = batch_size(program)
-    if len(x) < batch:
-        raise ValueError(f"fine-tune: {len(x)} samples are fewer than one batch of {batch}; compile "
+    xs = _inputs(x)
+    if len(xs[0]) < batch:
+        raise ValueError(f"fine-tune: {len(xs[0])} samples are fewer than one batch of {batch}; compile "
                          "for a smaller batch or give more samples")
     rng = np.random.default_rng(seed)
     y = y.astype(program.layout.target.dtype, copy=False)
     result = FitResult()
     for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - batch + 1, batch):
+        order = rng.permutation(len(xs[0]))
+        for i in range(0, len(xs[0]) - batch + 1, batch):
             take = order[i:i + batch]
             start = time.perf_counter()
-            loss = program.step(x[take], y[take])
+            loss = program.step(*(a[take] for a in xs), y[take])
             result.step_ms.append(1e3 * (time.perf_counter() - start))
             if not np.isfinite(loss):
                 raise ValueError(f"fine-tune: the loss is {loss} after {len(result.losses)} steps; lower "
@@ -50,16 +57,18 @@ def fit(program: Program, x: np.ndarray, y: np.ndarray, epochs: int, seed: int =
     return result
 
 
-def predict(program: Program, x: np.ndarray) -> np.ndarray:
-    """The program's outputs for every row of ``x`` (the last batch padded by repeating rows)."""
+def predict(program: Program, x) -> np.ndarray:
+    """The program's outputs for every row of ``x`` (an array or a tuple of arrays; the last batch
+    padded by repeating rows)."""
     batch = batch_size(program)
+    xs = _inputs(x)
     outputs = []
-    for i in range(0, len(x), batch):
-        chunk = x[i:i + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        outputs.append(program.predict(padded)[:len(chunk)])
+    for i in range(0, len(xs[0]), batch):
+        chunks = [a[i:i + batch] for a in xs]
+        padded = [np.concatenate([c, np.repeat(c[-1:], batch - len(c), axis=0)]) for c in chunks]
+        outputs.append(program.predict(*padded)[:len(chunks[0])])
     return np.concatenate(outputs)
 
 
-def accuracy(program: Program, x: np.ndarray, y: np.ndarray) -> float:
+def accuracy(program: Program, x, y: np.ndarray) -> float:
     return float((predict(program, x).argmax(axis=1) == y).mean())

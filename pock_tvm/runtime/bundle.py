@@ -218,13 +218,16 @@ def read_state(path: Path, manifest: dict) -> dict[str, np.ndarray]:
 def write_batches(path: Path, layout, inputs: list[np.ndarray], target: np.ndarray) -> int:
     """Write samples as the runner's data file: whole batches back to back, each the inputs then
     the target, raw little-endian C-order with the bundle's shapes and dtypes. A last partial
-    batch is dropped; labels are checked against the model's classes; the file is replaced
+    batch is dropped; labels are checked against the model's classes, token ids against the
+    vocabulary; the file is replaced
     atomically. Returns the number of batches."""
     batch = layout.target.shape[0] if layout.target.shape else 1
     count = len(target) // batch
     if count == 0:
         raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
     layout.check_target(np.asarray(target[:count * batch]), "pack-data")
+    for array, spec in zip(inputs, layout.inputs):
+        spec.check_values(np.asarray(array[:count * batch]), "pack-data")
     specs = [*layout.inputs, layout.target]
     with atomic_file(Path(path)) as f:
         for i in range(count):

@@ -87,6 +87,11 @@ def _check_manifest(m: dict) -> None:
     if len(steps) != 1 or steps[0]["shape"] != [] or steps[0]["dtype"] != "float32":
         raise _Bad("'tensors' must hold exactly one float32 scalar with role 'step'")
     layout = _layout(m)
+    for spec in layout.inputs:
+        if spec.bound is not None and (isinstance(spec.bound, bool) or not isinstance(spec.bound, int)
+                                       or spec.bound <= 0 or spec.dtype not in ("int64", "int32")):
+            raise _Bad(f"'layout.inputs' bound of '{spec.name}' must be a positive integer on an int64/int32 input, "
+                       f"got {spec.bound!r} on {spec.dtype}")
     by_name = {e["name"]: e for e in tensors}
     for p in layout.params:
         e = by_name.get(p.var)

@@ -232,6 +232,7 @@ class Program:
         if str(array.dtype) != spec.dtype:
             raise ValueError(f"input '{spec.name}' has dtype {array.dtype}, the program expects "
                              f"{spec.dtype}; convert it (e.g. .astype('{spec.dtype}'))")
+        spec.check_values(array, "input")
         return self._put(array)
 
 

@@ -121,3 +121,16 @@ def test_a_label_outside_the_vocabulary_is_named():
     labels[0, 3] = 100
     with pytest.raises(ValueError, match=r"label 100 at position 3 is outside \[0, 100\).*-100 for one that does not"):
         program.step(ids.numpy(), mask.numpy(), labels.numpy())
+
+
+def test_a_token_id_outside_the_vocabulary_is_named_before_it_reaches_the_embedding():
+    ids, mask, labels = _lm_batch()
+    program = pock_tvm.compile(CausalLM().eval(), (ids, mask), scheme="last-1", loss="next_token",
+                               tuning_database=False)
+    assert [s.bound for s in program.layout.inputs] == [LLAMA["vocab_size"], None]  # ids index the embedding
+    ids[1, 2] = LLAMA["vocab_size"]
+    message = r"input 'ids' holds 100 at position 10, outside \[0, 100\): it indexes a table of 100 rows"
+    with pytest.raises(ValueError, match=message):
+        program.step(ids.numpy(), mask.numpy(), labels.numpy())
+    with pytest.raises(ValueError, match=message):
+        program.predict(ids.numpy(), mask.numpy())

@@ -58,6 +58,7 @@ def _mutations(manifest):
     return [
         ("a file outside the bundle", lambda m: m["files"].update({"../../etc/passwd": "0" * 64})),
         ("library path out of the bundle", lambda m: m.update(library="../lib.so")),
+        ("a vocabulary bound on a float input", lambda m: m["layout"]["inputs"][0].update(bound=3)),
         ("absolute state file", lambda m: m.update(state_file="/etc/passwd")),
         ("hidden state file", lambda m: m.update(state_file=".params.bin")),
         ("library not hash-listed", lambda m: m["files"].pop(m["library"])),
@@ -223,6 +224,35 @@ def test_labels_outside_the_classes_are_refused_everywhere(made, host_runner, tm
     (tmp_path / "huge.bin").write_bytes(bytes(raw))
     result = _runner(host_runner, "train", _copy(bundle, tmp_path / "b"), tmp_path / "huge.bin")
     assert result.returncode == 1 and f"label {2 ** 40} (batch 0, sample 0) is outside [0, 10)" in result.stderr
+
+
+class _Bag(torch.nn.Module):
+    """Token ids -> an embedding of 20 rows -> mean -> 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_everywhere(host_runner, tmp_path):
+    program = pock_tvm.compile(_Bag(), (torch.zeros(2, 5, dtype=torch.int64),), scheme="full")
+    bundle = program.save(tmp_path / "bundle")
+    assert read_manifest(bundle)["layout"]["inputs"][0]["bound"] == 20
+    ids, y = np.random.default_rng(0).integers(0, 20, (4, 5)), np.array([0, 1, 2, 0])
+    bad = ids.copy()
+    bad[1, 2] = 20
+    with pytest.raises(ValueError, match=r"pack-data: input 'ids' holds 20 at position 7, outside \[0, 20\)"):
+        write_batches(tmp_path / "bad.bin", program.layout, [bad], y)
+    write_batches(tmp_path / "data.bin", program.layout, [ids], y)
+    raw = bytearray((tmp_path / "data.bin").read_bytes())  # the runner reads ids it never saw checked
+    raw[8 * 7: 8 * 8] = np.int64(-3).tobytes()  # batch 0, position 7
+    (tmp_path / "data.bin").write_bytes(bytes(raw))
+    result = _runner(host_runner, "train", bundle, tmp_path / "data.bin")
+    assert result.returncode == 1 and "input 'ids' holds -3 (batch 0, position 7), outside [0, 20)" in result.stderr
 
 
 def test_runner_command_line_takes_only_numbers(made, host_runner):
