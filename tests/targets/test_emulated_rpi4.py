@@ -165,3 +165,36 @@ def test_tune_names_the_missing_device_for_a_board_target():
         TuningDevice(tracker="127.0.0.1:9190")
     with pytest.raises(ValueError, match="--rpc expects HOST:PORT, got 'board'"):
         TuningDevice(rpc="board")
+
+
+def test_a_causal_lm_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runner):
+    """A tiny Llama (RMSNorm, rotary, causal + padding mask, SwiGLU, tied embeddings) with LoRA and
+    the next-token loss: the rpi4 bundle under qemu gives the host's losses."""
+    transformers = pytest.importorskip("transformers")
+    from pock_tvm.models.hf import CausalLMLogits
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = CausalLMLogits(transformers.LlamaForCausalLM(config)).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (STEPS * 2, 8)).astype("int64")
+    mask = np.ones_like(ids)
+    mask[1::2, 6:] = 0
+    labels = np.where(mask == 1, ids, -100)
+    example = (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2]))
+
+    def compile_for(target):
+        return pock_tvm.compile(model, example, scheme="lora", loss="next_token",
+                                optimizer=pock_tvm.Adam(lr=1e-2), target=target)
+
+    host = compile_for("host")
+    host_losses = [host.step(ids[2 * i:2 * i + 2], mask[2 * i:2 * i + 2], labels[2 * i:2 * i + 2])
+                   for i in range(STEPS)]
+    bundle = compile_for("rpi4").save(tmp_path / "bundle")
+    write_batches(tmp_path / "data.bin", host.layout, [ids, mask], labels)
+    result = _run(rpi4_runner, "train", bundle, tmp_path / "data.bin", "--steps", STEPS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(_losses(result.stdout), host_losses, rtol=1e-5)
+    assert host_losses[-1] < host_losses[0]
