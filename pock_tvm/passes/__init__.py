@@ -5,6 +5,7 @@ from .AppendOptimizer import AppendOptimizer
 from .ApplyTuningDatabase import ApplyTuningDatabase
 from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
+from .FastExp import FastExp
 from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
 from .gradient_rules import GRADIENT_RULES, register_gradient_rules
@@ -18,7 +19,7 @@ from .UnbroadcastLinear import UnbroadcastLinear
 
 register_gradient_rules()
 
-__all__ = ["AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FoldBatchNorm",
+__all__ = ["AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FastExp", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
            "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "UnbroadcastLinear",
            "pock_tvm_pipeline",

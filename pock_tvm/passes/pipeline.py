@@ -14,6 +14,7 @@ from .AppendOptimizer import AppendOptimizer
 from .ApplyTuningDatabase import ApplyTuningDatabase
 from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
+from .FastExp import FastExp
 from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
 from .InPlaceUpdates import InPlaceUpdates
@@ -87,6 +88,7 @@ def pock_tvm_pipeline(
             *([ApplyTuningDatabase(tuning_database)] if tuning_database else []),  # tuned kernels (read once)
             *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
             *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
+            *([FastExp()] if opt.fast_math and not gpu else []),  # exp/sigmoid as vector arithmetic
             # Phase 4: TVM's default build, with in-place updates before memory planning
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pock_tvm
-from helpers import ADAM_DEEP, assert_matches_torch
+from helpers import ADAM_DEEP, assert_matches_torch, tiny_llama
 from pock_tvm.adapters import merge_lora
 from pock_tvm.models.lora import with_lora
 from pock_tvm.scheme import Scheme
@@ -14,9 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 CONFIG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-# grouped-query attention (4 query heads, 2 key/value heads) and tied input/output embeddings, as SmolLM2
-LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+VOCAB = 100
 
 
 class BertClassifier(torch.nn.Module):
@@ -33,15 +31,9 @@ class BertClassifier(torch.nn.Module):
         return self.head(hidden[:, 0])
 
 
-class CausalLM(torch.nn.Module):
-    """``LlamaForCausalLM`` (RMSNorm, rotary embeddings, causal + padding mask, SwiGLU) -> logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
-
-    def forward(self, ids, mask):
-        return self.lm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+def causal_lm():
+    """A tiny ``LlamaForCausalLM`` (RMSNorm, rotary embeddings, causal + padding mask, SwiGLU) -> logits."""
+    return tiny_llama(vocab_size=VOCAB)
 
 
 def next_token_loss(logits, labels):
@@ -50,7 +42,7 @@ def next_token_loss(logits, labels):
 
 def _lm_batch():
     torch.manual_seed(0)
-    ids = torch.randint(0, LLAMA["vocab_size"], (2, 8))
+    ids = torch.randint(0, VOCAB, (2, 8))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0  # the second sequence is padded: masked keys, labels that do not count
     labels = ids.masked_fill(mask == 0, -100)
@@ -77,7 +69,7 @@ def test_bert_classifier_matches_torch(scheme):
 @pytest.mark.parametrize("scheme", ["full", "mlp-partial", "lora"])
 def test_llama_causal_lm_matches_torch(scheme):
     ids, mask, labels = _lm_batch()
-    model = CausalLM().eval()
+    model = causal_lm()
     program = pock_tvm.compile(model, (ids, mask), scheme=scheme, loss="next_token", optimizer=ADAM_DEEP,
                                tuning_database=False)
     state = program.state_dict()
@@ -98,7 +90,7 @@ def test_llama_causal_lm_matches_torch(scheme):
 
 def test_merged_lora_weights_give_the_trained_model():
     ids, mask, labels = _lm_batch()
-    model = CausalLM().eval()
+    model = causal_lm()
     program = pock_tvm.compile(model, (ids, mask), scheme="lora", loss="next_token",
                                optimizer=pock_tvm.Adam(lr=1e-2), tuning_database=False)
     for _ in range(3):
@@ -116,7 +108,7 @@ def test_merged_lora_weights_give_the_trained_model():
 
 def test_a_label_outside_the_vocabulary_is_named():
     ids, mask, labels = _lm_batch()
-    program = pock_tvm.compile(CausalLM().eval(), (ids, mask), scheme="last-1", loss="next_token",
+    program = pock_tvm.compile(causal_lm(), (ids, mask), scheme="last-1", loss="next_token",
                                tuning_database=False)
     labels[0, 3] = 100
     with pytest.raises(ValueError, match=r"label 100 at position 3 is outside \[0, 100\).*-100 for one that does not"):
@@ -125,10 +117,10 @@ def test_a_label_outside_the_vocabulary_is_named():
 
 def test_a_token_id_outside_the_vocabulary_is_named_before_it_reaches_the_embedding():
     ids, mask, labels = _lm_batch()
-    program = pock_tvm.compile(CausalLM().eval(), (ids, mask), scheme="last-1", loss="next_token",
+    program = pock_tvm.compile(causal_lm(), (ids, mask), scheme="last-1", loss="next_token",
                                tuning_database=False)
-    assert [s.bound for s in program.layout.inputs] == [LLAMA["vocab_size"], None]  # ids index the embedding
-    ids[1, 2] = LLAMA["vocab_size"]
+    assert [s.bound for s in program.layout.inputs] == [VOCAB, None]  # ids index the embedding
+    ids[1, 2] = VOCAB
     message = r"input 'ids' holds 100 at position 10, outside \[0, 100\): it indexes a table of 100 rows"
     with pytest.raises(ValueError, match=message):
         program.step(ids.numpy(), mask.numpy(), labels.numpy())

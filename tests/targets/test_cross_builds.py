@@ -11,6 +11,7 @@ from pock_tvm.models import MLP
 from pock_tvm.runtime.bundle import read_manifest
 from pock_tvm.targets.inspect import cubin_archs, library_kind
 from pock_tvm.targets.toolchain import require_tool
+from helpers import tiny_llama
 
 
 def _bundle(target, path):
@@ -51,3 +52,15 @@ def test_jetson_orin_bundle_holds_sm87_cubin_for_an_aarch64_host(tmp_path):
     archs = cubin_archs(path / "lib.so")
     assert archs and set(archs) == {"sm_87"}
     assert b"__global__" not in (path / "lib.so").read_bytes()  # binary kernels, not CUDA source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_jetson_orin_bundle_of_a_causal_lm_step(tmp_path):
+    """A tiny Llama with LoRA and the next-token loss: every kernel gets a GPU schedule and sm_87 cubin."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8))
+    program = pock_tvm.compile(tiny_llama(num_hidden_layers=1), (ids, torch.ones_like(ids)), scheme="lora",
+                               loss="next_token", target="jetson-orin")
+    path = program.save(tmp_path / "orin-lm")
+    assert read_manifest(path)["layout"]["inputs"][0]["bound"] == 64
+    assert set(cubin_archs(path / "lib.so")) == {"sm_87"}

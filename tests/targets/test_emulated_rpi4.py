@@ -10,7 +10,7 @@ import torch
 import pock_tvm
 from pock_tvm.models import SmallCNN
 from pock_tvm.runtime.bundle import read_manifest, read_state, write_batches
-from helpers import needs_cross_tools
+from helpers import needs_cross_tools, tiny_llama
 
 pytestmark = needs_cross_tools
 STEPS = 3
@@ -170,14 +170,8 @@ def test_tune_names_the_missing_device_for_a_board_target():
 def test_a_causal_lm_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runner):
     """A tiny Llama (RMSNorm, rotary, causal + padding mask, SwiGLU, tied embeddings) with LoRA and
     the next-token loss: the rpi4 bundle under qemu gives the host's losses."""
-    transformers = pytest.importorskip("transformers")
-    from pock_tvm.models.hf import CausalLMLogits
-
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = CausalLMLogits(transformers.LlamaForCausalLM(config)).eval()
+    model = tiny_llama()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 64, (STEPS * 2, 8)).astype("int64")
     mask = np.ones_like(ids)
