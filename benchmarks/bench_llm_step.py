@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -146,7 +147,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_llm_step.py " + " ".join(sys.argv[1:])
     write_json(args.out / "llm_step_host.json", {"machine": platform.machine(), "command": command, "rows": rows})
-    text = (f"# SmolLM2-135M training step on the host CPU ({platform.machine()}, Adam)\n\n`{command}`\n\n"
+    from pock_tvm.tuning import host_isa
+
+    text = (f"# SmolLM2-135M training step on the host CPU ({host_isa()}, {os.cpu_count()} cores; Adam)\n\n"
+            f"`{command}`\n\n"
             + table(rows, full) + "\n\n'vs torch full': pock_tvm's training memory over PyTorch's for full "
             "fine-tuning. Memory counts what a step adds to the weights (see the script's docstring).\n")
     (args.out / "llm_step_host.md").write_text(text)

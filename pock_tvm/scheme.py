@@ -65,7 +65,8 @@ def _is_ratio(value) -> bool:
     return type(value) in (int, float) and 0.0 < value <= 1.0
 
 
-# preset name -> scheme (called when asked for: Scheme is defined below). CNN presets first, then transformer ones (``@role`` rules: Llama, BERT names)
+# preset name -> scheme (built when asked for: Scheme is defined below). CNN presets first, then
+# transformer ones (``@role`` rules over Llama and BERT layer names)
 PRESETS = {
     "full": lambda: Scheme("full", default="full", bias="all", norm_affine=True),
     "bias-only": lambda: Scheme("bias-only", bias="all"),
