@@ -27,16 +27,16 @@ sys.path.insert(0, str(ROOT))
 MIB = 1 << 20
 
 
-def torch_trainer(model, state: dict, trained: set[str], lr: float):
-    """``(step, bytes)``: one Adam step of ``model`` on the parameters named in ``trained`` (LoRA
-    adapters are added from ``state`` when named there); ``bytes()`` counts a step's training memory."""
+def torch_trainer(model, state: dict, trained: set[str], lr: float, lora=None):
+    """``(step, bytes)``: one Adam step of ``model`` on the parameters named in ``trained`` (with
+    ``lora``, the program's adapters are added from ``state``); ``bytes()`` counts a step's
+    training memory."""
     import torch
 
     from pock_tvm.models.lora import with_lora
-    from pock_tvm.scheme import LoRA
 
-    if any(".lora_" in n for n in trained):
-        model = with_lora(model, state, LoRA().scale)
+    if lora is not None:
+        model = with_lora(model, state, lora.scale)
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)
@@ -82,6 +82,7 @@ def measure(model, scheme: str, batch: int, seq: int, rounds: int, lr: float = 1
 
     import pock_tvm
     from pock_tvm.models.hf import CausalLMLogits
+    from pock_tvm.scheme import Scheme
 
     rng = np.random.default_rng(0)
     ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, (batch, seq)).astype("int64"))
@@ -92,7 +93,8 @@ def measure(model, scheme: str, batch: int, seq: int, rounds: int, lr: float = 1
     compile_s = time.perf_counter() - start
     state = program.state_dict()
     trained = {p.source for p in program.layout.params if p.trainable}
-    t_step, t_bytes = torch_trainer(wrapped, state, trained, lr)
+    lora = Scheme.from_dict(program.layout.scheme).lora  # the adapters' rank and alpha, as compiled
+    t_step, t_bytes = torch_trainer(wrapped, state, trained, lr, lora)
     args = (ids.numpy(), mask.numpy(), ids.numpy())
     ours, theirs = [], []
     program.step(*args), t_step(ids, mask, ids)  # warm-up

@@ -49,11 +49,11 @@ def _kind(op: str, call: relax.Call, arg_index: int, value_ndim: int) -> str:
     return "other"
 
 
-def param_uses(func: relax.Function) -> dict[str, ParamUse]:
-    """Map each parameter name of ``func`` to its first real use (views are looked through)."""
-    alias: dict[str, str] = {p.name: p.name for p in func.params}
-    ndim = {p.name: len(p.ty.shape) for p in func.params if hasattr(p.ty, "shape")}
-    uses: dict[str, ParamUse] = {}
+def _reads(func: relax.Function, roots: list[str]):
+    """``(position, op, call, arg_index, root)`` for every read of one of ``roots`` (names of
+    ``func``'s parameters) by an op that is not a view; views (reshape, permute, astype) are looked
+    through, so a read of a reshaped root is a read of the root."""
+    alias = {name: name for name in roots}
     for pos, binding in enumerate(bindings(func)):
         value = binding.value
         op = _call_op(value)
@@ -62,29 +62,29 @@ def param_uses(func: relax.Function) -> dict[str, ParamUse]:
         for index, arg in enumerate(value.args):
             if not isinstance(arg, relax.Var) or arg.name not in alias:
                 continue
-            root = alias[arg.name]
-            if root in uses:
-                continue
             if op in _VIEW_OPS and index == 0:
-                alias[binding.var.name] = root
+                alias[binding.var.name] = alias[arg.name]
                 continue
-            uses[root] = ParamUse(_kind(op, value, index, ndim.get(root, 0)), op, pos)
+            yield pos, op, value, index, alias[arg.name]
+
+
+def param_uses(func: relax.Function) -> dict[str, ParamUse]:
+    """Map each parameter name of ``func`` to its first real use (views are looked through)."""
+    ndim = {p.name: len(p.ty.shape) for p in func.params if hasattr(p.ty, "shape")}
+    uses: dict[str, ParamUse] = {}
+    for pos, op, call, index, root in _reads(func, [p.name for p in func.params]):
+        if root not in uses:
+            uses[root] = ParamUse(_kind(op, call, index, ndim.get(root, 0)), op, pos)
     return uses
 
 
 def index_bounds(func: relax.Function, inputs: list[str]) -> dict[str, int]:
     """``{input: rows}`` for each of ``inputs`` that ``take`` uses as indices (views looked through):
     the smallest table it indexes along the taken axis."""
-    alias = {name: name for name in inputs}
     bounds: dict[str, int] = {}
-    for binding in bindings(func):
-        value = binding.value
-        op = _call_op(value)
-        if op in _VIEW_OPS and getattr(value.args[0], "name", None) in alias:
-            alias[binding.var.name] = alias[value.args[0].name]
-        elif op == "relax.take" and getattr(value.args[1], "name", None) in alias:
-            table = [int(d) for d in value.args[0].ty.shape]
-            rows = int(np.prod(table)) if value.attrs.axis is None else table[int(value.attrs.axis) % len(table)]
-            root = alias[value.args[1].name]
+    for _, op, call, index, root in _reads(func, inputs):
+        if op == "relax.take" and index == 1:
+            table = [int(d) for d in call.args[0].ty.shape]
+            rows = int(np.prod(table)) if call.attrs.axis is None else table[int(call.attrs.axis) % len(table)]
             bounds[root] = min(bounds.get(root, rows), rows)
     return bounds

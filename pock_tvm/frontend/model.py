@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import tvm
@@ -89,8 +89,7 @@ def with_index_bounds(imported: ImportedModel) -> ImportedModel:
     from ..analysis.layers import index_bounds
 
     bounds = index_bounds(imported.mod["forward"], [s.name for s in imported.inputs])
-    imported.inputs = [TensorSpec(s.name, s.shape, s.dtype, bounds.get(s.name, s.bound)) for s in imported.inputs]
-    return imported
+    return replace(imported, inputs=[replace(s, bound=bounds.get(s.name, s.bound)) for s in imported.inputs])
 
 
 def origins_by_binding(func, produced: dict[str, str]) -> dict[str, str]:
