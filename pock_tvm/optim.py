@@ -1,5 +1,14 @@
 """Optimizers whose update is compiled into the training step (torch semantics).
 
+Quantization-aware scaling (``qas``, TTE): a parameter of an int8 model trains in integer units
+``q = w / u`` (``u``: its per-channel unit, :mod:`pock_tvm.quant`), so its gradient is ``u`` times
+the float one and the ratio of weight to gradient is off by ``u**2``. With ``qas`` (the default)
+an update moves the float value ``q * u`` as the float model's update would: SGD scales the gradient
+by ``u**-2`` (TTE's rule; momentum and weight decay follow, being linear), Adam works on the float
+gradient ``g / u`` and divides its step by ``u`` (Adam ignores a gradient's scale, so TTE's rule
+alone would leave it moving every weight by about ``lr`` integer steps). Float parameters have no
+unit and are unaffected.
+
 The runtime keeps each optimizer's state (``state_names``) next to the parameters and feeds it
 back every step; ``step`` is a float32 scalar counting updates (starts at 0), ``lr`` a runtime
 scalar so that schedules need no recompilation.
@@ -52,6 +61,7 @@ class SGD:
     weight_decay: float = 0.0
     nesterov: bool = False
     name: str = "sgd"
+    qas: bool = True
 
     def __post_init__(self) -> None:
         _validate(self, {"lr": (0, math.inf, False), "momentum": (0, 1, True), "dampening": (0, 1, False),
@@ -60,8 +70,11 @@ class SGD:
     def state_names(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum else ()
 
-    def emit(self, bb, param, grad, states, step, lr):
+    def emit(self, bb, param, grad, states, step, lr, unit=None):
+        """The update of one parameter; ``unit``: its integer unit (a constant), see ``qas``."""
         g = grad
+        if unit is not None and self.qas:
+            g = bb.emit(R.divide(g, R.multiply(unit, unit)))  # TTE: G_q * s^-2
         if self.weight_decay:
             g = bb.emit(R.add(g, R.multiply(_c(self.weight_decay), param)))
         new_states = []
@@ -88,6 +101,7 @@ class Adam:
     weight_decay: float = 0.0
     decoupled: bool = False
     name: str = "adam"
+    qas: bool = True
 
     def __post_init__(self) -> None:
         _validate(self, {"lr": (0, math.inf, False), "beta1": (0, 1, True), "beta2": (0, 1, True),
@@ -98,27 +112,33 @@ class Adam:
     def state_names(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def emit(self, bb, param, grad, states, step, lr):
+    def emit(self, bb, param, grad, states, step, lr, unit=None):
+        """The update of one parameter; ``unit``: its integer unit (a constant), see ``qas``."""
         m, v = states
         g = grad
+        unit = unit if self.qas else None
+        if unit is not None:
+            g = bb.emit(R.divide(g, unit))  # the gradient of the float weight q * unit
         if self.weight_decay and self.decoupled:
             param = bb.emit(R.multiply(param, R.subtract(_c(1.0), R.multiply(lr, _c(self.weight_decay)))))
         elif self.weight_decay:
-            g = bb.emit(R.add(g, R.multiply(_c(self.weight_decay), param)))
+            w = R.multiply(param, unit) if unit is not None else param
+            g = bb.emit(R.add(g, R.multiply(_c(self.weight_decay), w)))
         t = R.add(step, _c(1.0))
         m = bb.emit(R.add(R.multiply(_c(self.beta1), m), R.multiply(_c(1.0 - self.beta1), g)))
         v = bb.emit(R.add(R.multiply(_c(self.beta2), v), R.multiply(_c(1.0 - self.beta2), R.multiply(g, g))))
         bias1 = R.subtract(_c(1.0), R.power(_c(self.beta1), t))
         bias2_sqrt = R.sqrt(R.subtract(_c(1.0), R.power(_c(self.beta2), t)))
         denom = R.add(R.divide(R.sqrt(v), bias2_sqrt), _c(self.eps))
-        new_param = bb.emit(R.subtract(param, R.multiply(R.divide(lr, bias1), R.divide(m, denom))))
+        delta = R.multiply(R.divide(lr, bias1), R.divide(m, denom))
+        new_param = bb.emit(R.subtract(param, R.divide(delta, unit) if unit is not None else delta))
         return new_param, [m, v]
 
 
 def AdamW(lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.01) -> Adam:
+          weight_decay: float = 0.01, qas: bool = True) -> Adam:
     """``torch.optim.AdamW`` defaults (decoupled weight decay 0.01)."""
-    return Adam(lr, beta1, beta2, eps, weight_decay, decoupled=True, name="adamw")
+    return Adam(lr, beta1, beta2, eps, weight_decay, decoupled=True, name="adamw", qas=qas)
 
 
 def optimizer_from_json(data: dict) -> SGD | Adam:

@@ -20,7 +20,10 @@ class PipelineOptions:
     ``schedule_kernels``: every CPU kernel gets a default schedule (parallel outer loops,
     vectorized inner loop; ``ScheduleForCPU``) instead of running as scalar loops;
     ``fast_math``: float32 ``exp``/``sigmoid`` in CPU kernels are a polynomial that vectorizes
-    (``FastExp``; within about one float32 rounding of libm) instead of a libm call per lane."""
+    (``FastExp``; within about one float32 rounding of libm) instead of a libm call per lane;
+    ``integer_kernels``: in an int8 model, frozen convs and linear layers run on the int8 tensors
+    with int32 accumulation and the int8 tensor, not a float copy, is what the backward pass keeps
+    (``IntegerKernels``); off, the quantized arithmetic is simulated in float32."""
 
     fold_frozen: bool = True
     reorder_updates: bool = True
@@ -28,6 +31,7 @@ class PipelineOptions:
     inline_intermediates: bool = True
     schedule_kernels: bool = True
     fast_math: bool = True
+    integer_kernels: bool = True
 
     @staticmethod
     def preset(level: str) -> PipelineOptions:
@@ -57,6 +61,7 @@ NONE = PipelineOptions(**{f.name: False for f in fields(PipelineOptions)})
 PRESETS = {
     "O0": NONE,
     "O1": replace(NONE, fold_frozen=True),
-    "O2": replace(NONE, fold_frozen=True, reorder_updates=True, in_place=True, schedule_kernels=True),
+    "O2": replace(NONE, fold_frozen=True, reorder_updates=True, in_place=True, schedule_kernels=True,
+                  integer_kernels=True),
     "O3": PipelineOptions(),
 }

@@ -13,8 +13,8 @@ from pock_tvm.options import PipelineOptions
 from reference import Reference
 
 
-def train_both(model, program, optimizer, inputs, target, steps: int = 3, loss_fn=None):
-    ref = Reference(model, program, optimizer, **({"loss_fn": loss_fn} if loss_fn else {}))
+def train_both(model, program, optimizer, inputs, target, steps: int = 3, loss_fn=None, units=None):
+    ref = Reference(model, program, optimizer, **({"loss_fn": loss_fn} if loss_fn else {}), units=units)
     before = program.state_dict()
     ours, theirs = [], []
     for _ in range(steps):
@@ -24,11 +24,12 @@ def train_both(model, program, optimizer, inputs, target, steps: int = 3, loss_f
 
 
 def assert_matches_torch(model, program, optimizer, inputs, target, rtol=1e-4, update_tol=1e-3, kink_flips=0,
-                         loss_fn=None):
+                         loss_fn=None, units=None):
     """Losses and every parameter after 3 steps match autograd; frozen ones are bit-identical.
     ``kink_flips``: how many elements per tensor may differ more (deep nets, see KINK_FLIPS);
-    ``loss_fn``: torch's loss (default cross-entropy)."""
-    before, after, expected, ours, theirs = train_both(model, program, optimizer, inputs, target, loss_fn=loss_fn)
+    ``loss_fn``: torch's loss (default cross-entropy); ``units``: see :class:`reference.Reference`."""
+    before, after, expected, ours, theirs = train_both(model, program, optimizer, inputs, target, loss_fn=loss_fn,
+                                                       units=units)
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=1e-6)
     trainable = {p.source for p in program.layout.params if p.trainable}
     assert trainable, "the scheme must update something"

@@ -24,20 +24,30 @@ class Reference:
 
     A partially updated weight is rebuilt every step as ``cat(trainable slice, frozen rest)``,
     so torch differentiates w.r.t. exactly the slice the program trains.
+    ``units``: ``{name: unit}`` of weights held in integer units (``pock_tvm.models.quantized``);
+    torch trains the float value ``q * unit`` (what quantization-aware scaling means), and the
+    state is reported in integer units again.
     """
 
-    def __init__(self, model, program, optimizer, loss_fn=torch.nn.functional.cross_entropy):
+    def __init__(self, model, program, optimizer, loss_fn=torch.nn.functional.cross_entropy, units=None):
         self.model = copy.deepcopy(model).eval()
         self.loss_fn = loss_fn
         # named_parameters() gives tied weights (lm_head = embeddings) one name, as the program does
         named = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         self.state = {k: v.detach().clone() for k, v in named.items()}
         self.trained: dict[str, list] = {}
+        self.units = {}
         leaves = []
         for p in program.layout.params:
             if p.trainable:
                 full = self.state[p.source]
                 piece = full if p.axis is None else full.narrow(p.axis, p.start, p.stop - p.start)
+                unit = (units or {}).get(p.source)
+                if unit is not None:
+                    unit = unit if unit.shape[p.axis or 0] == 1 or p.axis is None else \
+                        unit.narrow(p.axis, p.start, p.stop - p.start)
+                    self.units[p.source] = unit
+                    piece = piece * unit
                 leaf = torch.nn.Parameter(piece.clone())
                 leaves.append(leaf)
                 self.trained[p.source] = (p, leaf)
@@ -46,6 +56,8 @@ class Reference:
     def _params(self):
         params = dict(self.state)
         for source, (p, leaf) in self.trained.items():
+            if source in self.units:
+                leaf = leaf / self.units[source]
             if p.axis is None:
                 params[source] = leaf
             else:

@@ -8,7 +8,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-_VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.astype"}
+_VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.astype", "relax.dequantize"}  # dequantize: int8 weights
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def _kind(op: str, call: relax.Call, arg_index: int, value_ndim: int) -> str:
 
 def _reads(func: relax.Function, roots: list[str]):
     """``(position, op, call, arg_index, root)`` for every read of one of ``roots`` (names of
-    ``func``'s parameters) by an op that is not a view; views (reshape, permute, astype) are looked
+    ``func``'s parameters) by an op that is not a view; views (reshape, permute, astype, dequantize) are looked
     through, so a read of a reshaped root is a read of the root."""
     alias = {name: name for name in roots}
     for pos, binding in enumerate(bindings(func)):

@@ -18,6 +18,7 @@ from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
 from ..optim import make_optimizer
 from ..options import NONE, PipelineOptions
+from ..quantize import runtime_units, train_quantized
 from ..passes.pipeline import pock_tvm_pipeline
 from ..passes.SplitPartialChannels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
@@ -75,12 +76,13 @@ def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[Lay
 
 
 def build_training_graph(imported, trainable, partial, loss, optimizer,
-                         options: PipelineOptions = NONE, frozen_values: dict | None = None) -> tvm.IRModule:
+                         options: PipelineOptions = NONE, frozen_values: dict | None = None,
+                         units: dict | None = None) -> tvm.IRModule:
     """Phases 1-2 of the pipeline (the training graph, not lowered). ``options`` default to no
     optimization: analysis sees every frozen tensor as an input."""
     return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins,
                              loss_function=loss.relax_function(imported.output), optimizer=optimizer,
-                             frozen_values=frozen_values, options=options, lower=False)(imported.mod)
+                             frozen_values=frozen_values, options=options, lower=False, units=units)(imported.mod)
 
 
 @dataclass
@@ -118,17 +120,19 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
         imported = add_lora(imported, scheme.lora)
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
     updates = scheme.resolve(imported)
+    imported, param_units = train_quantized(imported, [n for n, u in updates.items() if u.mode != "frozen"])
     params, trainable, partial = plan(imported, updates)
+    units = runtime_units(param_units, params)
     values = _initial_values(imported, params)
     all_frozen = {p.var: values[p.var] for p in params if not p.trainable}
     if options.fold_frozen:
         params = [replace(p, folded=not p.trainable) for p in params]
     frozen = {p.var: values[p.var] for p in params if p.folded}
-    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen)
+    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen, units)
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, baseline)
     if memory_phases:
         report.phases = memory_by_phase(
-            lambda opts: build_training_graph(imported, trainable, partial, loss, optimizer, opts, all_frozen),
+            lambda opts: build_training_graph(imported, trainable, partial, loss, optimizer, opts, all_frozen, units),
             trainable, report.param_bytes, report.optimizer_state_bytes, tgt, CONV_LAYOUTS[preset.conv_layout])
 
     with tgt, tvm.transform.PassContext(opt_level=3):
@@ -217,9 +221,12 @@ def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, ba
     sparse = training_cost(train_mod, trainable)
     dense = None
     if baseline:
-        _, dense_trainable, _ = plan(imported, Scheme.preset("full").resolve(imported))
+        full = Scheme.preset("full").resolve(imported)
+        dense_model, dense_units = train_quantized(imported, [n for n, u in full.items() if u.mode != "frozen"])
+        dense_params, dense_trainable, _ = plan(dense_model, full)
         try:
-            dense_mod = build_training_graph(imported, dense_trainable, {}, loss, optimizer)
+            dense_mod = build_training_graph(dense_model, dense_trainable, {}, loss, optimizer,
+                                             units=runtime_units(dense_units, dense_params))
             dense = training_cost(dense_mod, dense_trainable)
         except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
             logger.info("no full-backprop baseline for the report: %s", err)

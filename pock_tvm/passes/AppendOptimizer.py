@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -19,12 +20,16 @@ class AppendOptimizer:
     ``(loss, *new_trainable, new_step, *new_states)``.
     The optimizer math is emitted inline, so the update of each parameter is ordinary graph code
     that later passes can schedule and fuse. Requires ``SparseGradient``.
+    ``units``: ``{trainable name: array}`` of the parameters an int8 model trains in integer units
+    (the float value of one step, broadcastable to the parameter); the optimizer receives each as
+    a constant for its quantization-aware scaling (``pock_tvm.optim``).
     """
 
     def __init__(self, optimizer=None, trainable: list[str] | None = None,
-                 func_name: str = "loss", new_func_name: str = "train_step"):
+                 func_name: str = "loss", new_func_name: str = "train_step", units: dict | None = None):
         self.optimizer = optimizer
         self.trainable = list(trainable or [])
+        self.units = dict(units or {})
         self.func_name = func_name
         self.new_func_name = new_func_name
 
@@ -55,7 +60,8 @@ class AppendOptimizer:
                 for i, name in enumerate(self.trainable):
                     grad = bb.emit(relax.TupleGetItem(grads, i), f"{name}.grad")
                     own = [states[(name, s)] for s in names]
-                    new[name], updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr)
+                    unit = relax.const(np.asarray(self.units[name], "float32")) if name in self.units else None
+                    new[name], updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr, unit)
                     new.update({calling.state_key(name, s): u for s, u in zip(names, updated)})
                 new[calling.STEP] = bb.emit(relax.op.add(step, relax.const(1.0, "float32")), "next_step")
                 out = bb.emit_output(relax.Tuple([new[n] for n in calling.train_step_outputs(self.trainable, keys)]))

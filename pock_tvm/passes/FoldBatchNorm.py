@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..analysis.layers import bindings
+from ..quant import dequantize_args
 from .utils import vars_in
 
 R = relax.op
@@ -24,6 +25,9 @@ class FoldBatchNorm:
     schemes): the rewrite keeps it as an add, so its gradient is unchanged. A BN whose scale is
     trained, or whose conv weight is trained, is left for ``FreezeBatchNorm``. Removes the BN's
     per-element arithmetic and the buffers it needs in training. Runs before ``FreezeBatchNorm``.
+
+    An int8 weight, ``dequantize(q, scale, 0, axis=0)`` of constants, keeps its integers: ``s``
+    multiplies its per-channel ``scale`` instead.
     """
 
     def __init__(self, func_name: str = "forward"):
@@ -54,6 +58,7 @@ def _find_folds(func: relax.Function) -> dict:
     for var in vars_in(func.body.body):
         uses.setdefault(var, []).append(None)
     convs = {b.var: b.value for b in bindings(func) if _op(b.value) == "relax.nn.conv2d"}
+    values = {b.var: b.value for b in bindings(func)}
     folds = {}
     for binding in bindings(func):
         bn = binding.value
@@ -62,23 +67,40 @@ def _find_folds(func: relax.Function) -> dict:
         conv_var = bn.args[0]
         conv = convs[conv_var]
         gamma, beta, mean, var = bn.args[1:]
-        if not all(isinstance(e, tvm.ir.expr.Constant) for e in (conv.args[1], gamma, mean, var)):
+        weight = _weight(conv.args[1], values)
+        if weight is None or not all(isinstance(e, tvm.ir.expr.Constant) for e in (gamma, mean, var)):
             continue
         if str(conv.attrs.kernel_layout) != "OIHW" or str(conv.attrs.data_layout) != "NCHW":
             continue
         if len(uses.get(conv_var, [])) != 1 or not all(
                 isinstance(u, relax.TupleGetItem) and u.index == 0 for u in uses.get(binding.var, [])):
             continue
-        w = conv.args[1].value.numpy()
         s = gamma.value.numpy() / np.sqrt(var.value.numpy() + float(bn.attrs.epsilon))
-        folded = (w * s.reshape(-1, 1, 1, 1)).astype(w.dtype)
-        shift = (mean.value.numpy() * s).astype(w.dtype)
+        if isinstance(weight, tuple):  # int8 weight: BN's scale joins the per-channel weight scale
+            q, scale, zero_point = weight
+            folded = (q, (np.broadcast_to(scale, s.shape) * s).astype(np.float32), zero_point)
+        else:
+            folded = (weight * s.reshape(-1, 1, 1, 1)).astype(weight.dtype)
+        shift = (mean.value.numpy() * s).astype(np.float32)
         if isinstance(beta, tvm.ir.expr.Constant):
             shift = beta.value.numpy() - shift
             beta = None
         folds[conv_var] = (folded, beta, shift)
         folds[binding.var] = conv_var
     return folds
+
+
+def _weight(arg, values):
+    """A constant conv weight as an array, an int8 one (``dequantize(q, scale, 0, axis=0)`` of
+    constants) as ``(q, scale, zero_point)``, anything else None."""
+    if isinstance(arg, tvm.ir.expr.Constant):
+        return arg.value.numpy()
+    found = dequantize_args(values.get(arg)) if isinstance(arg, relax.Var) else None
+    if found is None or found[3] != 0 or not all(isinstance(e, tvm.ir.expr.Constant) for e in found[:3]):
+        return None
+    if np.any(found[2].value.numpy()):
+        return None
+    return found[0], found[1].value.numpy(), found[2]
 
 
 @mutator
@@ -92,8 +114,13 @@ class _Folder(PyExprMutator):
         var, value = binding.var, binding.value
         if var in self.folds and isinstance(self.folds[var], tuple):
             folded = self.folds[var][0]
+            if isinstance(folded, tuple):
+                q, scale, zero_point = folded
+                weight = self.builder_.emit(R.dequantize(q, relax.const(scale), zero_point, 0, "float32"), "w_dq")
+            else:
+                weight = relax.const(folded)
             a = value.attrs
-            conv = R.nn.conv2d(self.visit_expr(value.args[0]), relax.const(folded), a.strides, a.padding,
+            conv = R.nn.conv2d(self.visit_expr(value.args[0]), weight, a.strides, a.padding,
                                a.dilation, a.groups, a.data_layout, a.kernel_layout, a.out_layout,
                                a.out_dtype or None)
             self.new_conv[var] = self.builder_.emit(conv, var.name)

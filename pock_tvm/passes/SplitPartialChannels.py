@@ -23,6 +23,10 @@ class SplitPartialChannels:
     - depthwise conv2d (axis 0): ``concat(dwconv(x[:, :k], W__upd), dwconv(x[:, k:], W__frz))``
     - linear ``x @ W.T`` (axis 1): ``x[..., :k] @ W__upd.T + x[..., k:] @ W__frz.T``
 
+    A weight read as ``multiply(W, scale)`` with a constant per-channel ``scale`` (an int8 model's
+    weight trained in integer units, ``TrainQuantizedParams``) is split the same way, each half
+    with its own part of ``scale``.
+
     Sets the function attribute ``pock_tvm.partial`` to ``{param: [axis, k]}``. Runs first,
     before ``BindFrozenParams`` (which binds the ``W__frz`` halves) and ``AppendLoss``.
     """
@@ -69,9 +73,23 @@ class _Splitter(PyExprMutator):
         self.halves = halves
         self.partial = partial
         self.transposed: dict[str, str] = {}  # permute_dims(W) var -> W
+        self.scaled: dict[str, tuple[str, object]] = {}  # multiply(W, scale) var -> (W, scale)
 
     def _split_param(self, arg):
-        return isinstance(arg, relax.Var) and arg.name in self.halves
+        return isinstance(arg, relax.Var) and (arg.name in self.halves or arg.name in self.scaled)
+
+    def _weights(self, name: str):
+        """The two halves of weight ``name`` (a parameter or a scaled one), as the op reads them."""
+        if name not in self.scaled:
+            return self.halves[name], name
+        base, scale = self.scaled[name]
+        axis, k = self.partial[base]
+        value = scale.value.numpy()
+        parts = [value, value]
+        if value.ndim and value.shape[axis] > 1:
+            parts = [value.take(range(0, k), axis), value.take(range(k, value.shape[axis]), axis)]
+        up, fr = self.halves[base]
+        return (R.multiply(up, relax.const(parts[0])), R.multiply(fr, relax.const(parts[1]))), base
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
@@ -81,6 +99,10 @@ class _Splitter(PyExprMutator):
                                                         getattr(a, "name", None) in self.transposed
                                                         for a in value.args):
             return super().visit_var_binding_(binding)
+        if op_name == "relax.multiply" and self._split_param(value.args[0]) and \
+                value.args[0].name in self.halves and isinstance(value.args[1], tvm.ir.expr.Constant):
+            self.scaled[binding.var.name] = (value.args[0].name, value.args[1])
+            return None  # re-emitted per half at the conv or matmul
         if op_name == "relax.permute_dims" and self._split_param(value.args[0]):
             self.transposed[binding.var.name] = value.args[0].name
             return None  # re-emitted per half at the matmul
@@ -99,8 +121,8 @@ class _Splitter(PyExprMutator):
         return None
 
     def _conv(self, call: relax.Call, name: str) -> relax.Expr:
+        (w_up, w_fr), name = self._weights(name)
         axis, k = self.partial[name]
-        w_up, w_fr = self.halves[name]
         x = self.visit_expr(call.args[0])
         a = call.attrs
         parts = self.builder_.emit(R.split(x, [k], axis=1), "x_split")
@@ -121,8 +143,8 @@ class _Splitter(PyExprMutator):
         return R.add(ya, yb)
 
     def _linear(self, call: relax.Call, name: str) -> relax.Expr:
+        (w_up, w_fr), name = self._weights(name)
         _, k = self.partial[name]
-        w_up, w_fr = self.halves[name]
         x = self.visit_expr(call.args[0])
         last = len(call.args[0].ty.shape) - 1
         parts = self.builder_.emit(R.split(x, [k], axis=last), "x_split")

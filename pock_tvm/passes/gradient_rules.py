@@ -13,6 +13,8 @@ import tvm
 from tvm import relax
 from tvm.relax.op.grad import avg_pool2d_backward, no_grad, take_backward
 
+from ..quant import RANGES, along_expr
+
 R = relax.op
 
 
@@ -165,6 +167,30 @@ def _gelu_tanh(var, call, grad, ctx):
     return [R.multiply(grad, R.add(s, slope))]
 
 
+def _quantize(var, call, grad, ctx):
+    """Fake quantization's straight-through estimator (torch ``fake_quantize_per_*_affine``): the
+    gradient per integer step, ``grad / scale``, where ``round(x / scale) + zero_point`` lies within
+    the integer range, zero where it was clamped. The integer output's adjoint is a float tensor
+    (what :func:`_dequantize` sends)."""
+    x, scale, zero_point = call.args
+    ndim = len(_shape(x))
+    s = along_expr(scale, int(call.attrs.axis), ndim)
+    z = R.astype(along_expr(zero_point, int(call.attrs.axis), ndim), x.ty.dtype)
+    lo, hi = RANGES[str(call.attrs.out_dtype)]
+    steps = R.add(R.round(R.divide(x, s)), z)
+    inside = R.logical_and(R.greater_equal(steps, relax.const(float(lo), x.ty.dtype)),
+                           R.less_equal(steps, relax.const(float(hi), x.ty.dtype)))
+    return [R.where(inside, R.divide(grad, s), R.zeros_like(grad)), no_grad(scale), no_grad(zero_point)]
+
+
+def _dequantize(var, call, grad, ctx):
+    """``(q - zero_point) * scale``: the gradient per integer step is ``grad * scale``, a float
+    tensor (only :func:`_quantize` consumes it; an integer input has no gradient of its own)."""
+    q, scale, zero_point = call.args
+    s = along_expr(scale, int(call.attrs.axis), len(_shape(q)))
+    return [R.multiply(grad, s), no_grad(scale), no_grad(zero_point)]
+
+
 def _not_differentiable(var, call, grad, ctx):
     """Boolean and integer ops (attention masks, positions): nothing flows back through them."""
     return [no_grad(arg) for arg in call.args]
@@ -286,6 +312,8 @@ GRADIENT_RULES = {
     "relax.bitwise_and": _not_differentiable,
     "relax.arange": _not_differentiable,
     "relax.strided_slice": _strided_slice,
+    "relax.quantize": _quantize,
+    "relax.dequantize": _dequantize,
     "relax.index_tensor": _index_tensor,
 }
 

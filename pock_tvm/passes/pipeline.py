@@ -19,6 +19,7 @@ from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
 from .InPlaceUpdates import InPlaceUpdates
 from .InlineKernelIntermediates import InlineKernelIntermediates
+from .IntegerKernels import IntegerKernels
 from .gradient_rules import register_gradient_rules
 from ..options import PipelineOptions
 from .ReorderUpdates import ReorderUpdates
@@ -45,6 +46,7 @@ def pock_tvm_pipeline(
     build_training_graph: bool = True,
     lower: bool = True,
     conv_layouts: dict | None = None,
+    units: dict | None = None,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
@@ -55,7 +57,9 @@ def pock_tvm_pipeline(
     (call inside ``with target``). ``tuning_database``: a MetaSchedule JSON database directory
     (``pock-tvm tune``); kernels it holds get their tuned schedule, the others the default one.
     ``conv_layouts``: ``relax.transform.ConvertLayout``'s desired layouts per conv op (a target's
-    ``conv_layout``, ``pock_tvm.targets.CONV_LAYOUTS``); None keeps the imported NCHW."""
+    ``conv_layout``, ``pock_tvm.targets.CONV_LAYOUTS``); None keeps the imported NCHW.
+    ``units``: ``{trainable name: unit}`` of parameters an int8 model trains in integer units
+    (``pock_tvm.quantize.train_quantized``), for the optimizer's quantization-aware scaling."""
     register_gradient_rules()
     opt = options or PipelineOptions()
     passes = []
@@ -70,13 +74,14 @@ def pock_tvm_pipeline(
             # Phase 2: the training graph, built once at compile time
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
             SparseGradient(trainable),  # adjoints only for what the scheme updates
-            AppendOptimizer(optimizer, trainable),  # train_step = loss_adjoint + update
+            AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
         ]
     if lower:
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
             relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
+            *([IntegerKernels()] if opt.integer_kernels else []),  # int8 convs/linears; keep int8 for backward
             *([relax.transform.ConvertLayout(conv_layouts)] if conv_layouts else []),  # the target's layout
             relax.transform.LegalizeOps(),  # every op to a TIR kernel
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags

@@ -84,3 +84,39 @@ def test_folding_keeps_the_numbers():
     torch.manual_seed(0)
     assert_setting_keeps_numbers(SmallCNN(), torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,)),
                                  pock_tvm.SGD(lr=0.1, momentum=0.9), "bias-only", "fold_frozen", rtol=1e-5)
+
+
+Q = rng.integers(-127, 128, (4, 2, 3, 3)).astype("int8")
+QS = rng.uniform(0.01, 0.02, 4).astype("float32")
+
+
+def test_int8_weight_keeps_its_integers_and_takes_the_bn_scale():
+    @I.ir_module
+    class Before:
+        @R.function
+        def forward(x: R.Tensor((1, 2, 5, 5), "float32")):
+            with R.dataflow():
+                w = R.dequantize(R.const(Q), R.const(QS), R.const(0, "int8"), axis=0, out_dtype="float32")
+                c = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                t = R.nn.batch_norm(c, R.const(G), R.const(B), R.const(M), R.const(V), axis=1, epsilon=1e-5)
+                y = t[0]
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def forward(x: R.Tensor((1, 2, 5, 5), "float32")):
+            with R.dataflow():
+                w_dq = R.dequantize(R.const(Q), R.const(QS * S), R.const(0, "int8"), axis=0, out_dtype="float32")
+                c = R.nn.conv2d(x, w_dq, padding=[1, 1, 1, 1])
+                y = R.add(c, R.const((B - M * S).reshape(1, 4, 1, 1)))
+                R.output(y)
+            return y
+
+    after = relax_dce(FoldBatchNorm()(Before))
+    tvm.ir.assert_structural_equal(after, Expected)
+
+
+def relax_dce(mod):
+    return tvm.relax.transform.DeadCodeElimination(["forward"])(mod)

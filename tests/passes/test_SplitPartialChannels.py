@@ -101,3 +101,40 @@ def test_weight_read_by_other_op_is_an_error():
 
     with pytest.raises(ValueError, match="SplitPartialChannels: relax.add reads a partially updated"):
         SplitPartialChannels({"w": (0, 2)})(Odd)
+
+
+SCALE = np.linspace(0.5, 1.5, 6).astype("float32")
+
+
+@I.ir_module
+class Scaled:  # int8 weights trained in integer units: read as multiply(W, per-output-channel unit)
+    @R.function
+    def forward(x: R.Tensor((1, 4, 8, 8), "float32"), w: R.Tensor((6, 4, 3, 3), "float32"),
+                dw: R.Tensor((6, 1, 3, 3), "float32")):
+        with R.dataflow():
+            ws = R.multiply(w, R.const(SCALE.reshape(6, 1, 1, 1)))
+            y = R.nn.conv2d(x, ws, padding=[1, 1, 1, 1])
+            dws = R.multiply(dw, R.const(SCALE.reshape(6, 1, 1, 1)))
+            d = R.nn.conv2d(y, dws, padding=[1, 1, 1, 1], groups=6)
+            R.output(d)
+        return d
+
+
+def test_scaled_weights_split_with_their_part_of_the_scale():
+    after = SplitPartialChannels({"w": (1, 1), "dw": (0, 2)})(Scaled)
+    muls = [b.value for block in after["forward"].body.blocks for b in block.bindings
+            if getattr(getattr(b.value, "op", None), "name", "") == "relax.multiply"]
+    shapes = [tuple(int(d) for d in m.args[1].ty.shape) for m in muls]
+    assert shapes == [(6, 1, 1, 1), (6, 1, 1, 1), (2, 1, 1, 1), (4, 1, 1, 1)]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 8, 8)).astype("float32")
+    w = rng.standard_normal((6, 4, 3, 3)).astype("float32")
+    dw = rng.standard_normal((6, 1, 3, 3)).astype("float32")
+    target = tvm.target.Target({"kind": "llvm"})
+
+    def run(mod, *args):
+        vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        return vm["forward"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+    np.testing.assert_allclose(run(after, x, w[:, :1], w[:, 1:], dw[:2], dw[2:]), run(Scaled, x, w, dw),
+                               rtol=1e-5, atol=1e-5)

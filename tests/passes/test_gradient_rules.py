@@ -38,6 +38,7 @@ def _torch_grad(fn, x: np.ndarray, w: np.ndarray) -> np.ndarray:
 X = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype("float32") * 4
 X[0, 0, 0, :3] = [0.0, 6.0, -0.0]  # exactly on the kinks
 
+QSCALE = np.array([0.02, 0.05, 0.1, 0.2], "float32")
 GAMMA = np.random.default_rng(2).standard_normal((6, 6)).astype("float32")
 BETA = np.random.default_rng(3).standard_normal((6, 6)).astype("float32")
 
@@ -75,6 +76,15 @@ CASES = {
     # exported LocalResponseNorm: a (k, 1, 1) average over channels of the unsqueezed input
     "avg_pool3d": (lambda x: R.nn.avg_pool3d(R.expand_dims(x, 1), (3, 1, 1), padding=(1, 0, 0, 1, 0, 0)),
                    lambda t: torch.nn.functional.avg_pool3d(t.unsqueeze(1), (3, 1, 1), 1, (1, 0, 0)), (2, 1, 4, 6, 6)),
+    # int8 fake quantization, per tensor and per channel: torch's straight-through estimator, zero where clamped
+    "fake_quantize": (lambda x: R.dequantize(R.quantize(x, relax.const(0.05), relax.const(3, "int8"), -1, "int8"),
+                                             relax.const(0.05), relax.const(3, "int8"), -1, "float32"),
+                      lambda t: torch.fake_quantize_per_tensor_affine(t.float(), 0.05, 3, -128, 127), X.shape),
+    "fake_quantize_per_channel": (
+        lambda x: R.dequantize(R.quantize(x, relax.const(QSCALE), relax.const(np.zeros(4, "int8")), 1, "int8"),
+                               relax.const(QSCALE), relax.const(np.zeros(4, "int8")), 1, "float32"),
+        lambda t: torch.fake_quantize_per_channel_affine(t.float(), torch.tensor(QSCALE), torch.zeros(4, dtype=torch.int32),
+                                                         1, -128, 127), X.shape),
 }
 
 

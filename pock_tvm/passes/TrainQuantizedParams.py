@@ -1,0 +1,74 @@
+"""TrainQuantizedParams: quantized parameters that are trained become float32 masters in integer units."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..quant import along_expr, constant, dequantize_args, is_integer
+
+R = relax.op
+
+
+@tvm.transform.module_pass(opt_level=0, name="pock_tvm.TrainQuantizedParams")
+class TrainQuantizedParams:
+    """Reads ``forward`` and ``names`` (Relax parameters of an integer dtype, each read only through
+    ``relax.dequantize``). Each becomes a float32 parameter of the same name and shape holding the
+    same integer values, and ``dequantize(q, s, z, axis)`` on it becomes ``(q - z) * s`` (``q * s``
+    when ``z`` is 0): the arithmetic is unchanged, but an update can move ``q`` by less than one
+    step. Gradients then arrive in integer units; the optimizer's ``qas`` scales them back.
+    Listing a float parameter, or reading a listed one other than by ``dequantize``, is an error.
+    """
+
+    def __init__(self, names, func_name: str = "forward"):
+        self.names = list(names)
+        self.func_name = func_name
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        func = mod[self.func_name]
+        by_name = {p.name: p for p in func.params}
+        unknown = [n for n in self.names if n not in by_name]
+        floats = [n for n in self.names if n in by_name and not is_integer(by_name[n].ty.dtype)]
+        if unknown or floats:
+            raise ValueError(f"TrainQuantizedParams: {unknown + floats} are not integer parameters of "
+                             f"{self.func_name}; list only quantized weights that the scheme trains")
+        rewriter = _Rewriter(mod)
+        params = []
+        for p in func.params:
+            if p.name in self.names:
+                new = relax.Var(p.name, relax.TensorType(p.ty.shape, "float32"))
+                rewriter.set_var_remap(p, new)
+                rewriter.masters.add(new)
+                params.append(new)
+            else:
+                params.append(p)
+        body = rewriter.visit_expr(func.body)
+        new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+        mod[self.func_name] = new_func
+        return mod
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.masters: set[relax.Var] = set()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        args = [self.visit_expr(a) for a in call.args]
+        reads = [a for a in args if isinstance(a, relax.Var) and a in self.masters]
+        if not reads:
+            return super().visit_call_(call)
+        found = dequantize_args(call)
+        if found is None or args[0] not in self.masters:
+            raise ValueError(f"TrainQuantizedParams: {reads[0].name} is read by {getattr(call.op, 'name', call.op)}, "
+                             "not by relax.dequantize; it cannot be trained as a float master")
+        q, scale, zero_point, axis = args[0], args[1], args[2], found[3]
+        ndim = len(q.ty.shape)
+        zero = constant(zero_point)
+        if zero is None or np.any(zero != 0):
+            q = R.subtract(q, R.astype(along_expr(zero_point, axis, ndim), "float32"))
+        return R.multiply(q, along_expr(scale, axis, ndim))
