@@ -187,3 +187,13 @@ def pretrained(cache_dir: Path, settings: Pretraining = Pretraining()):
     with atomic_file(path) as f:
         f.write(buffer.getvalue())
     return model
+
+
+def sparse_scheme():
+    """A fixed sparse scheme for :class:`~pock_tvm.models.DigitsCNN`: the BatchNorm biases of the
+    last three convs, the last conv's weight and the classifier. The float-vs-int8 comparisons
+    (``benchmarks/task_int8_digits.py``, ``benchmarks/bench_int8_memory.py``) train it; the demo
+    searches its own."""
+    from ..scheme import Rule, Scheme
+
+    return Scheme("digits-sparse", bias=3, rules=[Rule("features.9.0.weight", "full"), Rule("classifier", "full")])

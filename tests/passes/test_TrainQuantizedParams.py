@@ -31,8 +31,8 @@ class Expected:
     def forward(x: R.Tensor((1, 3, 4, 4), "float32"), w: R.Tensor((2, 3, 1, 1), "float32"),
                 b: R.Tensor((2,), "float32")):
         with R.dataflow():
-            w_dq = R.multiply(w, R.const(SW.reshape(2, 1, 1, 1)))
-            c = R.nn.conv2d(x, w_dq)
+            conv_q = R.nn.conv2d(x, w)
+            c = R.multiply(conv_q, R.const(SW.reshape(1, 2, 1, 1)))
             b_dq = R.multiply(R.subtract(b, R.astype(R.const(3, "int32"), "float32")), R.const(SW))
             y = R.add(c, R.reshape(b_dq, (1, 2, 1, 1)))
             R.output(y)
@@ -41,6 +41,20 @@ class Expected:
 
 def test_trained_int8_params_become_float_masters_with_the_same_arithmetic():
     tvm.ir.assert_structural_equal(TrainQuantizedParams(["w", "b"])(Before), Expected)
+
+
+def test_numbers_are_unchanged():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 4, 4)).astype("float32")
+    w = rng.integers(-127, 128, (2, 3, 1, 1)).astype("int8")
+    b = np.array([5, -7], "int32")
+    target = tvm.target.Target({"kind": "llvm"})
+    outs = []
+    for mod, args in ((Before, (x, w, b)), (TrainQuantizedParams(["w", "b"])(Before), (x, w.astype("float32"),
+                                                                                        b.astype("float32")))):
+        vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        outs.append(vm["forward"](*map(tvm.runtime.tensor, args)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6)
 
 
 def test_unlisted_params_stay_integer():
