@@ -135,3 +135,24 @@ def runtime_units(units: dict, params) -> dict:
             unit = np.take(unit, range(p.start, p.stop), axis=p.axis)
         out[p.var] = unit
     return out
+
+
+def describe(imported: ImportedModel, trained: Iterable[str]) -> dict:
+    """The int8 parts of ``imported`` as data, for the report and the bundle's manifest: each
+    quantized tensor's dtype, scales (per channel on ``axis``), zero points and whether it trains
+    (as a float32 master in integer units) or stays frozen, and the activation scale at each
+    quantized layer's input. Empty for a float model."""
+    from .passes.QuantizeForward import read_scales
+
+    func = imported.mod["forward"]
+    units = param_units(func)
+    if not units:
+        return {}
+    trained = set(trained)
+    by_var = {p.var_name: p for p in imported.params}
+    tensors = {by_var[v].name: {"dtype": str(by_var[v].value.dtype), "scale": np.ravel(s).tolist(),
+                                "zero_point": np.ravel(z).astype(int).tolist(), "axis": axis,
+                                "trained": by_var[v].name in trained}
+               for v, (s, z, axis) in units.items() if v in by_var}
+    activations = {by_var[v].name: scales.activation for v, scales in read_scales(func).items() if v in by_var}
+    return {"tensors": tensors, "activation_scales": activations}

@@ -29,6 +29,7 @@ class Report:
     planned: dict = field(default_factory=dict)  # bytes: train_step, forward, kernel_scratch, folded_bytes
     phases: list[dict] = field(default_factory=list)  # planned memory after each optimization phase
     kernel_flops: dict = field(default_factory=dict)  # kernel name -> floating-point operations per call
+    quantization: dict = field(default_factory=dict)  # int8 tensors and scales (pock_tvm.quantize.describe)
 
     @staticmethod
     def build(scheme: str, layers: list[LayerRow], dense: GraphCost, sparse: GraphCost,
@@ -56,7 +57,8 @@ class Report:
         return Report(data["scheme"], [LayerRow(**r) for r in data["layers"]], data["dense"],
                       data["sparse"], data["optimizer_state_bytes"], data["param_bytes"],
                       list(data.get("notes", [])), dict(data.get("planned", {})),
-                      list(data.get("phases", [])), dict(data.get("kernel_flops", {})))
+                      list(data.get("phases", [])), dict(data.get("kernel_flops", {})),
+                      dict(data.get("quantization", {})))
 
     def __str__(self) -> str:
         lines = [f"scheme: {self.scheme}", "", f"{'layer':<34} {'updated':<40} trainable/total"]
@@ -78,8 +80,19 @@ class Report:
         lines.append(f"{'parameters':<28} {format_bytes(self.param_bytes):>16} {format_bytes(self.param_bytes):>16}")
         lines += self._memory_lines()
         ops = ", ".join(f"{k.replace('relax.', '')} x{v}" for k, v in sorted(self.sparse["backward_ops"].items()))
-        lines += ["", f"backward ops kept: {ops}"] + self.notes
+        lines += ["", f"backward ops kept: {ops}"] + self._quantization_lines() + self.notes
         return "\n".join(lines)
+
+    def _quantization_lines(self) -> list[str]:
+        tensors = self.quantization.get("tensors", {})
+        if not tensors:
+            return []
+        trained = [n for n, t in tensors.items() if t["trained"]]
+        dtypes = ", ".join(sorted({t["dtype"] for n, t in tensors.items() if not t["trained"]}))
+        return [f"int8 model: {len(tensors) - len(trained)} frozen tensors stay {dtypes} (integer kernels), "
+                f"{len(trained)} train as float32 masters in integer units"
+                + (f" ({', '.join(trained[:4])}{', ...' if len(trained) > 4 else ''})" if trained else "")
+                + f"; {len(self.quantization.get('activation_scales', {}))} layer inputs quantized to int8 per tensor"]
 
     def _memory_lines(self) -> list[str]:
         if not self.planned:

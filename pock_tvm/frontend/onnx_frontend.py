@@ -167,6 +167,10 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     - ``Constant`` nodes keep their value in ``value`` (the dynamo exporter writes ``value_ints`` etc.);
     - integer initializers (shapes, axes, indices) become ``Constant`` nodes: folded at import, never
       parameters (a trainable int64 tensor would stop autodiff);
+    - in a QDQ model (``onnxruntime.quantization``), the integer tensors a ``DequantizeLinear``
+      reads (int8 weights, int32 biases) are parameters like float ones, so that a scheme can
+      train them; the scales and zero points of ``QuantizeLinear``/``DequantizeLinear`` are
+      constants (the integer kernels and the optimizer's QAS read them at compile time);
     - each ``Identity(initializer)`` output gets its own initializer. torch's exporter deduplicates
       equal tensors: a fresh BatchNorm's running_var (ones) and weight (ones) become one initializer
       plus an ``Identity``; training the weight would then move the statistics too.
@@ -174,9 +178,12 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    quantized = {n.input[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    qdq_constants = {name for n in qdq for name in n.input[1:]}
     front, keep = [], []
     for init in graph.initializer:
-        if init.data_type not in _FLOAT_TYPES:
+        if init.name in qdq_constants or (init.data_type not in _FLOAT_TYPES and init.name not in quantized):
             front.append(helper.make_node("Constant", [], [init.name], value=init))
         else:
             keep.append(init)

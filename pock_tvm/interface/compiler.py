@@ -18,7 +18,7 @@ from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
 from ..optim import make_optimizer
 from ..options import NONE, PipelineOptions
-from ..quantize import runtime_units, train_quantized
+from ..quantize import describe, runtime_units, train_quantized
 from ..passes.pipeline import pock_tvm_pipeline
 from ..passes.SplitPartialChannels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
@@ -120,7 +120,9 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
         imported = add_lora(imported, scheme.lora)
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
     updates = scheme.resolve(imported)
-    imported, param_units = train_quantized(imported, [n for n, u in updates.items() if u.mode != "frozen"])
+    trained = [n for n, u in updates.items() if u.mode != "frozen"]
+    quantization = describe(imported, trained)
+    imported, param_units = train_quantized(imported, trained)
     params, trainable, partial = plan(imported, updates)
     units = runtime_units(param_units, params)
     values = _initial_values(imported, params)
@@ -130,6 +132,7 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     frozen = {p.var: values[p.var] for p in params if p.folded}
     train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen, units)
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, baseline)
+    report.quantization = quantization
     if memory_phases:
         report.phases = memory_by_phase(
             lambda opts: build_training_graph(imported, trainable, partial, loss, optimizer, opts, all_frozen, units),
@@ -149,7 +152,7 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     report.notes.append(f"convs compiled in {preset.conv_layout} (target '{preset.name}')")
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
-                    scheme.to_dict(), preset.name)
+                    scheme.to_dict(), preset.name, {"quantization": quantization} if quantization else {})
     expected = layout.signatures()["train_step"]["args"]
     if [p.name for p in train_mod["train_step"].params] != expected:  # a pipeline bug, not user input
         raise RuntimeError(f"compile: train_step takes {[p.name for p in train_mod['train_step'].params]}, "

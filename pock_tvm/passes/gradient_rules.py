@@ -23,12 +23,14 @@ def _shape(expr) -> list[int]:
 
 
 def _clip(var, call, grad, ctx):
-    """ReLU6 and friends: pass the gradient where ``lo < x < hi`` (torch hardtanh_backward)."""
+    """ReLU6 and friends: pass the gradient where ``lo < x < hi`` (torch hardtanh_backward), tested
+    on the output ``y = clip(x)``, which is inside exactly where ``x`` is: the backward pass keeps
+    the tensor the next layer reads anyway, not the pre-activation too."""
     x, lo, hi = call.args
     dtype = x.ty.dtype
     lo_c = relax.const(float(lo.value), dtype)
     hi_c = relax.const(float(hi.value), dtype)
-    inside = R.logical_and(R.greater(x, lo_c), R.less(x, hi_c))
+    inside = R.logical_and(R.greater(var, lo_c), R.less(var, hi_c))
     return [R.where(inside, grad, R.zeros_like(grad)), no_grad(lo), no_grad(hi)]
 
 
@@ -57,9 +59,10 @@ def _adaptive_avg_pool2d(var, call, grad, ctx):
 def _relu(var, call, grad, ctx):
     """Pass the gradient where ``x > 0`` only. TVM's own rule also passes it at ``x == 0``, which
     differs from torch wherever an activation is exactly zero (common after ReLU + conv without
-    bias: all-zero windows)."""
+    bias: all-zero windows). Tested on the output (``relu(x) > 0`` exactly where ``x > 0``, as
+    torch's threshold_backward does), so the pre-activation need not be kept."""
     x = call.args[0]
-    return [R.where(R.greater(x, relax.const(0.0, x.ty.dtype)), grad, R.zeros_like(grad))]
+    return [R.where(R.greater(var, relax.const(0.0, x.ty.dtype)), grad, R.zeros_like(grad))]
 
 
 def _rsqrt(var, call, grad, ctx):

@@ -192,3 +192,32 @@ def test_a_causal_lm_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runne
     assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_allclose(_losses(result.stdout), host_losses, rtol=1e-5)
     assert host_losses[-1] < host_losses[0]
+
+
+def test_an_int8_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runner):
+    """A model quantized by pock_tvm, frozen int8 weights passed as int8 tensors of the bundle
+    (not folded), trained weights as float32 masters with QAS: the board gives the host's losses."""
+    from pock_tvm.quantize import quantize
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((STEPS * 2, 3, 16, 16)).astype("float32")
+    y = (np.arange(STEPS * 2) % 10).astype("int64")
+    torch.manual_seed(0)
+    quantized = quantize(SmallCNN().eval(), [x[:2], x[2:4]], (torch.zeros(2, 3, 16, 16),))
+    options = pock_tvm.options.PipelineOptions(fold_frozen=False)
+
+    def compile_for(target):
+        return pock_tvm.compile(quantized, scheme="last-2", optimizer=pock_tvm.SGD(lr=0.05, momentum=0.9),
+                                target=target, options=options)
+
+    host = compile_for("host")
+    host_losses = [host.step(x[2 * i:2 * i + 2], y[2 * i:2 * i + 2]) for i in range(STEPS)]
+    bundle = compile_for("rpi4").save(tmp_path / "bundle")
+    manifest = read_manifest(bundle)
+    dtypes = {e["name"]: e["dtype"] for e in manifest["tensors"]}
+    assert "int8" in dtypes.values() and manifest["layout"]["extra"]["quantization"]["tensors"]
+    write_batches(tmp_path / "data.bin", host.layout, [x], y)
+    result = _run(rpi4_runner, "train", bundle, tmp_path / "data.bin", "--steps", STEPS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(_losses(result.stdout), host_losses, rtol=1e-5)
+    assert host_losses[-1] < host_losses[0]
