@@ -32,6 +32,9 @@ ACCUMULATORS = 16
 STREAMED_BYTES = 1 << 20
 # the register-tiled rule packs its right operand into panels where a step of the reduction jumps
 # at least this many bytes (one row of N). Measured on 128-row matmuls (znver3): rows of 576 and
+# a fused kernel's tail goes inside its producer's parallel loop even when the producer is scalar
+# once the producer's output would be this much scratch (computed per iteration instead)
+SCRATCH_INSIDE_BYTES = 1 << 18
 # 1536 floats 38-61 -> 56-69 GFLOP/s packed; rows of 96 and 192 the same either way
 PANEL_ROW_BYTES = 2048
 # vector registers of a CPU target, by the first of these LLVM features it has: (count, bytes). The
@@ -181,8 +184,11 @@ class ScheduleForCPU:
             return False
         loops = sch.get_loops(producers[0])
         top, kinds = loops[0], [sch.get(lp).kind for lp in loops]
-        if kinds[0] != tvm.tirx.ForKind.PARALLEL or kinds[-1] != tvm.tirx.ForKind.VECTORIZED:
-            return False  # (a scalar producer, e.g. a short reduction: measured faster apart)
+        written = sch.get(producers[0]).writes[0].source
+        large = _numel(written) * written.dtype.bits // 8 >= SCRATCH_INSIDE_BYTES
+        if kinds[0] != tvm.tirx.ForKind.PARALLEL or (kinds[-1] != tvm.tirx.ForKind.VECTORIZED and not large):
+            return False  # (a scalar producer, e.g. a short reduction: measured faster apart, unless its
+            # whole output would be scratch memory: a depthwise conv's int32 sums over a 64x64 map)
         sch.reverse_compute_at(nest.block, top)
         tail = _contiguous_tail(sch, sch.get_loops(nest.block)[1:])
         fused = sch.fuse(*tail) if len(tail) > 1 else tail[0] if tail else None
