@@ -96,32 +96,39 @@ class _Rewriter(PyExprMutator):
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(new_value, binding.var.name))
 
-    def _conv2d(self, call):
-        x, w = self._activation(call.args[0]), self._weight(call.args[1])
+    def _operands(self, x, w):
+        """``(x, w, s_x * s_w)`` on the integers, if ``x`` is a dequantized activation and ``w`` a
+        dequantized weight (per output channel), else None."""
+        x, w = self._activation(x), self._weight(w)
         if x is None or w is None:
             return None
         (qx, sx), (qw, sw) = x, w
         if qx.ty.dtype != qw.ty.dtype:
             qw = R.astype(qw, qx.ty.dtype)
+        return qx, qw, (sx * sw).astype(np.float32)
+
+    def _conv2d(self, call):
+        found = self._operands(call.args[0], call.args[1])
+        if found is None:
+            return None
+        qx, qw, scale = found
         a = call.attrs
         acc = self.builder_.emit(R.nn.conv2d(qx, qw, a.strides, a.padding, a.dilation, a.groups, a.data_layout,
                                              a.kernel_layout, a.out_layout, ACCUMULATOR), "acc")
-        scale = (sx * sw).reshape(1, -1, 1, 1) if sw.size > 1 else np.float32(sx * sw.reshape(()))
-        return R.multiply(R.astype(acc, "float32"), relax.const(np.asarray(scale, np.float32)))
+        scale = scale.reshape(1, -1, 1, 1) if scale.size > 1 else scale.reshape(())
+        return R.multiply(R.astype(acc, "float32"), relax.const(scale))
 
     def _linear(self, call):
         transposed = self.var2val.get(call.args[1]) if isinstance(call.args[1], relax.Var) else None
         if getattr(getattr(transposed, "op", None), "name", "") != "relax.permute_dims" or \
                 [int(v) for v in transposed.attrs.axes] != [1, 0]:
             return None
-        x, w = self._activation(call.args[0]), self._weight(transposed.args[0])
-        if x is None or w is None:
+        found = self._operands(call.args[0], transposed.args[0])
+        if found is None:
             return None
-        (qx, sx), (qw, sw) = x, w
-        if qx.ty.dtype != qw.ty.dtype:
-            qw = R.astype(qw, qx.ty.dtype)
+        qx, qw, scale = found
         acc = self.builder_.emit(R.matmul(qx, R.permute_dims(qw, [1, 0]), out_dtype=ACCUMULATOR), "acc")
-        return R.multiply(R.astype(acc, "float32"), relax.const(np.asarray(sx * sw, np.float32)))
+        return R.multiply(R.astype(acc, "float32"), relax.const(scale))
 
     def _recompute_reads(self, value):
         if not isinstance(value, relax.Call) or dequantize_args(value):
