@@ -23,6 +23,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
+from .onnx_qoperator import to_qdq
 from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding, with_index_bounds
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = None) -> ImportedModel:
     """Import ``model``; ``input_shapes`` overrides dynamic input dimensions."""
-    model = normalize(load(model))
+    model = normalize(to_qdq(load(model)))
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     inputs = _input_specs(graph, set(initializers), input_shapes)

@@ -105,3 +105,55 @@ def test_frozen_conv_is_an_integer_kernel_and_trained_weights_train(compiled):
     assert losses[-1] < 0.8 * losses[0]
     moved = program.state_dict()["conv2.weight"] - before
     assert np.abs(moved).max() > 0.01  # integer units: QAS makes the update a float-sized step
+
+
+def qoperator_model(seed: int = 0) -> onnx.ModelProto:
+    """onnxruntime's QOperator format: QuantizeLinear, QLinearConv (int32 bias), QLinearMatMul,
+    DequantizeLinear."""
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def init(name, array):
+        inits.append(numpy_helper.from_array(array, name))
+
+    init("xs", np.array(0.03, np.float32))
+    init("xz", np.array(128, np.uint8))
+    init("w", rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8))
+    init("ws", rng.uniform(0.002, 0.004, 8).astype(np.float32))
+    init("wz", np.zeros(8, np.int8))
+    init("b", rng.integers(-500, 500, 8).astype(np.int32))
+    init("ys", np.array(0.05, np.float32))
+    init("yz", np.array(0, np.uint8))
+    init("m", rng.integers(-127, 128, (8, 5)).astype(np.int8))
+    init("ms", np.array(0.01, np.float32))
+    init("mz", np.array(0, np.int8))
+    init("os", np.array(0.02, np.float32))
+    init("oz", np.array(128, np.uint8))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["cq"],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["c"]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("QuantizeLinear", ["f", "ys", "yz"], ["fq"]),
+             helper.make_node("QLinearMatMul", ["fq", "ys", "yz", "m", "ms", "mz", "os", "oz"], ["oq"]),
+             helper.make_node("DequantizeLinear", ["oq", "os", "oz"], ["y"])]
+    graph = helper.make_graph(nodes, "qop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_qoperator_model_imports_as_qdq_with_the_same_numbers():
+    model = qoperator_model()
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    imported = import_model(model)
+    assert {p.name: str(p.value.dtype) for p in imported.params} == {"w": "int8", "b": "int32", "m": "int8"}
+    program = pock_tvm.compile(model, scheme=Scheme("head", rules=[Rule("m", "full")]), optimizer=pock_tvm.SGD(lr=0.1))
+    # the output is on a 0.02 grid: a tie in the pooled mean can move one output by one step
+    np.testing.assert_allclose(program.predict(x), want, rtol=0, atol=0.02 + 1e-6)
+    y = np.array([1, 3])
+    losses = [program.step(x, y) for _ in range(4)]
+    assert losses[-1] < losses[0]
