@@ -268,6 +268,7 @@ int Train(const std::string& dir, const std::string& data_path, int steps, doubl
   double total_ms = 0;
   ResetPeak();
   long base_kib = StatusKiB("VmRSS");
+  long base_anon_kib = StatusKiB("RssAnon");
   for (int i = 0; i < steps; ++i) {
     std::map<std::string, ffi::Tensor> given = Batch(s, d, static_cast<size_t>(i));
     given[pock::kLR] = lr_t;
@@ -295,8 +296,11 @@ int Train(const std::string& dir, const std::string& data_path, int steps, doubl
   // the optimizer state was loaded with the bundle, so it is reported beside it
   size_t state_bytes = 0;
   for (const Entry& e : s.m.tensors) state_bytes += e.role == "state" ? e.nbytes : 0;
-  std::printf("memory loaded_kib %ld train_peak_kib %ld optimizer_state_kib %zu\n", base_kib,
-              StatusKiB("VmHWM") - base_kib, (state_bytes + 1023) / 1024);
+  // train_anon_kib: the anonymous (data) part, without the pages of the step's code and constants
+  // that its first run reads in from the library file; the runtime pools what a step allocates, so
+  // after the steps it is the data high-water mark
+  std::printf("memory loaded_kib %ld train_peak_kib %ld optimizer_state_kib %zu train_anon_kib %ld\n", base_kib,
+              StatusKiB("VmHWM") - base_kib, (state_bytes + 1023) / 1024, StatusKiB("RssAnon") - base_anon_kib);
   std::string current = s.CurrentState();
   std::string bad = NonFinite(s.m, current);
   if (!bad.empty()) {
