@@ -54,6 +54,14 @@ def plan(imported: ImportedModel, updates: dict[str, Update]):
     return params, trainable, partial
 
 
+def _plan_trained(imported: ImportedModel, updates: dict[str, Update]):
+    """:func:`plan` after the trained int8 tensors became float32 masters in integer units:
+    ``(model, params, trainable, partial, units)``, ``units`` per trainable runtime tensor (QAS)."""
+    imported, units = train_quantized(imported, [n for n, u in updates.items() if u.mode != "frozen"])
+    params, trainable, partial = plan(imported, updates)
+    return imported, params, trainable, partial, runtime_units(units, params)
+
+
 def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[LayerRow]:
     rows: dict[str, LayerRow] = {}
     for info in imported.params:
@@ -120,11 +128,8 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
         imported = add_lora(imported, scheme.lora)
     loss, optimizer = make_loss(loss), make_optimizer(optimizer)
     updates = scheme.resolve(imported)
-    trained = [n for n, u in updates.items() if u.mode != "frozen"]
-    quantization = describe(imported, trained)
-    imported, param_units = train_quantized(imported, trained)
-    params, trainable, partial = plan(imported, updates)
-    units = runtime_units(param_units, params)
+    quantization = describe(imported, [n for n, u in updates.items() if u.mode != "frozen"])
+    imported, params, trainable, partial, units = _plan_trained(imported, updates)
     values = _initial_values(imported, params)
     all_frozen = {p.var: values[p.var] for p in params if not p.trainable}
     if options.fold_frozen:
@@ -224,12 +229,9 @@ def _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, ba
     sparse = training_cost(train_mod, trainable)
     dense = None
     if baseline:
-        full = Scheme.preset("full").resolve(imported)
-        dense_model, dense_units = train_quantized(imported, [n for n, u in full.items() if u.mode != "frozen"])
-        dense_params, dense_trainable, _ = plan(dense_model, full)
+        dense_model, _, dense_trainable, _, dense_units = _plan_trained(imported, Scheme.preset("full").resolve(imported))
         try:
-            dense_mod = build_training_graph(dense_model, dense_trainable, {}, loss, optimizer,
-                                             units=runtime_units(dense_units, dense_params))
+            dense_mod = build_training_graph(dense_model, dense_trainable, {}, loss, optimizer, units=dense_units)
             dense = training_cost(dense_mod, dense_trainable)
         except ValueError as err:  # e.g. an op below the updated layers has no gradient rule
             logger.info("no full-backprop baseline for the report: %s", err)
