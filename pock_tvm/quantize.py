@@ -156,3 +156,17 @@ def describe(imported: ImportedModel, trained: Iterable[str]) -> dict:
                for v, (s, z, axis) in units.items() if v in by_var}
     activations = {by_var[v].name: scales.activation for v, scales in read_scales(func).items() if v in by_var}
     return {"tensors": tensors, "activation_scales": activations}
+
+
+def float_state_dict(state: dict[str, np.ndarray], quantization: dict) -> dict[str, np.ndarray]:
+    """A program's ``state_dict()`` with every int8 tensor (and every trained one, held in integer
+    units) as the float tensor it stands for, ``(q - zero_point) * scale``: the fine-tuned model for
+    the float architecture (``load_state_dict`` in torch). ``quantization`` is the program's
+    ``report().quantization`` (a bundle's ``layout.extra["quantization"]``)."""
+    out = dict(state)
+    for name, t in quantization.get("tensors", {}).items():
+        value = np.asarray(state[name], np.float32)
+        scale = along(np.asarray(t["scale"], np.float32), t["axis"], value.ndim)
+        zero = along(np.asarray(t["zero_point"], np.float32), t["axis"], value.ndim)
+        out[name] = ((value - zero) * scale).astype(np.float32)
+    return out

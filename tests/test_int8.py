@@ -109,3 +109,25 @@ def test_skipped_layers_stay_float(case):
     dtypes = {p.name: str(p.value.dtype) for p in quantized.params}
     assert dtypes["classifier.weight"] == dtypes["features.0.0.weight"] == "float32"
     assert dtypes["features.1.0.weight"] == "int8"
+
+
+def test_the_fine_tuned_int8_model_loads_into_the_float_architecture(case):
+    """float_state_dict: int8 tensors and integer-unit masters back to float weights; the float
+    model with them equals the fake-quantized reference with the trained integers."""
+    from pock_tvm.quantize import float_state_dict
+
+    model, quantized, x, y = case
+    program = pock_tvm.compile(quantized, scheme=SCHEME, optimizer=pock_tvm.SGD(lr=0.05), options="O0")
+    program.step(x.numpy(), y.numpy())
+    state = program.state_dict()
+    floats = float_state_dict(state, program.report().quantization)
+    assert all(v.dtype == np.float32 for v in floats.values())
+    reference = fake_quantized(model, quantized)
+    reference.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
+    restored = DigitsCNN().eval()
+    restored.load_state_dict({k: torch.from_numpy(v) for k, v in floats.items()})
+    for (name, a), b in zip(reference.named_parameters(), [restored.get_parameter(n) for n, _ in
+                                                           reference.named_parameters()]):
+        if name in program.report().quantization["tensors"]:
+            unit = dict(reference.named_modules())[name.removesuffix(".weight")].weight_scale
+            torch.testing.assert_close(a.detach() * unit, b.detach())
