@@ -112,8 +112,8 @@ def test_skipped_layers_stay_float(case):
 
 
 def test_the_fine_tuned_int8_model_loads_into_the_float_architecture(case):
-    """float_state_dict: int8 tensors and integer-unit masters back to float weights; the float
-    model with them equals the fake-quantized reference with the trained integers."""
+    """float_state_dict: int8 tensors and integer-unit masters back to float weights, which load
+    into the float model; each is the fake-quantized reference's integers times their unit."""
     from pock_tvm.quantize import float_state_dict
 
     model, quantized, x, y = case
@@ -122,12 +122,11 @@ def test_the_fine_tuned_int8_model_loads_into_the_float_architecture(case):
     state = program.state_dict()
     floats = float_state_dict(state, program.report().quantization)
     assert all(v.dtype == np.float32 for v in floats.values())
-    reference = fake_quantized(model, quantized)
-    reference.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
     restored = DigitsCNN().eval()
     restored.load_state_dict({k: torch.from_numpy(v) for k, v in floats.items()})
-    for (name, a), b in zip(reference.named_parameters(), [restored.get_parameter(n) for n, _ in
-                                                           reference.named_parameters()]):
-        if name in program.report().quantization["tensors"]:
-            unit = dict(reference.named_modules())[name.removesuffix(".weight")].weight_scale
-            torch.testing.assert_close(a.detach() * unit, b.detach())
+    reference = fake_quantized(model, quantized)
+    reference.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()})
+    quantized_names = set(program.report().quantization["tensors"])
+    assert quantized_names == set(units(reference))
+    for name, unit in units(reference).items():
+        torch.testing.assert_close(reference.get_parameter(name).detach() * unit, restored.get_parameter(name).detach())
