@@ -12,3 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-seed", type=int, default=0,
+                     help="seed of the kernel schedule fuzz tests (tests/passes/test_schedule_fuzz.py); CI uses 0")
+    parser.addoption("--fuzz-cases", type=int, default=None,
+                     help="random cases per op kind in the kernel schedule fuzz tests (default: the CI slice)")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
+
+from ..options import PipelineOptions
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -34,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--opt", default="O3", choices=["O0", "O1", "O2", "O3"],
                    help="training-graph optimizations (O3: all; O0: none, for measuring)")
     c.add_argument("--disable", action="append", default=[], metavar="NAME",
-                   help="switch one optimization off: fold_frozen, reorder_updates, in_place, inline_intermediates")
+                   help="switch one optimization off: " + ", ".join(f.name for f in fields(PipelineOptions)))
     c.add_argument("--tuning-db", metavar="DIR", help="tuned kernel schedules (`pock-tvm tune --db`)")
+    c.add_argument("--verify", action="store_true", help="run every scheduled kernel once against its unscheduled "
+                   "form; a kernel that computes other numbers is reported and falls back to the plain schedule")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--force", action="store_true", help="replace OUTPUT even if it is not a pock_tvm bundle")
 
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             options = PipelineOptions.preset(args.opt).without(*args.disable)
             program = commands.compile_to_dir(args.model, args.output, args.scheme, args.target,
                                               args.input_shape, args.loss, _optimizer(args), options, args.force,
-                                              args.tuning_db)
+                                              args.tuning_db, args.verify)
             print(program.report())
             print(f"\nwrote {args.output}")
         elif args.command == "info":

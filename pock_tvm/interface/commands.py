@@ -51,13 +51,15 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
 
 def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str = "host",
                    input_shape: tuple[int, ...] | None = None, loss: str = "cross_entropy",
-                   optimizer=None, options=None, force: bool = False, tuning_database=None) -> Program:
+                   optimizer=None, options=None, force: bool = False, tuning_database=None,
+                   verify: bool = False) -> Program:
     from ..runtime.bundle import check_replaceable
 
     check_replaceable(Path(out), force)  # before minutes of compiling
     model_obj, example, shapes = _model_and_shapes(model, input_shape)
     program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
-                      target=target, input_shapes=shapes, options=options, tuning_database=tuning_database)
+                      target=target, input_shapes=shapes, options=options, tuning_database=tuning_database,
+                      verify=verify)
     # what `pock-tvm tune BUNDLE` needs to compile the same step again (the bundle holds machine code)
     program.extra["source"] = {"model": model, "scheme": scheme if isinstance(scheme, str) or scheme is None
                                else None, "input_shape": list(input_shape) if input_shape else None,

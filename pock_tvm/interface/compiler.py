@@ -20,6 +20,7 @@ from ..optim import make_optimizer
 from ..options import NONE, PipelineOptions
 from ..quantize import describe, runtime_units, train_quantized
 from ..passes.pipeline import pock_tvm_pipeline
+from ..passes.VerifySchedules import FINDINGS_ATTR
 from ..passes.SplitPartialChannels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
 from ..runtime.program import Program
@@ -109,11 +110,13 @@ class PlannedStep:
 def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
               target="host", input_shapes: dict | None = None, memory_phases: bool = False,
               options: PipelineOptions | str | None = None, tuning_database=None,
-              baseline: bool = True) -> PlannedStep:
+              baseline: bool = True, verify: bool = False) -> PlannedStep:
     """The first half of :func:`compile` (same arguments): import, training graph, lowering and the
     static memory plan, without code generation. ``model`` may also be an :class:`ImportedModel`
     (import once, plan many schemes). ``baseline=False`` skips the full-backprop column of the
     report (one graph less to build), for callers that only read this scheme's cost."""
+    if verify and not isinstance(verify, bool):
+        raise ValueError(f"compile: verify must be True or False, not {verify!r}")
     options = PipelineOptions.load(options)
     preset = load_target(target)
     if tuning_database is None and preset.name == "host" and options.schedule_kernels:
@@ -146,7 +149,7 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     with tgt, tvm.transform.PassContext(opt_level=3):
         lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, options=options,
                                     tuning_database=str(tuning_database) if tuning_database else None,
-                                    conv_layouts=CONV_LAYOUTS[preset.conv_layout])(train_mod)
+                                    conv_layouts=CONV_LAYOUTS[preset.conv_layout], verify=verify)(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
                           "forward": planned_bytes(lowered, "forward")["storage"],
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
@@ -154,6 +157,11 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
         report.kernel_flops = kernel_flops(lowered)
     if tuning_database:
         report.notes.append(f"kernel schedules: tuned ones from {tuning_database}, defaults for the rest")
+    if verify and not gpu:
+        findings = [str(f) for f in (lowered.attrs or {}).get(FINDINGS_ATTR, [])]
+        report.notes.append("kernels verified against their unscheduled form: "
+                            + (f"{len(findings)} computed wrong and fell back" if findings else "all agree"))
+        report.notes += [f"  {f}" for f in findings]
     report.notes.append(f"convs compiled in {preset.conv_layout} (target '{preset.name}')")
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
@@ -185,7 +193,7 @@ def build(planned: PlannedStep) -> Program:
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
             target="host", input_shapes: dict | None = None, memory_phases: bool = False,
-            options: PipelineOptions | str | None = None, tuning_database=None) -> Program:
+            options: PipelineOptions | str | None = None, tuning_database=None, verify: bool = False) -> Program:
     """Compile ``model`` into a training :class:`Program` (:func:`plan_step`, then :func:`build`).
 
     ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
@@ -204,10 +212,13 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``False`` applies none.
     ``memory_phases=True`` adds the planned memory after each optimization phase to the report
     (one more lowering per phase, no code generation).
+    ``verify=True`` runs every kernel that got a schedule (default rule or tuned record) once on
+    random inputs against its unscheduled form; a kernel that computes other numbers is named in
+    the log and the report and falls back to the plain schedule (``passes.VerifySchedules``).
     """
     return build(plan_step(model, example_inputs, scheme=scheme, loss=loss, optimizer=optimizer,
                            target=target, input_shapes=input_shapes, memory_phases=memory_phases,
-                           options=options, tuning_database=tuning_database))
+                           options=options, tuning_database=tuning_database, verify=verify))
 
 
 def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from ..analysis.kernel_check import check_record, compare, host_target
 from ..options import PipelineOptions
 from ..targets.presets import load_target
 from .compiler import compile
@@ -192,6 +193,10 @@ def _commit_default(db, mod: tvm.IRModule, target, builder, runner) -> float | N
     sch = ScheduleForCPU().apply(s_tir.Schedule(mod))
     if sch is None:
         return None
+    check = compare("main", mod["main"], sch.mod["main"], host_target())
+    if check is not None and not check.ok:
+        logger.warning("tune: the default schedule is not stored: %s", check.describe())
+        return None
     workload = db.commit_workload(mod)
     trace = str(sch.trace)
     for record in db.get_top_k(workload, 1 << 10):
@@ -205,9 +210,15 @@ def _commit_default(db, mod: tvm.IRModule, target, builder, runner) -> float | N
 
 
 def _copy_records(source, db) -> None:
+    """The measured candidates of ``source`` into ``db``, each first run once against its kernel
+    unscheduled: a candidate that computes other numbers never enters the database."""
     from tvm.s_tir import meta_schedule as ms
 
     for record in source.get_all_tuning_records():
+        check = check_record(record)
+        if check is not None and not check.ok:
+            logger.warning("tune: a MetaSchedule candidate was dropped: %s", check.describe())
+            continue
         db.commit_tuning_record(ms.database.TuningRecord(
             record.trace, db.commit_workload(record.workload.mod), run_secs=record.run_secs,
             target=record.target, args_info=record.args_info))

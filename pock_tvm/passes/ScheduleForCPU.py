@@ -12,6 +12,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
+from ..analysis.kernel_check import RULES_ATTR
 from .utils import SCHEDULED, is_scheduled
 
 logger = logging.getLogger(__name__)
@@ -114,11 +115,11 @@ class ScheduleForCPU:
         for gvar, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
-            sch = self.apply(s_tir.Schedule(func))
-            if sch is None:
+            scheduled = self.schedule(func)
+            if scheduled is None:
                 skipped.append(gvar.name_hint)
             else:
-                updates[gvar] = sch.mod["main"].with_attr(SCHEDULED, True)
+                updates[gvar] = scheduled
         if not updates:
             return mod
         mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
@@ -128,12 +129,27 @@ class ScheduleForCPU:
                     f" ({', '.join(skipped[:5])})" if skipped else "")
         return mod
 
-    def apply(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
+    def schedule(self, func: tvm.tirx.PrimFunc, plain_only: bool = False) -> tvm.tirx.PrimFunc | None:
+        """``func`` scheduled, marked scheduled and with the rules that scheduled it (one per block,
+        in the attribute ``pock_tvm.schedule_rules``), or None if no rule applies. ``plain_only``:
+        only the plain reduction rule (the fallback when a tiled rule fails or computes wrong)."""
+        found = self._apply(s_tir.Schedule(func), plain_only)
+        if found is None:
+            return None
+        sch, rules = found
+        return sch.mod["main"].with_attrs({SCHEDULED: True, RULES_ATTR: ",".join(rules)})
+
+    def apply(self, sch: s_tir.Schedule, plain_only: bool = False) -> s_tir.Schedule | None:
         """The kernel ``main`` of ``sch`` scheduled (a traced copy, so it can be stored as a tuning
         record), or None if no rule applies. ``sch`` itself is not changed."""
+        found = self._apply(sch, plain_only)
+        return found[0] if found is not None else None
+
+    def _apply(self, sch: s_tir.Schedule, plain_only: bool) -> tuple[s_tir.Schedule, list[str]] | None:
         tiled = (self._vectorized_reduction, self._channel_vectorized, self._register_tiled, self._small_window,
                  self._plain_reduction)
-        for reduction_rules in (tiled, (self._plain_reduction,)):
+        choices = ((self._plain_reduction,),) if plain_only else (tiled, (self._plain_reduction,))
+        for reduction_rules in choices:
             work = sch.copy()
             try:
                 done = [self._first(work, block, reduction_rules)
@@ -143,16 +159,17 @@ class ScheduleForCPU:
                 logger.info("ScheduleForCPU: a rule failed on %s: %s", func.attrs.get("global_symbol", "?")
                             if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)
                 continue
-            return work if any(done) else None
+            rules = [rule for rule in done if rule]
+            return (work, rules) if rules else None
         return None
 
-    def _first(self, sch, block, reduction_rules) -> bool:
+    def _first(self, sch, block, reduction_rules) -> str | None:
+        """The name of the rule that scheduled ``block`` (the first that applies), or None."""
         nest = _Nest.of(sch, block)
         if nest is None:
-            return False
-        if _REDUCE not in nest.kinds:
-            return self._epilogue(sch, nest) or self._spatial(sch, nest)
-        return any(rule(sch, nest) for rule in reduction_rules)
+            return None
+        rules = (self._epilogue, self._spatial) if _REDUCE not in nest.kinds else reduction_rules
+        return next((rule.__name__.lstrip("_") for rule in rules if rule(sch, nest)), None)
 
     # -- rules: each returns False, without changing the schedule, when it does not apply --
 
@@ -205,7 +222,7 @@ class ScheduleForCPU:
         loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
         if rows:  # short rows: one vector over two dims
             _fuse_rows(sch, loops, extents, spatial, v)
-        width = self._lanes(extents[v])
+        width = self._lanes(extents[v], align=nest.extents[v] if rows else None)
         factors = {v: width, **({u: _tile(extents[u], _tile_rows(width))} if u is not None else {})}
         outer, inner = _split_spatial(sch, loops, spatial, extents, factors)
         outer, dims = _reuse_streamed_read(nest, outer, [i for i in spatial if factors.get(i) != extents[i]])
@@ -258,7 +275,7 @@ class ScheduleForCPU:
         loops, extents, spatial = list(nest.loops), list(nest.extents), list(nest.spatial)
         rows = extents[v] < ACCUMULATORS and nest.rows_above(v) and v - 1 != c
         row = extents[v] * (extents[v - 1] if rows else 1)  # short rows: the tile spans two dims
-        tile = _tile(row, ACCUMULATORS)
+        tile = _tile(row, ACCUMULATORS, align=extents[v] if rows else None)
         if tile is None:
             return False
         # the register tile: ``tile`` outputs of the row times ``vectors`` vectors of channels
@@ -369,7 +386,8 @@ class ScheduleForCPU:
         if v not in nest.spatial or nest.extents[v] < 4 or not nest.reduce:
             return None
         rows = nest.extents[v] < self.lanes and nest.rows_above(v)
-        if not self._lanes(nest.extents[v] * (nest.extents[v - 1] if rows else 1)):
+        if not self._lanes(nest.extents[v] * (nest.extents[v - 1] if rows else 1),
+                           align=nest.extents[v] if rows else None):
             return None  # no vector width divides the row (e.g. 13x13 maps)
         used = nest.primary_vars()
         u = next((i for i in reversed(nest.spatial) if i not in (v, v - 1 if rows else v)
@@ -463,13 +481,15 @@ class ScheduleForCPU:
         if outer and work >= self.min_parallel_work:
             sch.parallel(sch.fuse(*outer[:2]) if len(outer) > 1 else outer[0])
 
-    def _lanes(self, extent: int | None) -> int | None:
-        """The vector width for a loop of ``extent``: all of it when short, else a divisor."""
+    def _lanes(self, extent: int | None, align: int | None = None) -> int | None:
+        """The vector width for a loop of ``extent``: all of it when short, else a divisor. With
+        ``align`` (the loop is rows of ``align`` fused), a width that covers whole rows or divides
+        a row (see :func:`_aligned`)."""
         if extent is None or extent < 2:
             return None
         if extent <= self.lanes:
             return extent
-        return next((v for v in (16, 8, 4, 2) if v <= self.lanes and extent % v == 0), None)
+        return next((v for v in (16, 8, 4, 2) if v <= self.lanes and extent % v == 0 and _aligned(v, align)), None)
 
 
 @dataclass
@@ -685,9 +705,19 @@ def _tile_rows(width: int, limit: int = 8) -> int:
     return limit
 
 
-def _tile(extent: int, limit: int = 8) -> int | None:
-    """A register tile: the largest divisor of ``extent`` up to ``limit``."""
-    return next((t for t in range(min(limit, extent), 1, -1) if extent % t == 0), None)
+def _tile(extent: int, limit: int = 8, align: int | None = None) -> int | None:
+    """A register tile: the largest divisor of ``extent`` up to ``limit`` (aligned to rows of
+    ``align``, see :func:`_aligned`)."""
+    return next((t for t in range(min(limit, extent), 1, -1) if extent % t == 0 and _aligned(t, align)), None)
+
+
+def _aligned(tile: int, row: int | None) -> bool:
+    """Whether tiles of ``tile`` over rows of ``row`` fused start and end with rows: ``tile``
+    covers whole rows or divides a row. A tile that straddles rows (16 over rows of 12) is
+    written back from its local accumulators by ``reverse_compute_at`` over the rows it touches,
+    whole: the outputs of the neighbouring tile in those rows were overwritten with stale sums
+    (a 3x3 conv over 12x12 maps computed wrong numbers)."""
+    return row is None or tile % row == 0 or row % tile == 0
 
 
 def _moved_innermost(d: int, ndim: int) -> tvm.tirx.IndexMap:

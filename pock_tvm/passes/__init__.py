@@ -16,11 +16,12 @@ from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
 from .UnbroadcastLinear import UnbroadcastLinear
+from .VerifySchedules import VerifySchedules
 
 register_gradient_rules()
 
 __all__ = ["AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FastExp", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
-           "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "UnbroadcastLinear",
+           "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "UnbroadcastLinear", "VerifySchedules",
            "pock_tvm_pipeline",
            "register_gradient_rules"]

@@ -294,6 +294,47 @@ def _nll_loss(var, call, grad, ctx):
     rest = [no_grad(target)] + ([no_grad(weights)] if weights is not None else [])
     return [R.multiply(hit, R.expand_dims(coef, [axis])), *rest]
 
+def _conv2d(var, call, grad, ctx):
+    """NCHW/OIHW conv2d, any stride, dilation, asymmetric padding and groups. TVM's rule sizes the
+    input gradient with the window's extent undilated, so a dilated conv asked its transposed conv
+    for an output padding >= the stride and failed to build.
+
+    Input gradient: the transposed conv (same strides, padding, dilation, groups) covers the rows up
+    to the last window's end, and pads up to ``stride - 1`` more rows itself (a stride that does
+    not divide the padded size); rows beyond that, which no window read, get zeros. Weight
+    gradient: a conv of the activations (channels as batch) with the output gradient as its
+    kernel, strides and dilation swapped, cut to the window where the last window overhangs."""
+    a = call.attrs
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        raise ValueError(f"gradient of conv2d: only NCHW data and OIHW kernels are supported, got "
+                         f"{a.data_layout}/{a.kernel_layout}; import the model in NCHW")
+    x, w = call.args
+    batch, channels, in_h, in_w = _shape(x)
+    out_channels, _, k_h, k_w = _shape(w)
+    _, _, g_h, g_w = _shape(var)
+    top, left, bottom, right = (int(p) for p in a.padding)
+    s_h, s_w = (int(v) for v in a.strides)
+    d_h, d_w = (int(v) for v in a.dilation)
+    groups = int(a.groups)
+    extra_h = in_h - ((g_h - 1) * s_h - top - bottom + d_h * (k_h - 1) + 1)
+    extra_w = in_w - ((g_w - 1) * s_w - left - right + d_w * (k_w - 1) + 1)
+    out_pad = (min(extra_h, s_h - 1), min(extra_w, s_w - 1))
+    dx = R.nn.conv2d_transpose(grad, w, a.strides, a.padding, out_pad, a.dilation, groups, "NCHW", "IOHW", "NCHW",
+                               a.out_dtype)
+    if extra_h > out_pad[0] or extra_w > out_pad[1]:
+        dx = R.nn.pad(dx, [0, 0, 0, 0, 0, extra_h - out_pad[0], 0, extra_w - out_pad[1]])
+    data = x
+    if groups != 1:  # (groups x batch) as the channels of a grouped conv over the input's channels
+        data = R.reshape(x, (batch, groups, channels // groups, in_h, in_w))
+        data = R.reshape(R.permute_dims(data, [1, 0, 2, 3, 4]), (groups * batch, channels // groups, in_h, in_w))
+    dw = R.nn.conv2d(data, grad, strides=a.dilation, padding=a.padding, dilation=a.strides, groups=groups,
+                     data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW", out_dtype=a.out_dtype)
+    dw_h = (in_h + top + bottom - (g_h - 1) * s_h - 1) // d_h + 1
+    dw_w = (in_w + left + right - (g_w - 1) * s_w - 1) // d_w + 1
+    if dw_h > k_h or dw_w > k_w:
+        dw = R.strided_slice(dw, [0, 1, 2, 3], [0, 0, 0, 0], [out_channels, channels // groups, k_h, k_w])
+    return [dx, dw]
+
 
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
@@ -322,6 +363,7 @@ GRADIENT_RULES = {
 
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.
 GRADIENT_OVERRIDES = {
+    "relax.nn.conv2d": _conv2d,
     "relax.nn.relu": _relu,
     "relax.take": _take,
     "relax.nn.nll_loss": _nll_loss,

@@ -27,6 +27,7 @@ from .ScheduleForCPU import ScheduleForCPU
 from .ScheduleForGPU import ScheduleForGPU
 from .SparseGradient import SparseGradient
 from .SplitPartialChannels import SplitPartialChannels
+from .VerifySchedules import VerifySchedules
 
 ENTRY_FUNCTIONS = ["forward", "loss", "train_step"]
 
@@ -47,6 +48,7 @@ def pock_tvm_pipeline(
     lower: bool = True,
     conv_layouts: dict | None = None,
     units: dict | None = None,
+    verify: bool = False,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
@@ -59,7 +61,10 @@ def pock_tvm_pipeline(
     ``conv_layouts``: ``relax.transform.ConvertLayout``'s desired layouts per conv op (a target's
     ``conv_layout``, ``pock_tvm.targets.CONV_LAYOUTS``); None keeps the imported NCHW.
     ``units``: ``{trainable name: unit}`` of parameters an int8 model trains in integer units
-    (``pock_tvm.quantize.train_quantized``), for the optimizer's quantization-aware scaling."""
+    (``pock_tvm.quantize.train_quantized``), for the optimizer's quantization-aware scaling.
+    ``verify=True`` (CPU targets) runs every kernel that got a schedule (default rule, tuned record,
+    fast math) once against its unscheduled form and falls back where the numbers differ
+    (``VerifySchedules``; what it found is the module attribute ``pock_tvm.kernel_checks``)."""
     register_gradient_rules()
     opt = options or PipelineOptions()
     passes = []
@@ -90,10 +95,12 @@ def pock_tvm_pipeline(
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
-            *([ApplyTuningDatabase(tuning_database)] if tuning_database else []),  # tuned kernels (read once)
-            *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
-            *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
-            *([FastExp()] if opt.fast_math and not gpu else []),  # exp/sigmoid as vector arithmetic
+            *_verified(verify and not gpu, [
+                *([ApplyTuningDatabase(tuning_database)] if tuning_database else []),  # tuned kernels (read once)
+                *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
+                *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
+                *([FastExp()] if opt.fast_math and not gpu else []),  # exp/sigmoid as vector arithmetic
+            ]),  # verify=True: each scheduled kernel against its unscheduled form, wrong ones fall back
             # Phase 4: TVM's default build, with in-place updates before memory planning
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
@@ -113,4 +120,9 @@ def pock_tvm_pipeline(
             relax.transform.AttachGlobalSymbol(),
         ]
     return tvm.transform.Sequential(passes, name="pock_tvm")
+
+
+def _verified(verify: bool, scheduling: list) -> list:
+    """The scheduling passes, wrapped in ``VerifySchedules`` when ``verify``."""
+    return [VerifySchedules(scheduling)] if verify else scheduling
 

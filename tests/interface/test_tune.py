@@ -209,3 +209,34 @@ def test_refresh_defaults_stores_the_current_default_where_it_beats_the_database
     sch = s_tir.Schedule(mod)
     best.trace.apply_to_schedule(sch, remove_postproc=False)
     assert "T.vectorized" in sch.mod.script()  # the default schedule, measured here
+
+
+def test_every_shipped_database_computes_what_its_kernels_compute_unscheduled():
+    from pock_tvm import tuning
+    from pock_tvm.analysis.kernel_check import check_database
+
+    shipped = tuning.shipped_database_dir()
+    if not (shipped / "database_workload.json").exists():
+        pytest.skip(f"no database ships for this CPU's ISA ({shipped.name}): the shipped ones need their ISA to run")
+    checks = check_database(shipped)
+    assert checks and all(c.ok for c in checks), [c.describe() for c in checks if not c.ok]
+
+
+def test_tune_keeps_a_wrong_candidate_out_of_the_database(tuned, monkeypatch, caplog):
+    from tvm.s_tir import meta_schedule as ms
+
+    from pock_tvm.analysis.kernel_check import KernelCheck
+    from pock_tvm.interface import tune as tune_module
+
+    _, database, _, _ = tuned
+    records = ms.database.JSONDatabase(work_dir=str(database)).get_all_tuning_records()
+    assert all(tune_module.check_record(r).ok for r in records)  # what tuning stored computes right
+    scratch = ms.database.MemoryDatabase()
+    scratch.commit_tuning_record(records[0])
+    # the check reports this candidate wrong (a MetaSchedule bug): it must not be copied
+    monkeypatch.setattr(tune_module, "check_record", lambda record: KernelCheck("k", "a tuned record", 0.5, "out", False))
+    target_db = ms.database.MemoryDatabase()
+    with caplog.at_level(logging.WARNING):
+        tune_module._copy_records(scratch, target_db)
+    assert len(target_db.get_all_tuning_records()) == 0
+    assert "a MetaSchedule candidate was dropped: kernel k (scheduled by a tuned record)" in caplog.text

@@ -150,3 +150,37 @@ def test_nll_loss_with_ignore_index_matches_torch(reduction, weighted):
     theirs = _torch_grad(lambda t: torch.nn.functional.nll_loss(
         torch.log_softmax(t, -1), torch.tensor(NLL_TARGETS), tw, reduction=reduction), x, w)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,dilation,padding,groups,kernel,size", [
+    (1, 2, (1, 1, 1, 1), 1, (3, 3), (9, 9)),  # a dilated 3x3 (TVM's rule failed to build it)
+    (2, 2, (2, 1, 0, 3), 2, (3, 5), (11, 10)),  # asymmetric padding, groups, rows left over
+    (3, 1, (0, 0, 0, 0), 1, (2, 2), (10, 11)),  # stride > window: input rows no window reads
+    (4, 3, (5, 4, 2, 3), 1, (3, 3), (23, 23)),
+    (1, 1, (1, 1, 1, 1), 6, (3, 3), (7, 7)),  # depthwise
+])
+def test_conv2d_gradients_of_input_and_weight_match_torch(stride, dilation, padding, groups, kernel, size):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, *size)).astype("float32")
+    weight = rng.standard_normal((4 if groups < 6 else 6, 6 // groups, *kernel)).astype("float32")
+    top, left, bottom, right = padding
+
+    def reference(t, wt):
+        padded = torch.nn.functional.pad(t, (left, right, top, bottom))
+        return torch.nn.functional.conv2d(padded, wt, stride=stride, dilation=dilation, groups=groups)
+
+    out_shape = tuple(reference(torch.tensor(x), torch.tensor(weight)).shape)
+    r = rng.standard_normal(out_shape).astype("float32")
+    bb = relax.BlockBuilder()
+    xv, wv = (relax.Var(n, relax.TensorType(a.shape, "float32")) for n, a in (("x", x), ("w", weight)))
+    with bb.function("f", [xv, wv]):
+        with bb.dataflow():
+            y = bb.emit(R.nn.conv2d(xv, wv, stride, padding, dilation, groups))
+            out = bb.emit_output(R.sum(R.multiply(y, relax.const(r))))
+        bb.emit_func_output(out)
+    exe = tvm.compile(relax.transform.Gradient("f")(bb.get()), target=tvm.target.Target({"kind": "llvm"}))
+    grads = relax.VirtualMachine(exe, tvm.cpu())["f_adjoint"](tvm.runtime.tensor(x), tvm.runtime.tensor(weight))[1]
+    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, weight)]
+    (reference(*ts) * torch.tensor(r, dtype=torch.float64)).sum().backward()
+    for ours, theirs in zip(grads, ts):
+        np.testing.assert_allclose(ours.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,89 @@
+"""Every default schedule computes what the kernel computes unscheduled, on random shapes.
+
+Seeded random training-step kernels (``kernel_fuzz``: convs with groups, depthwise, strides 1-4,
+windows 1-11, dilation, asymmetric padding, odd channel counts, batch 1-16; their input and weight
+gradients and fused updates; matmuls; pools and their backward; reductions; softmax and layer norm)
+are scheduled by ``ScheduleForCPU`` and run against their unscheduled form. ``--fuzz-seed N`` explores
+other shapes, ``--fuzz-cases N`` sets the cases per kind (CI: seed 0, the slice below).
+"""
+
+from collections import Counter
+
+import pytest
+import tvm
+
+from kernel_fuzz import KINDS, cases, fused_kernels, training_module
+from pock_tvm.analysis.kernel_check import compare
+from pock_tvm.passes import ScheduleForCPU
+from pock_tvm.targets import load_target
+from pock_tvm.targets.toolchain import tvm_target
+
+# cases per kind in the default run (~1 s each): convs get the most, they have the most rules
+CI_CASES = {"conv2d": 24, "matmul": 10, "pool": 8, "reduction": 8, "norm": 4}
+RULES = ("vectorized_reduction", "channel_vectorized", "register_tiled", "small_window", "plain_reduction",
+         "epilogue", "spatial")
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tvm_target(load_target("host"))
+
+
+def check_case(case, target, rules_seen: Counter) -> list[str]:
+    """What is wrong with the kernels of ``case`` (empty: nothing), counting the rules used."""
+    wrong = []
+    for name, func in fused_kernels(training_module(case)).items():
+        with target:
+            scheduled = ScheduleForCPU().schedule(func)
+        if scheduled is None:
+            continue
+        rules_seen.update(str(scheduled.attrs["pock_tvm.schedule_rules"]).split(","))
+        check = compare(name, func, scheduled, target)
+        if check is not None and not check.ok:
+            wrong.append(f"{case}: {check.describe()}")
+    return wrong
+
+
+@pytest.fixture(scope="module")
+def rules_seen():
+    return Counter()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scheduled_kernels_compute_what_unscheduled_ones_do(kind, target, rules_seen, request):
+    seed = request.config.getoption("--fuzz-seed")
+    count = request.config.getoption("--fuzz-cases") or CI_CASES[kind]
+    wrong, unsupported = [], []
+    for case in cases(seed, count, [kind]):
+        try:
+            wrong += check_case(case, target, rules_seen)
+        except Exception as err:  # noqa: BLE001 (a case that cannot build is listed, not hidden)
+            unsupported.append(f"{case}: {str(err).splitlines()[-1][:160]}")
+    assert not wrong, f"seed {seed}: {len(wrong)} kernels compute wrong numbers:\n" + "\n".join(wrong)
+    assert not unsupported, f"seed {seed}: cases that do not build:\n" + "\n".join(unsupported)
+
+
+def test_the_fuzz_cases_exercise_every_rule(rules_seen, request):
+    if not rules_seen:
+        pytest.skip("runs after the fuzz tests of this module")
+    missing = [r for r in RULES if not rules_seen[r]]
+    assert not missing, f"no fuzz case was scheduled by {missing}; rules used: {dict(rules_seen)}"
+
+
+# Regressions: shapes where a rule computed wrong numbers (tiles of rows fused that straddled rows:
+# their write-back overwrote the neighbouring tile's outputs with stale sums)
+@pytest.mark.parametrize("params", [
+    # AlexNet's conv3 (3x3, 256 -> 384) over 12x12 maps at 224x224 (channel-vectorized, 16 of 144)
+    dict(batch=1, cin=32, h=12, w=12, cout=48, kernel=(3, 3), stride=1, dilation=1, padding=(1, 1, 1, 1),
+         groups=1, bias=True, relu=True),
+    # a grouped 3x3 conv whose asymmetric padding leaves rows of 9 (tiles of 15 over 90)
+    dict(batch=16, cin=27, h=10, w=10, cout=48, kernel=(3, 3), stride=1, dilation=1, padding=(1, 1, 1, 0),
+         groups=3, bias=False, relu=True),
+    # a 1x1 conv over 14x14 maps (ResNet-50's stage 4 at 224x224; register tile of 4 over rows of 14)
+    dict(batch=1, cin=16, h=14, w=14, cout=32, kernel=(1, 1), stride=1, dilation=1, padding=(0, 0, 0, 0),
+         groups=1, bias=False, relu=False),
+])
+def test_tiles_over_rows_of_a_map_keep_the_numbers(params, target):
+    from kernel_fuzz import Case
+
+    assert check_case(Case("conv2d", params), target, Counter()) == []
