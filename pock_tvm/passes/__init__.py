@@ -1,5 +1,6 @@
 """Compiler passes of pock_tvm, one per file, and the registered pipeline."""
 
+from .AccurateSums import AccurateSums
 from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
 from .ApplyTuningDatabase import ApplyTuningDatabase
@@ -20,7 +21,7 @@ from .VerifySchedules import VerifySchedules
 
 register_gradient_rules()
 
-__all__ = ["AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FastExp", "FoldBatchNorm",
+__all__ = ["AccurateSums", "AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FastExp", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
            "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "UnbroadcastLinear", "VerifySchedules",
            "pock_tvm_pipeline",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .AccurateSums import AccurateSums
 from .AppendLoss import AppendLoss
 from .AppendOptimizer import AppendOptimizer
 from .ApplyTuningDatabase import ApplyTuningDatabase
@@ -88,6 +89,7 @@ def pock_tvm_pipeline(
             relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
             *([IntegerKernels()] if opt.integer_kernels else []),  # int8 convs/linears; keep int8 for backward
             *([relax.transform.ConvertLayout(conv_layouts)] if conv_layouts else []),  # the target's layout
+            AccurateSums(),  # long float32 sums (bias gradients) accumulate in float64, inside the kernel
             relax.transform.LegalizeOps(),  # every op to a TIR kernel
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
             relax.transform.FoldConstant(),  # what depends only on frozen tensors and constants
