@@ -81,23 +81,50 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
             if first[id(p)] != name}
 
 
+class _Logits(torch.nn.Module):
+    """A Hugging Face model that returns a ``ModelOutput``, returning its ``logits``."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args).logits
+
+
+def _for_training(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a copy) with the key/value cache of every Hugging Face model in it switched off
+    (``config.use_cache = False``): a training step reads no cache, and a model that builds one
+    (transformers' default) exports ops on it that the import cannot convert."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
+    return model
+
+
 def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
     """Export ``model`` with ``example_inputs`` (a tensor or a tuple) and import it into Relax."""
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(torch.from_numpy(np.asarray(t)) if isinstance(t, np.ndarray) else t
                            for t in example_inputs)
-    model = copy.deepcopy(model).eval()
-    buffer_names = _buffers_to_params(model)
+    model = _for_training(copy.deepcopy(model).eval())
     with torch.no_grad():
-        exported = torch.export.export(model, example_inputs)
-        exported = exported.run_decompositions()
         output = model(*example_inputs)
+    if not isinstance(output, torch.Tensor) and isinstance(getattr(output, "logits", None), torch.Tensor):
+        logger.info("from_torch: the model returns %s; training reads its logits", type(output).__name__)
+        model, output = _Logits(model), output.logits
+    prefix = "inner." if isinstance(model, _Logits) else ""  # parameters keep the model's own names
     if not isinstance(output, torch.Tensor):
         raise ValueError(
             "from_torch: the model must return one tensor (the logits or prediction); "
             f"it returned {type(output).__name__}. Wrap it in a module that returns one tensor."
         )
+    buffer_names = _buffers_to_params(model)
+    with torch.no_grad():
+        exported = torch.export.export(model, example_inputs)
+        exported = exported.run_decompositions()
     importer = _TrackingImporter()
     mod = importer.from_exported_program(exported, True, True, False, None)
 
@@ -118,7 +145,8 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
             continue
         seen[source] = var
         tensor = named[source].detach().cpu().numpy()
-        params.append(ParamInfo(source, var.name, np.ascontiguousarray(tensor), source in buffer_names))
+        params.append(ParamInfo(source.removeprefix(prefix), var.name, np.ascontiguousarray(tensor),
+                                source in buffer_names))
     if ties:
         func = func.bind_params(ties)
         logger.info("tied parameters share one tensor: %s", {k.name: v.name for k, v in ties.items()})

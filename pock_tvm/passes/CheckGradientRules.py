@@ -20,7 +20,9 @@ class CheckGradientRules:
     Every op whose result depends on a trainable parameter lies on the backward path and needs an
     ``FPrimalGradient`` rule. Without one, Relax's ``Gradient`` fails deep inside C++; this pass
     raises a ``ValueError`` that names the op, its Relax variable and the source node it came from
-    (``origins``, as recorded by the frontend). Runs after ``SplitPartialChannels``.
+    (``origins``, as recorded by the frontend). Runs after ``SplitPartialChannels`` on
+    ``forward``, and again after ``AppendLoss`` on ``loss`` (``func_name="loss"``): a loss written in
+    torch (``TorchLoss``) brings ops of its own (``F.cross_entropy`` on flattened logits: a gather).
     """
 
     def __init__(self, trainable: list[str] | None = None, origins: dict[str, str] | None = None,
@@ -41,8 +43,8 @@ class CheckGradientRules:
                 if value.op.name not in _NO_FLOW and not has_gradient_rule(value.op.name):
                     missing.append((value.op.name, binding.var.name))
         if missing:
-            lines = [f"  {op} -> {var}, from {self.origins.get(var, 'an unknown source node')}"
-                     for op, var in missing[:10]]
+            unknown = "the loss function" if self.func_name == "loss" else "an unknown source node"
+            lines = [f"  {op} -> {var}, from {self.origins.get(var, unknown)}" for op, var in missing[:10]]
             raise ValueError(
                 "CheckGradientRules: no gradient rule for these ops between the updated parameters "
                 "and the loss:\n" + "\n".join(lines) + "\nRegister a rule in "

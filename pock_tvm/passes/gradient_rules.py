@@ -335,6 +335,38 @@ def _conv2d(var, call, grad, ctx):
         dw = R.strided_slice(dw, [0, 1, 2, 3], [0, 0, 0, 0], [out_channels, channels // groups, k_h, k_w])
     return [dx, dw]
 
+def _gather_elements(var, call, grad, ctx):
+    """``out[i][j] = data[i][idx[i][j]]`` along ``axis`` (torch ``gather``; how torch.export writes
+    ``F.cross_entropy`` on flattened logits): the gradient adds each output's gradient into the
+    element it read (indices that repeat accumulate)."""
+    data, indices = call.args
+    return [R.scatter_elements(R.zeros_like(data), indices, grad, int(call.attrs.axis), "add"), no_grad(indices)]
+
+
+def _gather_nd(var, call, grad, ctx):
+    """``gather_nd``: the gradient adds each gathered slice's gradient back where it was read."""
+    data, indices = call.args
+    if int(call.attrs.batch_dims) != 0:
+        raise ValueError("gradient of gather_nd: batch_dims other than 0 is not supported; "
+                         "freeze the layers below it")
+    return [R.scatter_nd(R.zeros_like(data), indices, grad, "add"), no_grad(indices)]
+
+
+def _scatter_elements(var, call, grad, ctx):
+    """``scatter_elements(data, idx, updates)``: with ``update``, the scattered positions take
+    ``updates`` (no gradient to ``data`` there); with ``add``, ``data`` passes the gradient
+    everywhere. ``updates`` gets the gradient at the positions it went to."""
+    data, indices, updates = call.args
+    axis, reduction = int(call.attrs.axis), str(call.attrs.reduction)
+    if reduction not in ("update", "add"):
+        raise ValueError(f"gradient of scatter_elements: reduction '{reduction}' is not supported; "
+                         "freeze the layers below it")
+    d_updates = R.gather_elements(grad, indices, axis)
+    if reduction == "add":
+        return [grad, no_grad(indices), d_updates]
+    hit = R.scatter_elements(R.zeros_like(data), indices, R.ones_like(updates), axis, "update")
+    return [R.multiply(grad, R.subtract(R.ones_like(hit), hit)), no_grad(indices), d_updates]
+
 
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
@@ -359,6 +391,9 @@ GRADIENT_RULES = {
     "relax.quantize": _quantize,
     "relax.dequantize": _dequantize,
     "relax.index_tensor": _index_tensor,
+    "relax.gather_elements": _gather_elements,
+    "relax.gather_nd": _gather_nd,
+    "relax.scatter_elements": _scatter_elements,
 }
 
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.

@@ -79,6 +79,7 @@ def pock_tvm_pipeline(
             CheckGradientRules(trainable, origins),  # name the source node of an op with no rule
             # Phase 2: the training graph, built once at compile time
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
+            CheckGradientRules(trainable, None, "loss"),  # and the loss's own ops (a torch loss)
             SparseGradient(trainable),  # adjoints only for what the scheme updates
             AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient

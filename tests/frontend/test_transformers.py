@@ -126,3 +126,47 @@ def test_a_token_id_outside_the_vocabulary_is_named_before_it_reaches_the_embedd
         program.step(ids.numpy(), mask.numpy(), labels.numpy())
     with pytest.raises(ValueError, match=message):
         program.predict(ids.numpy(), mask.numpy())
+
+
+class CachedLogits(torch.nn.Module):
+    """The logits as users call a causal LM: the default ``use_cache=True``."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask):
+        return self.lm(input_ids=ids, attention_mask=mask).logits
+
+
+class FlatCrossEntropy(torch.nn.Module):
+    """A user's loss: ``F.cross_entropy`` on the logits flattened (a gather in the exported graph)."""
+
+    def forward(self, logits, labels):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+
+
+def test_a_causal_lm_with_its_default_cache_and_a_torch_loss_trains_like_torch():
+    from pock_tvm.loss import TorchLoss
+
+    ids, mask, _ = _lm_batch()
+    model = CachedLogits(causal_lm().lm)
+    assert model.lm.config.use_cache  # the default: the import switches it off for training
+    program = pock_tvm.compile(model, (ids, mask), scheme="last-1", loss=TorchLoss(FlatCrossEntropy(), ids),
+                               optimizer=ADAM_DEEP, tuning_database=False)
+    assert model.lm.config.use_cache  # the user's model is not changed
+    assert_matches_torch(model, program, ADAM_DEEP, (ids, mask), ids, loss_fn=FlatCrossEntropy())
+
+
+def test_a_hugging_face_model_passed_whole_trains_on_its_logits_under_its_own_names():
+    ids, mask, labels = _lm_batch()
+    lm = causal_lm().lm
+    program = pock_tvm.compile(lm, (ids, mask), scheme="last-1", loss="next_token", optimizer=ADAM_DEEP,
+                               tuning_database=False)
+    own_names = set(lm.state_dict()) | {name for name, _ in lm.named_buffers()}
+    assert set(program.state_dict()) <= own_names and "model.norm.weight" in program.state_dict()
+    wrapped = pock_tvm.compile(CachedLogits(lm), (ids, mask), scheme="last-1", loss="next_token",
+                               optimizer=ADAM_DEEP, tuning_database=False)
+    for _ in range(2):
+        assert program.step(ids.numpy(), mask.numpy(), labels.numpy()) == pytest.approx(
+            wrapped.step(ids.numpy(), mask.numpy(), labels.numpy()), rel=1e-6)

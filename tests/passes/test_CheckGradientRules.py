@@ -36,3 +36,18 @@ def test_op_above_the_updated_layers_only_is_fine():
     # only fc2 is updated: atan sits below it, so no rule is needed
     program = pock_tvm.compile(AtanNet(), (torch.randn(2, 8),), scheme="last-1")
     assert program.step(torch.randn(2, 8).numpy(), torch.tensor([0, 2]).numpy()) > 0
+
+
+class AtanLoss(nn.Module):  # a torch loss with an op that has no gradient rule
+    def forward(self, prediction, target):
+        return torch.atan(prediction - target).pow(2).mean()
+
+
+def test_an_op_of_a_torch_loss_without_a_rule_is_named_too():
+    from pock_tvm.loss import TorchLoss
+
+    with pytest.raises(ValueError) as err:
+        pock_tvm.compile(nn.Linear(8, 3), (torch.randn(2, 8),), scheme="full",
+                         loss=TorchLoss(AtanLoss(), torch.zeros(2, 3)))
+    message = str(err.value)
+    assert "relax.atan" in message and "from the loss function" in message and "GRADIENT_RULES" in message

@@ -184,3 +184,27 @@ def test_conv2d_gradients_of_input_and_weight_match_torch(stride, dilation, padd
     (reference(*ts) * torch.tensor(r, dtype=torch.float64)).sum().backward()
     for ours, theirs in zip(grads, ts):
         np.testing.assert_allclose(ours.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+IDX = np.random.default_rng(6).integers(0, 6, size=(2, 4, 6, 3)).astype("int64")  # repeats accumulate
+ND_IDX = np.array([[0, 1, 1], [2, 3, 3]], "int64")  # x[0,2], x[1,3], x[1,3] (Relax takes it transposed, ONNX-style)
+
+GATHER_CASES = {
+    "gather_elements": (lambda x: R.gather_elements(x, relax.const(IDX), 3),
+                        lambda t: torch.gather(t, 3, torch.tensor(IDX)), IDX.shape),
+    "gather_nd": (lambda x: R.gather_nd(x, relax.const(np.ascontiguousarray(ND_IDX.T), "int64")),
+                  lambda t: t[torch.tensor(ND_IDX[0]), torch.tensor(ND_IDX[1])], (3, 6, 6)),
+    "scatter_elements_add": (lambda x: R.scatter_elements(x, relax.const(IDX), R.multiply(R.strided_slice(
+        x, [3], [0], [3]), relax.const(2.0)), 3, "add"),
+        lambda t: t.scatter_add(3, torch.tensor(IDX), t[..., :3] * 2.0), X.shape),
+    "scatter_elements_update": (lambda x: R.scatter_elements(x, relax.const(IDX[..., :1]), R.multiply(
+        R.strided_slice(x, [3], [0], [1]), relax.const(3.0)), 3, "update"),
+        lambda t: t.scatter(3, torch.tensor(IDX[..., :1]), t[..., :1] * 3.0), X.shape),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GATHER_CASES))
+def test_gather_and_scatter_rules_match_torch(name):
+    op, fn, out_shape = GATHER_CASES[name]
+    ours, w = _grad(op, X, out_shape)
+    np.testing.assert_allclose(ours, _torch_grad(fn, X, w), rtol=1e-5, atol=1e-5)
