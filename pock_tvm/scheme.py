@@ -236,11 +236,11 @@ class Scheme:
         if self.bias != "none":
             biased = layers if self.bias == "all" else _last(layers, int(self.bias), "bias")
             for p in params:
-                if kinds[p.name] in ("bias", "norm") and p.name.endswith("bias") and p.layer in biased:
+                if kinds[p.name] in BIAS_KINDS and p.layer in biased:
                     result[p.name] = Update("full")
         if self.norm_affine:
             for p in params:
-                if kinds[p.name] == "norm":
+                if kinds[p.name] in NORM_KINDS:
                     result[p.name] = Update("full")
 
         for p in params:
@@ -259,6 +259,12 @@ class Scheme:
                     continue
                 result[p.name] = _partial(p, kinds[p.name], rule.ratio)
         return result
+
+
+# parameter kinds (from the graph, never from names: ONNX files name biases ``conv1_b_0``) that
+# ``bias`` and ``norm_affine`` select: an add of a 1-D tensor, a normalization's shift and scale
+BIAS_KINDS = ("bias", "norm_bias")
+NORM_KINDS = ("norm", "norm_bias")
 
 
 def trainable_params(model: ImportedModel):

@@ -15,7 +15,7 @@ _VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.astype", "relax.dequa
 class ParamUse:
     """The first non-view op that reads a parameter, and what kind of layer that makes it."""
 
-    kind: str  # conv | depthwise | linear | embedding | norm | bias | other
+    kind: str  # conv | depthwise | linear | embedding | norm (a scale) | norm_bias (a shift) | bias | stat | other
     op: str
     position: int  # index of the binding, gives forward order
 
@@ -36,8 +36,11 @@ def _kind(op: str, call: relax.Call, arg_index: int, value_ndim: int) -> str:
         return "depthwise" if groups > 1 and groups == int(call.ty.shape[1]) else "conv"
     if op == "relax.matmul" and arg_index == 1:
         return "linear"
-    if op in ("relax.nn.batch_norm", "relax.nn.layer_norm", "relax.nn.rms_norm") and arg_index in (1, 2):
-        return "norm"
+    if op in ("relax.nn.batch_norm", "relax.nn.layer_norm", "relax.nn.group_norm", "relax.nn.rms_norm"):
+        if arg_index == 1:
+            return "norm"
+        if arg_index == 2 and op != "relax.nn.rms_norm":
+            return "norm_bias"  # the shift (beta) of a normalization
     if op == "relax.nn.batch_norm":
         return "stat"
     if op == "relax.multiply" and value_ndim == 1:  # RMSNorm / LayerNorm decomposed by torch.export

@@ -57,7 +57,24 @@ class ParamInfo:
 
     @property
     def layer(self) -> str:
-        return self.name.rpartition(".")[0]
+        """The layer the tensor belongs to: ``features.3.conv.0`` of ``features.3.conv.0.weight``;
+        for names without dots (ONNX model-zoo files: ``conv1_w_0``, ``vgg0_conv0_bias``,
+        ``resnetv17_batchnorm0_gamma``) the name without its leaf (see :data:`LEAVES`)."""
+        if "." in self.name:
+            return self.name.rpartition(".")[0]
+        parts = self.name.split("_")
+        if len(parts) > 2 and parts[-1].isdigit():
+            parts = parts[:-1]  # Caffe2's blob version: conv1_w_0
+        if len(parts) > 1 and parts[-1] in LEAVES:
+            return "_".join(parts[:-1])
+        if len(parts) > 2 and "_".join(parts[-2:]) in LEAVES:
+            return "_".join(parts[:-2])
+        return self.name
+
+
+# the last word of a parameter's name in ONNX files without dotted names (Caffe2, MXNet, CNTK exports)
+LEAVES = {"w", "b", "W", "B", "weight", "bias", "weights", "biases", "gamma", "beta", "scale", "s", "kernel",
+          "running_mean", "running_var", "moving_mean", "moving_var", "mean", "var", "rm", "riv"}
 
 
 @dataclass

@@ -86,3 +86,44 @@ def test_bad_files_and_shapes_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"input_shapes names \['image'\], which the model does not have; "
                                          r"its inputs are \['data'\]"):
         pock_tvm.compile(str(tmp_path / "m.onnx"), input_shapes={"image": (2, 3, 32, 32)})
+
+
+def test_schemes_select_by_kind_not_by_name_on_zoo_names():
+    # Caffe2-converted zoo files name biases conv1_b_0: bias-only, last-N and the report find
+    # them from the graph (an add of a 1-D tensor after the conv), not from the word "bias"
+    from pock_tvm.scheme import Scheme
+    from zoo import caffe2_names
+
+    proto, reference = zoo_style()
+    imported = from_onnx(caffe2_names(proto))
+    updates = Scheme.preset("bias-only").resolve(imported)
+    assert sorted(n for n, u in updates.items() if u.mode == "full") == sorted(
+        f"{layer}_b_0" for layer in ("conv1", "conv2", "fc1", "fc2"))
+    last = Scheme.preset("last-1").resolve(imported)
+    assert sorted(n for n, u in last.items() if u.mode == "full") == ["fc2_b_0", "fc2_w_0"]
+    program = pock_tvm.compile(imported, scheme="bias-only", optimizer=SGD)
+    assert [r.layer for r in program.report().layers] == ["conv1", "conv2", "fc1", "fc2"]
+
+
+def test_batchnorm_shift_is_a_bias_and_its_scale_a_norm_weight_whatever_their_names():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pock_tvm.scheme import Scheme
+
+    rng = np.random.default_rng(0)
+    inits = {"c_w": rng.standard_normal((4, 3, 3, 3)), "bn_s": rng.uniform(0.5, 1.5, 4), "bn_o": rng.standard_normal(4),
+             "bn_m": rng.standard_normal(4) * 0.1, "bn_v": rng.uniform(0.5, 1.5, 4), "fc_W": rng.standard_normal((10, 4)),
+             "fc_B": rng.standard_normal(10)}
+    nodes = [helper.make_node("Conv", ["x", "c_w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn_s", "bn_o", "bn_m", "bn_v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "fc_W", "fc_B"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])],
+                              [numpy_helper.from_array(v.astype("float32"), k) for k, v in inits.items()])
+    imported = from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)]))
+    bias = Scheme.preset("bias-only").resolve(imported)
+    assert sorted(n for n, u in bias.items() if u.mode == "full") == ["bn_o", "fc_B"]
+    norm = Scheme.preset("bias-norm").resolve(imported)
+    assert sorted(n for n, u in norm.items() if u.mode == "full") == ["bn_o", "bn_s", "fc_B"]

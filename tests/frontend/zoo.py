@@ -225,6 +225,21 @@ class _ZooStyleTorch(nn.Module):
         return torch.softmax(self.fc2(torch.relu(self.fc1(x.reshape(x.shape[0], -1)))), 1)
 
 
+def caffe2_names(model):
+    """``model`` (an ONNX ModelProto, changed in place and returned) with its initializers named as
+    Caffe2-converted zoo files name them: ``conv1.weight`` -> ``conv1_w_0``, ``conv1.bias`` -> ``conv1_b_0``."""
+    rename = {}
+    for init in model.graph.initializer:
+        layer, dot, leaf = init.name.rpartition(".")
+        if dot and leaf in ("weight", "bias"):
+            rename[init.name] = f"{layer.replace('.', '_')}_{leaf[0]}_0"
+            init.name = rename[init.name]
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    return model
+
+
 def zoo_style(seed: int = 0):
     """A graph as old model-zoo files have it (opset 9, IR 4): LRN as an op, max pooling with
     asymmetric padding, Dropout, a Softmax head, flattening through Shape/Gather/Unsqueeze/Concat/
