@@ -13,6 +13,7 @@ _LAZY = {
     "Program": ("pock_tvm.runtime.program", "Program"),
     "load": ("pock_tvm.runtime.program", "load_program"),
     "compile": ("pock_tvm.interface.compiler", "compile"),
+    "check_parity": ("pock_tvm.interface.parity", "check_parity"),
     "Scheme": ("pock_tvm.scheme", "Scheme"),
     "Rule": ("pock_tvm.scheme", "Rule"),
     "SGD": ("pock_tvm.optim", "SGD"),
@@ -28,7 +29,7 @@ _LAZY = {
 }
 
 __all__ = ["MSE", "SGD", "Adam", "AdamW", "CrossEntropy", "Program", "Rule", "Scheme", "TorchLoss",
-           "compile", "load", "passes"]
+           "check_parity", "compile", "load", "passes"]
 __version__ = "0.1.0"
 
 

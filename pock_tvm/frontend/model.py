@@ -83,7 +83,9 @@ class ImportedModel:
 
     ``mod["forward"]`` takes the user inputs followed by every entry of ``params`` in order and
     returns the model output. ``origins`` maps Relax variable names of ``forward`` to a readable
-    description of the source node that produced them (used in error messages).
+    description of the source node that produced them (used in error messages). ``padding_rows``:
+    the padding row of each embedding table that has one (``nn.Embedding(padding_idx=...)``, as
+    BERT's); autodiff gives it no gradient, as torch does.
     """
 
     mod: tvm.IRModule
@@ -92,6 +94,8 @@ class ImportedModel:
     output: TensorSpec
     origins: dict[str, str] = field(default_factory=dict)
     source: str = "torch"
+    # {parameter name: row}: an embedding's padding row (torch ``padding_idx``), which gets no gradient
+    padding_rows: dict[str, int] = field(default_factory=dict)
 
     def param(self, name: str) -> ParamInfo:
         for info in self.params:

@@ -172,6 +172,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
       reads (int8 weights, int32 biases) are parameters like float ones, so that a scheme can
       train them; the scales and zero points of ``QuantizeLinear``/``DequantizeLinear`` are
       constants (the integer kernels and the optimizer's QAS read them at compile time);
+    - initializers that the file also lists as graph inputs (IR version 3) are only initializers;
     - each ``Identity(initializer)`` output gets its own initializer. torch's exporter deduplicates
       equal tensors: a fresh BatchNorm's running_var (ones) and weight (ones) become one initializer
       plus an ``Identity``; training the weight would then move the statistics too.
@@ -198,7 +199,9 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             nodes.append(node)
     const_names = {n.output[0] for n in front}
-    inputs = [v for v in graph.input if v.name not in const_names]
+    # files of IR version 3 (opsets up to 8: the older zoo models) also list every initializer as a
+    # graph input; those are parameters, not inputs (imported as both, each weight came twice)
+    inputs = [v for v in graph.input if v.name not in const_names and v.name not in {k.name for k in keep}]
     del graph.initializer[:], graph.node[:], graph.input[:]
     graph.initializer.extend(keep)
     graph.node.extend(front + nodes)

@@ -103,6 +103,36 @@ def _for_training(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _export(model: torch.nn.Module, example_inputs):
+    """``torch.export`` and the core-ATen decompositions. A Hugging Face model whose attention
+    kernel (``sdpa``) does not decompose (GPT-2's: a ``view`` of the transposed output) is exported
+    again with the eager attention, which computes the same."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, example_inputs).run_decompositions()
+    except Exception:
+        configs = [c for c in (getattr(m, "config", None) for m in model.modules())
+                   if getattr(c, "_attn_implementation", "eager") != "eager"]
+        if not configs:
+            raise
+        for config in configs:
+            config._attn_implementation = "eager"
+        logger.info("from_torch: exporting again with eager attention (the sdpa kernel did not decompose)")
+        with torch.no_grad():
+            return torch.export.export(model, example_inputs).run_decompositions()
+
+
+def _padding_rows(exported) -> dict[str, int]:
+    """``{placeholder name: padding_idx}`` of every ``aten.embedding`` with a padding row."""
+    rows = {}
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.embedding.default:
+            padding = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+            if isinstance(padding, int) and padding >= 0 and hasattr(node.args[0], "name"):
+                rows[node.args[0].name] = padding
+    return rows
+
+
 def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
     """Export ``model`` with ``example_inputs`` (a tensor or a tuple) and import it into Relax."""
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
@@ -122,9 +152,7 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
             f"it returned {type(output).__name__}. Wrap it in a module that returns one tensor."
         )
     buffer_names = _buffers_to_params(model)
-    with torch.no_grad():
-        exported = torch.export.export(model, example_inputs)
-        exported = exported.run_decompositions()
+    exported = _export(model, example_inputs)
     importer = _TrackingImporter()
     mod = importer.from_exported_program(exported, True, True, False, None)
 
@@ -156,9 +184,11 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
     ]
     out_spec = TensorSpec("output", tuple(output.shape), str(output.dtype).replace("torch.", ""))
     origins = _origins(mod, importer.converted)
+    padding = {canonical.get(var_to_source[name], var_to_source[name]).removeprefix(prefix): row
+               for name, row in _padding_rows(exported).items() if name in var_to_source}
     new_func = func.without_attr("params").with_attr("global_symbol", "forward")
     out_mod = type(mod)({})
     out_mod["forward"] = new_func
     out_mod = UnbroadcastLinear()(out_mod)  # transformers' 3-D linear layers read their weight
     logger.info("imported torch model: %d inputs, %d parameters", len(inputs), len(params))
-    return with_index_bounds(ImportedModel(out_mod, inputs, params, out_spec, origins, "torch"))
+    return with_index_bounds(ImportedModel(out_mod, inputs, params, out_spec, origins, "torch", padding))

@@ -89,7 +89,9 @@ def build_training_graph(imported, trainable, partial, loss, optimizer,
                          units: dict | None = None) -> tvm.IRModule:
     """Phases 1-2 of the pipeline (the training graph, not lowered). ``options`` default to no
     optimization: analysis sees every frozen tensor as an input."""
-    return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins,
+    by_source = {p.name: p.var_name for p in imported.params}
+    padding = {by_source[name]: row for name, row in imported.padding_rows.items() if by_source.get(name) in trainable}
+    return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins, padding_rows=padding,
                              loss_function=loss.relax_function(imported.output), optimizer=optimizer,
                              frozen_values=frozen_values, options=options, lower=False, units=units)(imported.mod)
 

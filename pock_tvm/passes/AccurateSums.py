@@ -31,8 +31,8 @@ class AccurateSums:
     reduction kernel, so no float64 tensor is stored; the kernel reads the same bytes.
     """
 
-    def __init__(self, min_terms: int = MIN_TERMS):
-        self.min_terms = min_terms
+    def __init__(self, min_terms: int | None = None):
+        self.min_terms = MIN_TERMS if min_terms is None else min_terms
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mutator_ = _Accurate(mod, self.min_terms)

@@ -50,6 +50,7 @@ def pock_tvm_pipeline(
     conv_layouts: dict | None = None,
     units: dict | None = None,
     verify: bool = False,
+    padding_rows: dict[str, int] | None = None,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
@@ -63,6 +64,7 @@ def pock_tvm_pipeline(
     ``conv_layout``, ``pock_tvm.targets.CONV_LAYOUTS``); None keeps the imported NCHW.
     ``units``: ``{trainable name: unit}`` of parameters an int8 model trains in integer units
     (``pock_tvm.quantize.train_quantized``), for the optimizer's quantization-aware scaling.
+    ``padding_rows``: ``{trainable name: row}``, embedding rows that get no gradient (``padding_idx``).
     ``verify=True`` (CPU targets) runs every kernel that got a schedule (default rule, tuned record,
     fast math) once against its unscheduled form and falls back where the numbers differ
     (``VerifySchedules``; what it found is the module attribute ``pock_tvm.kernel_checks``)."""
@@ -81,7 +83,7 @@ def pock_tvm_pipeline(
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
             CheckGradientRules(trainable, None, "loss"),  # and the loss's own ops (a torch loss)
             SparseGradient(trainable),  # adjoints only for what the scheme updates
-            AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
+            AppendOptimizer(optimizer, trainable, units=units, padding_rows=padding_rows),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
         ]
     if lower:

@@ -11,12 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CLASSES = 10
-
-
-def _cbr(cin, cout, k=3, s=1, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU())
+from pock_tvm.models.classic import CLASSES, VGG, AlexNet, InceptionV2ish, SqueezeNet, _cbr  # noqa: F401
 
 
 class Bottleneck(nn.Module):
@@ -43,54 +38,6 @@ class ResNet50ish(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
-
-
-class VGGish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                                      nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Linear(16 * 8 * 8, 32), nn.ReLU(), nn.Dropout(), nn.Linear(32, CLASSES))
-
-    def forward(self, x):
-        return self.classifier(self.features(x).view(x.size(0), -1))  # Shape/Gather/Concat/Reshape in ONNX
-
-
-class AlexNetish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 5, 2, 2), nn.ReLU(), nn.LocalResponseNorm(5),
-                                      nn.MaxPool2d(3, 2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                                      nn.LocalResponseNorm(3), nn.MaxPool2d(3, 2))
-        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(16 * 3 * 3, 32), nn.ReLU(), nn.Linear(32, CLASSES))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.features(x), 1))
-
-
-class InceptionBlock(nn.Module):
-    def __init__(self, cin, c1, c3r, c3, c5r, c5, pool):
-        super().__init__()
-        self.b1 = _cbr(cin, c1, 1)
-        self.b2 = nn.Sequential(_cbr(cin, c3r, 1), _cbr(c3r, c3, 3))
-        self.b3 = nn.Sequential(_cbr(cin, c5r, 1), _cbr(c5r, c5, 3), _cbr(c5, c5, 3))  # v2: two 3x3 for a 5x5
-        self.b4 = nn.Sequential(nn.AvgPool2d(3, 1, 1), _cbr(cin, pool, 1))
-
-    def forward(self, x):
-        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
-
-
-class Inceptionish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(_cbr(3, 8, 3, 2), nn.MaxPool2d(3, 2, ceil_mode=True))
-        self.mixed = InceptionBlock(8, 4, 4, 8, 2, 4, 4)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(20, CLASSES)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.mixed(self.stem(x))), 1))
 
 
 def channel_shuffle(x, groups):
@@ -146,29 +93,6 @@ class DenseNetish(nn.Module):
         return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-class Fire(nn.Module):
-    def __init__(self, cin, squeeze, expand):
-        super().__init__()
-        self.squeeze = nn.Conv2d(cin, squeeze, 1)
-        self.expand1x1 = nn.Conv2d(squeeze, expand, 1)
-        self.expand3x3 = nn.Conv2d(squeeze, expand, 3, padding=1)
-
-    def forward(self, x):
-        s = torch.relu(self.squeeze(x))
-        return torch.cat([torch.relu(self.expand1x1(s)), torch.relu(self.expand3x3(s))], 1)
-
-
-class SqueezeNetish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
-                                      Fire(8, 4, 8), Fire(16, 4, 8))
-        self.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(16, CLASSES, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-
-    def forward(self, x):
-        return torch.flatten(self.classifier(self.features(x)), 1)
-
-
 class MobileNetish(nn.Module):
     def __init__(self):
         super().__init__()
@@ -180,8 +104,8 @@ class MobileNetish(nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
-ZOO = {"resnet50": ResNet50ish, "vgg": VGGish, "alexnet": AlexNetish, "inception": Inceptionish,
-       "shufflenet": ShuffleNetish, "densenet": DenseNetish, "squeezenet": SqueezeNetish, "mobilenet": MobileNetish}
+ZOO = {"resnet50": ResNet50ish, "vgg": VGG, "alexnet": AlexNet, "inception": InceptionV2ish,
+       "shufflenet": ShuffleNetish, "densenet": DenseNetish, "squeezenet": SqueezeNet, "mobilenet": MobileNetish}
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
@@ -226,17 +150,10 @@ class _ZooStyleTorch(nn.Module):
 
 
 def caffe2_names(model):
-    """``model`` (an ONNX ModelProto, changed in place and returned) with its initializers named as
-    Caffe2-converted zoo files name them: ``conv1.weight`` -> ``conv1_w_0``, ``conv1.bias`` -> ``conv1_b_0``."""
-    rename = {}
-    for init in model.graph.initializer:
-        layer, dot, leaf = init.name.rpartition(".")
-        if dot and leaf in ("weight", "bias"):
-            rename[init.name] = f"{layer.replace('.', '_')}_{leaf[0]}_0"
-            init.name = rename[init.name]
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = rename.get(name, name)
+    """``model`` (changed in place and returned) named as Caffe2-converted zoo files name tensors."""
+    from pock_tvm.models.classic import caffe2_style
+
+    caffe2_style(model)
     return model
 
 
