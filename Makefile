@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench bench-int8 bench-llm llm-assets tune-host setup clean tools runner
+.PHONY: demo test test-all bench bench-int8 bench-llm bench-zoo llm-assets tune-host setup clean tools runner
 
 setup: $(STAMP)
 
@@ -31,7 +31,12 @@ tools:
 	  else echo "note: $(CROSS_PKGS) missing and not root: cross/emulated tests will be skipped"; fi; \
 	fi
 
+# `make test`: what a user runs (tests marked slow, the large models and the whole architecture zoo,
+# are left out); `make test-all`: everything (CI)
 test: $(STAMP) tools
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) tools
 	$(PY) -m pytest -q
 
 runner: $(STAMP)
@@ -40,6 +45,10 @@ runner: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py --out benchmarks/results
 	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
+
+# every architecture of pock_tvm.models.zoo against ONNX Runtime / float64 autograd (resumable)
+bench-zoo: $(STAMP)
+	$(PY) benchmarks/zoo_parity.py --out benchmarks/results
 
 # int8 models: training memory in the runner (float full backprop vs int8 sparse) and QAS on the demo task
 bench-int8: $(STAMP)
