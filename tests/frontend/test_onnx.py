@@ -51,3 +51,21 @@ def test_model_proto_and_dynamic_batch(exported, tmp_path):
     assert imported.inputs[0].shape == (4, 3, 16, 16)
     with pytest.raises(ValueError, match="no such file"):
         from_onnx(tmp_path / "nope.onnx")
+
+
+def test_a_file_listing_its_initializers_as_inputs_imports_each_weight_once():
+    # IR version 3 (opset 7/8 zoo files): every initializer is also a graph input
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), buffer, dynamo=False, opset_version=7,
+                      do_constant_folding=False, input_names=["image"], output_names=["logits"])
+    proto = onnx.load_from_string(buffer.getvalue())
+    assert {i.name for i in proto.graph.initializer} <= {i.name for i in proto.graph.input}
+    imported = from_onnx(proto)
+    names = [p.name for p in imported.params]
+    assert len(names) == len(set(names)) and [s.name for s in imported.inputs] == ["image"]
+    program = pock_tvm.compile(proto, scheme="full", optimizer=SGD)
+    assert_matches_torch(model, program, SGD, (torch.randn(2, 3, 16, 16),), labels(2))
