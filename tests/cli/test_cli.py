@@ -141,3 +141,15 @@ def test_tune_reads_what_to_compile_from_a_bundle(tmp_path, capsys):
     capsys.readouterr()
     assert main(["tune", str(tmp_path / "py")]) == 2
     assert "does not say which model it was compiled from" in capsys.readouterr().err
+
+
+def test_compile_verify_checks_every_kernel_and_says_so(tmp_path, capsys):
+    assert main(["compile", "mlp", "--input-shape", "4,32", "--verify", "-o", str(tmp_path / "p")]) == 0
+    assert "kernels verified against their unscheduled form: all agree" in capsys.readouterr().out
+
+
+def test_disable_names_every_optimization(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert all(name in shown for name in PipelineOptions.__dataclass_fields__)
