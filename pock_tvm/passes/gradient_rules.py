@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import tvm
 from tvm import relax
 from tvm.relax.op.grad import avg_pool2d_backward, no_grad, take_backward
@@ -367,6 +369,55 @@ def _scatter_elements(var, call, grad, ctx):
     hit = R.scatter_elements(R.zeros_like(data), indices, R.ones_like(updates), axis, "update")
     return [R.multiply(grad, R.subtract(R.ones_like(hit), hit)), no_grad(indices), d_updates]
 
+def _max_pool2d(var, call, grad, ctx):
+    """NCHW max pooling (any window, stride, padding, ceil mode; no dilation). TVM's rule returned
+    memory it never wrote for some shapes (a 2x2 window over a 2x2 map, windows that leave the last
+    rows uncovered), so GoogLeNet's branches trained on garbage.
+
+    Each output's gradient goes to the first maximum of its window in row-major order (torch's
+    choice on ties): for every offset ``(i, j)`` of the window, the strided view of the padded input
+    at that offset is compared with the output and claimed once; the claimed gradients, one channel
+    per offset, are placed back by a transposed conv with a one-hot kernel per offset (col2im)."""
+    a = call.attrs
+    if a.layout != "NCHW" or any(int(d) != 1 for d in a.dilation):
+        raise ValueError("gradient of max_pool2d: only NCHW pooling without dilation is supported; "
+                         "freeze the layers below it")
+    x = call.args[0]
+    batch, channels, in_h, in_w = _shape(x)
+    _, _, out_h, out_w = _shape(var)
+    (k_h, k_w), (s_h, s_w) = (int(v) for v in a.pool_size), (int(v) for v in a.strides)
+    top, left = int(a.padding[0]), int(a.padding[1])
+    span_h, span_w = (out_h - 1) * s_h + k_h, (out_w - 1) * s_w + k_w  # rows the windows cover, padded
+    below, right = span_h - top - in_h, span_w - left - in_w  # < 0: the windows stop before the end
+    dtype = str(x.ty.dtype)
+    low = relax.const(float("-inf"), dtype)
+    padded = R.nn.pad(x, [0, 0, 0, 0, top, max(below, 0), left, max(right, 0)], pad_value=float("-inf")) \
+        if top or left or below > 0 or right > 0 else x
+    claimed = None
+    parts = []
+    for i in range(k_h):
+        for j in range(k_w):
+            window = R.strided_slice(padded, [2, 3], [i, j], [i + (out_h - 1) * s_h + 1, j + (out_w - 1) * s_w + 1],
+                                     [s_h, s_w])
+            hit = R.logical_and(R.equal(window, var), R.not_equal(window, low))
+            if claimed is not None:
+                hit = R.logical_and(hit, R.logical_not(claimed))
+            claimed = hit if claimed is None else R.logical_or(claimed, hit)
+            parts.append(R.where(hit, grad, R.zeros_like(grad)))
+    stacked = R.reshape(R.stack(relax.Tuple(parts), axis=2), (batch, channels * k_h * k_w, out_h, out_w))
+    one_hot = np.zeros((channels * k_h * k_w, 1, k_h, k_w), dtype)
+    for c in range(channels):
+        for i in range(k_h):
+            for j in range(k_w):
+                one_hot[(c * k_h + i) * k_w + j, 0, i, j] = 1.0
+    placed = R.nn.conv2d_transpose(stacked, relax.const(one_hot), (s_h, s_w), (0, 0, 0, 0), (0, 0), (1, 1),
+                                   channels, "NCHW", "IOHW", "NCHW")  # (batch, channels, span_h, span_w)
+    keep_h, keep_w = min(in_h, span_h - top), min(in_w, span_w - left)
+    dx = R.strided_slice(placed, [2, 3], [top, left], [top + keep_h, left + keep_w])
+    if keep_h < in_h or keep_w < in_w:  # rows no window reads
+        dx = R.nn.pad(dx, [0, 0, 0, 0, 0, in_h - keep_h, 0, in_w - keep_w])
+    return [dx]
+
 
 # op name -> rule. Installed where TVM has no rule of its own.
 GRADIENT_RULES = {
@@ -399,6 +450,7 @@ GRADIENT_RULES = {
 # op name -> rule. Replaces TVM's rule, which disagrees with PyTorch.
 GRADIENT_OVERRIDES = {
     "relax.nn.conv2d": _conv2d,
+    "relax.nn.max_pool2d": _max_pool2d,
     "relax.nn.relu": _relu,
     "relax.take": _take,
     "relax.nn.nll_loss": _nll_loss,

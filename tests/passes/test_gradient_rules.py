@@ -208,3 +208,17 @@ def test_gather_and_scatter_rules_match_torch(name):
     op, fn, out_shape = GATHER_CASES[name]
     ours, w = _grad(op, X, out_shape)
     np.testing.assert_allclose(ours, _torch_grad(fn, X, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,ceil", [
+    (2, 2, 1, 0, False),  # one window over the whole map (TVM's rule returned unwritten memory)
+    (2, 3, 1, 1, True),  # GoogLeNet's pooling branch over a 2x2 map
+    (4, 3, 1, 0, False), (4, 3, 2, 0, False),  # overlapping windows; the last row read by none
+    (7, 2, 2, 0, False), (7, 3, 2, 1, True), (5, 3, 3, 1, True), (8, 1, 2, 0, False),
+])
+def test_max_pool2d_gradient_matches_torch(size, kernel, stride, padding, ceil):
+    x = np.random.default_rng(size * 7 + kernel).standard_normal((2, 3, size, size)).astype("float32")
+    fn = lambda t: torch.nn.functional.max_pool2d(t, kernel, stride, padding, ceil_mode=ceil)  # noqa: E731
+    out_shape = tuple(fn(torch.tensor(x)).shape)
+    ours, w = _grad(lambda v: R.nn.max_pool2d(v, kernel, stride, padding, ceil_mode=ceil), x, out_shape)
+    np.testing.assert_allclose(ours, _torch_grad(fn, x, w), rtol=1e-6, atol=1e-6)
