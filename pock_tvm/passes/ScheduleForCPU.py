@@ -154,7 +154,7 @@ class ScheduleForCPU:
             try:
                 done = [self._first(work, block, reduction_rules)
                         for block in work.get_child_blocks(work.get_sblock("root"))]
-            except (ScheduleError, RuntimeError, ValueError) as err:  # TVM raises its errors as these
+            except (ScheduleError, RuntimeError, ValueError, IndexError) as err:  # TVM raises its errors as these
                 func = sch.mod["main"]
                 logger.info("ScheduleForCPU: a rule failed on %s: %s", func.attrs.get("global_symbol", "?")
                             if func.attrs else "?", str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -289,7 +289,8 @@ class ScheduleForCPU:
                        and extents[other] % k == 0), None)
         if others:
             factors[other] = others
-        if tile == row and factors[c] == extents[c] and len(spatial) - rows == 2:
+        after = {**dict(enumerate(extents)), v: row}  # extents once the rows are fused
+        if all(factors.get(i) == after[i] for i in spatial if not (rows and i == v - 1)):
             return False  # nothing outside the tile to accumulate it under
         if rows:
             _fuse_rows(sch, loops, extents, spatial, v)

@@ -82,6 +82,10 @@ def test_the_fuzz_cases_exercise_every_rule(rules_seen, request):
     # a 1x1 conv over 14x14 maps (ResNet-50's stage 4 at 224x224; register tile of 4 over rows of 14)
     dict(batch=1, cin=16, h=14, w=14, cout=32, kernel=(1, 1), stride=1, dilation=1, padding=(0, 0, 0, 0),
          groups=1, bias=False, relu=False),
+    # the input gradient of a 3x3 conv over 2x2 maps at batch 8 (GoogLeNet's 4a at 32x32): the tile
+    # took every loop, none was left to accumulate under (an IndexError that stopped the compile)
+    dict(batch=8, cin=2, h=2, w=2, cout=6, kernel=(3, 3), stride=1, dilation=1, padding=(1, 1, 1, 1),
+         groups=1, bias=False, relu=True),
 ])
 def test_tiles_over_rows_of_a_map_keep_the_numbers(params, target):
     from kernel_fuzz import Case
