@@ -375,9 +375,9 @@ def _max_pool2d(var, call, grad, ctx):
     rows uncovered), so GoogLeNet's branches trained on garbage.
 
     Each output's gradient goes to the first maximum of its window in row-major order (torch's
-    choice on ties): for every offset ``(i, j)`` of the window, the strided view of the padded input
-    at that offset is compared with the output and claimed once; the claimed gradients, one channel
-    per offset, are placed back by a transposed conv with a one-hot kernel per offset (col2im)."""
+    choice on ties): the strided views of the padded input at the window's offsets, stacked, give
+    the offset by ``argmax`` (its first index); the gradients, one channel per offset, are placed
+    back by a transposed conv with a one-hot kernel per offset (col2im)."""
     a = call.attrs
     if a.layout != "NCHW" or any(int(d) != 1 for d in a.dilation):
         raise ValueError("gradient of max_pool2d: only NCHW pooling without dilation is supported; "
@@ -390,21 +390,15 @@ def _max_pool2d(var, call, grad, ctx):
     span_h, span_w = (out_h - 1) * s_h + k_h, (out_w - 1) * s_w + k_w  # rows the windows cover, padded
     below, right = span_h - top - in_h, span_w - left - in_w  # < 0: the windows stop before the end
     dtype = str(x.ty.dtype)
-    low = relax.const(float("-inf"), dtype)
     padded = R.nn.pad(x, [0, 0, 0, 0, top, max(below, 0), left, max(right, 0)], pad_value=float("-inf")) \
         if top or left or below > 0 or right > 0 else x
-    claimed = None
-    parts = []
-    for i in range(k_h):
-        for j in range(k_w):
-            window = R.strided_slice(padded, [2, 3], [i, j], [i + (out_h - 1) * s_h + 1, j + (out_w - 1) * s_w + 1],
-                                     [s_h, s_w])
-            hit = R.logical_and(R.equal(window, var), R.not_equal(window, low))
-            if claimed is not None:
-                hit = R.logical_and(hit, R.logical_not(claimed))
-            claimed = hit if claimed is None else R.logical_or(claimed, hit)
-            parts.append(R.where(hit, grad, R.zeros_like(grad)))
-    stacked = R.reshape(R.stack(relax.Tuple(parts), axis=2), (batch, channels * k_h * k_w, out_h, out_w))
+    windows = [R.strided_slice(padded, [2, 3], [i, j], [i + (out_h - 1) * s_h + 1, j + (out_w - 1) * s_w + 1],
+                               [s_h, s_w]) for i in range(k_h) for j in range(k_w)]
+    first = R.argmax(R.stack(relax.Tuple(windows), axis=2), axis=2, keepdims=True)  # ties: the first offset
+    offsets = relax.const(np.arange(k_h * k_w, dtype="int64").reshape(1, 1, -1, 1, 1))
+    hit = R.equal(R.astype(first, "int64"), offsets)  # (batch, channels, k_h * k_w, out_h, out_w)
+    parts = R.where(hit, R.expand_dims(grad, 2), relax.const(0.0, dtype))
+    stacked = R.reshape(parts, (batch, channels * k_h * k_w, out_h, out_w))
     one_hot = np.zeros((channels * k_h * k_w, 1, k_h, k_w), dtype)
     for c in range(channels):
         for i in range(k_h):

@@ -222,3 +222,12 @@ def test_max_pool2d_gradient_matches_torch(size, kernel, stride, padding, ceil):
     out_shape = tuple(fn(torch.tensor(x)).shape)
     ours, w = _grad(lambda v: R.nn.max_pool2d(v, kernel, stride, padding, ceil_mode=ceil), x, out_shape)
     np.testing.assert_allclose(ours, _torch_grad(fn, x, w), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool2d_gradient_goes_to_the_first_of_tied_maxima_as_in_torch():
+    # after a ReLU whole windows are 0: torch gives each window's gradient to its first element
+    x = np.maximum(np.random.default_rng(3).standard_normal((2, 3, 6, 6)), 0).astype("float32")
+    x[0, 0, :3, :3] = 0.0
+    fn = lambda t: torch.nn.functional.max_pool2d(t, 3, 1, 1)  # noqa: E731
+    ours, w = _grad(lambda v: R.nn.max_pool2d(v, 3, 1, 1), x, (2, 3, 6, 6))
+    np.testing.assert_allclose(ours, _torch_grad(fn, x, w), rtol=1e-6, atol=1e-6)
