@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir.schedule import ScheduleError
 from tvm.sym.pattern import detect_linear_equation
@@ -202,6 +203,8 @@ class ScheduleForCPU:
         loops = sch.get_loops(producers[0])
         top, kinds = loops[0], [sch.get(lp).kind for lp in loops]
         written = sch.get(producers[0]).writes[0].source
+        if not _reads_in_place(sch.get(nest.block), written):
+            return False  # a shifted or strided read (a slice, a pad) would read outputs of other tiles
         large = _numel(written) * written.dtype.bits // 8 >= SCRATCH_INSIDE_BYTES
         if kinds[0] != tvm.tirx.ForKind.PARALLEL or (kinds[-1] != tvm.tirx.ForKind.VECTORIZED and not large):
             return False  # (a scalar producer, e.g. a short reduction: measured faster apart, unless its
@@ -658,6 +661,26 @@ def _contiguous_tail(sch, loops) -> list:
             break  # a partial dimension ends the contiguous run
         expect -= 1
     return tail
+
+
+def _reads_in_place(block, buffer) -> bool:
+    """Whether ``block`` reads ``buffer`` only where it writes its output, and its output has
+    ``buffer``'s shape: an elementwise tail. Computed inside its producer's loop, a tail that reads
+    shifted or strided would need outputs another iteration makes, and a larger output (a pad after
+    a transposed conv) has elements no iteration covers: they were never written (a max-pool
+    gradient 1e3 off)."""
+    if [str(d) for d in block.writes[0].source.shape] != [str(d) for d in buffer.shape]:
+        return False
+    out = block.writes[0].region
+    reads = [r for r in block.reads if r.source.same_as(buffer)]
+    if not reads:
+        return False
+    for read in reads:
+        if len(read.region) != len(out) or any(
+                not tvm_ffi.structural_equal(a.min, b.min) or not tvm_ffi.structural_equal(a.extent, b.extent)
+                for a, b in zip(read.region, out)):
+            return False
+    return True
 
 
 def _extent_of(dim) -> int | None:

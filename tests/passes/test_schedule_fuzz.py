@@ -91,3 +91,13 @@ def test_tiles_over_rows_of_a_map_keep_the_numbers(params, target):
     from kernel_fuzz import Case
 
     assert check_case(Case("conv2d", params), target, Counter()) == []
+
+
+def test_a_tail_that_pads_its_producer_is_not_computed_inside_the_producers_loop(target):
+    # a 3x3 stride-2 max pool over 16x16 maps reads 15 rows: its gradient is a transposed conv over
+    # 15x15 padded to 16x16; computed per tile of the conv, the pad's last row was never written
+    from kernel_fuzz import Case
+
+    case = Case("pool", dict(op="max", batch=8, c=8, h=16, w=16, kernel=3, stride=2, padding=(0, 0, 0, 0),
+                             ceil_mode=False, count_include_pad=True))
+    assert check_case(case, target, Counter()) == []
