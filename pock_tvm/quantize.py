@@ -72,7 +72,7 @@ def calibrate(imported: ImportedModel, tensors: list, batches: Iterable) -> dict
     probe = relax.Function(plain.params, body, None, plain.is_pure, plain.attrs)
     exe = tvm.compile(tvm.IRModule({"forward": probe}), target=tvm.target.Target("llvm"))
     vm = relax.VirtualMachine(exe, tvm.cpu())
-    params = [tvm.runtime.tensor(np.ascontiguousarray(p.value)) for p in imported.params]
+    params = [tvm.runtime.tensor(np.require(p.value, requirements="C")) for p in imported.params]
     amax = dict.fromkeys(names, 0.0)
     count = 0
     for batch in batches:

@@ -75,6 +75,23 @@ def _pad(bb, inputs, attr):
     return relax.op.nn.pad(x, widths, "constant", value)
 
 
+def _clip(bb, inputs, attr):
+    """Clip with constant bounds (ReLU6 at opset >= 11 passes them as inputs) as ``relax.clip``,
+    which has a gradient rule; TVM's writes a TIR kernel call autodiff cannot see through. Bounds
+    computed at run time keep TVM's conversion."""
+    x = inputs[0]
+    bounds = [attr.get("min"), attr.get("max")]
+    for k, value in enumerate(inputs[1:3]):
+        if value is None:
+            continue
+        if not isinstance(value, tvm.ir.GenericConst):
+            return None
+        bounds[k] = float(value.value.numpy())
+    low = -3.4e38 if bounds[0] is None else float(bounds[0])
+    high = 3.4e38 if bounds[1] is None else float(bounds[1])
+    return relax.op.clip(x, low, high)
+
+
 def _dropout(bb, inputs, attr):
     """Dropout is the identity, as in the torch frontend (eval mode: fine-tuning keeps the
     inference graph); only its data output may be used."""
@@ -86,6 +103,7 @@ CONVERTERS = {
     "LRN": _lrn,  # TVM's goes through avg_pool3d, which has no gradient rule
     "Pad": _pad,  # TVM's is a TIR kernel call, opaque to autodiff
     "Dropout": _dropout,  # TVM's keeps relax.nn.dropout (no gradient rule) in older opsets
+    "Clip": _clip,  # TVM's is a TIR kernel call at opset >= 11 (bounds as inputs), opaque to autodiff
 }
 
 
@@ -342,7 +360,7 @@ def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = N
         init = initializers.get(var.name)
         if init is None:
             raise ValueError(f"from_onnx: Relax input '{var.name}' is not an ONNX initializer")
-        value = np.ascontiguousarray(numpy_helper.to_array(init))
+        value = np.require(numpy_helper.to_array(init), requirements="C")
         params.append(ParamInfo(var.name, var.name, value, var.name in buffers))
     ret = func.ret_ty
     output = TensorSpec("output", tuple(int(d) for d in ret.shape), str(ret.dtype))

@@ -173,7 +173,7 @@ def from_torch(model: torch.nn.Module, example_inputs) -> ImportedModel:
             continue
         seen[source] = var
         tensor = named[source].detach().cpu().numpy()
-        params.append(ParamInfo(source.removeprefix(prefix), var.name, np.ascontiguousarray(tensor),
+        params.append(ParamInfo(source.removeprefix(prefix), var.name, np.require(tensor, requirements="C"),
                                 source in buffer_names))
     if ties:
         func = func.bind_params(ties)

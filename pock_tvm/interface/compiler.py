@@ -230,7 +230,7 @@ def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict
         value = sources[p.source]
         if p.axis is not None:
             value = np.take(value, range(p.start, p.stop), axis=p.axis)
-        values[p.var] = np.ascontiguousarray(value)
+        values[p.var] = np.require(value, requirements="C")  # (ascontiguousarray makes a 0-d tensor 1-d)
     return values
 
 

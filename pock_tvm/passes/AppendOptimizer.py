@@ -23,15 +23,11 @@ class AppendOptimizer:
     ``units``: ``{trainable name: array}`` of the parameters an int8 model trains in integer units
     (the float value of one step, broadcastable to the parameter); the optimizer receives each as
     a constant for its quantization-aware scaling (``pock_tvm.optim``).
-    ``padding_rows``: ``{trainable name: row}`` of embedding tables with a padding row: the
-    gradient of that row is zeroed before the update (torch's ``padding_idx``).
     """
 
     def __init__(self, optimizer=None, trainable: list[str] | None = None,
-                 func_name: str = "loss", new_func_name: str = "train_step", units: dict | None = None,
-                 padding_rows: dict[str, int] | None = None):
+                 func_name: str = "loss", new_func_name: str = "train_step", units: dict | None = None):
         self.optimizer = optimizer
-        self.padding_rows = dict(padding_rows or {})
         self.trainable = list(trainable or [])
         self.units = dict(units or {})
         self.func_name = func_name
@@ -63,10 +59,6 @@ class AppendOptimizer:
                 new = {calling.LOSS: loss}
                 for i, name in enumerate(self.trainable):
                     grad = bb.emit(relax.TupleGetItem(grads, i), f"{name}.grad")
-                    if name in self.padding_rows:  # an embedding's padding row learns nothing (torch)
-                        keep = np.ones((int(by_name[name].ty.shape[0]), 1), "float32")
-                        keep[self.padding_rows[name]] = 0.0
-                        grad = bb.emit(relax.op.multiply(grad, relax.const(keep)), f"{name}.grad_unpadded")
                     own = [states[(name, s)] for s in names]
                     unit = relax.const(np.asarray(self.units[name], "float32")) if name in self.units else None
                     new[name], updated = self.optimizer.emit(bb, by_name[name], grad, own, step, lr, unit)

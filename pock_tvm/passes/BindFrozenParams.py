@@ -42,5 +42,5 @@ class BindFrozenParams:
             if tuple(value.shape) != expected or str(value.dtype) != str(ty.dtype):
                 raise ValueError(f"BindFrozenParams: {name} is {ty.dtype}{list(expected)} in the "
                                  f"model but the value is {value.dtype}{list(value.shape)}")
-        consts = {name: np.ascontiguousarray(value) for name, value in self.values.items()}
+        consts = {name: np.require(value, requirements="C") for name, value in self.values.items()}
         return relax.transform.BindParams(self.func_name, consts)(mod)

@@ -7,6 +7,8 @@ for ops that have none yet; it is idempotent and runs when ``pock_tvm.passes`` i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
@@ -222,7 +224,8 @@ def _take(var, call, grad, ctx):
     x, indices = call.args
     axis = call.attrs.axis
     index_shape = _shape(indices)
-    if len(index_shape) == 1:
+    padding = PADDING_ROWS.get().get(getattr(x, "name", None))
+    if len(index_shape) == 1 and padding is None:
         return [take_backward(grad, x, indices, axis), no_grad(indices)]
     if axis is None:
         raise ValueError(f"gradient of take: indices of shape {index_shape} need an axis")
@@ -233,8 +236,28 @@ def _take(var, call, grad, ctx):
         raise ValueError(f"gradient of take: indices of shape {index_shape} are supported along axis 0 only, "
                          f"got axis {axis}")
     rows = math.prod(index_shape)
-    flat_grad = R.reshape(grad, (rows, *_shape(x)[1:]))
-    return [take_backward(flat_grad, x, R.reshape(indices, (rows,)), 0), no_grad(indices)]
+    flat_grad = R.reshape(grad, (rows, *_shape(x)[1:])) if len(index_shape) != 1 else grad
+    flat_ids = R.reshape(indices, (rows,)) if len(index_shape) != 1 else indices
+    if padding is not None:  # an embedding's padding row learns nothing from this lookup (torch)
+        at_padding = R.expand_dims(R.equal(flat_ids, relax.const(padding, str(indices.ty.dtype))), [1])
+        flat_grad = R.where(at_padding, R.zeros_like(flat_grad), flat_grad)
+    return [take_backward(flat_grad, x, flat_ids, 0), no_grad(indices)]
+
+
+# {parameter name: padding row} of the embeddings being differentiated (``padding_rows`` sets it
+# around autodiff): a lookup of that row passes no gradient, while another use of the same table
+# (an LM head tied to it) still does
+PADDING_ROWS: contextvars.ContextVar[dict] = contextvars.ContextVar("padding_rows", default={})
+
+
+@contextlib.contextmanager
+def padding_rows(rows: dict[str, int]):
+    """Within the block, ``take`` from these tables gives their padding row no gradient."""
+    token = PADDING_ROWS.set(dict(rows))
+    try:
+        yield
+    finally:
+        PADDING_ROWS.reset(token)
 
 
 def _ints(expr) -> list[int]:

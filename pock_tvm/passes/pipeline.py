@@ -21,7 +21,7 @@ from .FreezeBatchNorm import FreezeBatchNorm
 from .InPlaceUpdates import InPlaceUpdates
 from .InlineKernelIntermediates import InlineKernelIntermediates
 from .IntegerKernels import IntegerKernels
-from .gradient_rules import register_gradient_rules
+from .gradient_rules import padding_rows as embedding_padding_rows, register_gradient_rules
 from ..options import PipelineOptions
 from .ReorderUpdates import ReorderUpdates
 from .ScheduleForCPU import ScheduleForCPU
@@ -82,8 +82,8 @@ def pock_tvm_pipeline(
             # Phase 2: the training graph, built once at compile time
             AppendLoss(loss_function),  # loss = L(forward(x), y) in one dataflow block
             CheckGradientRules(trainable, None, "loss"),  # and the loss's own ops (a torch loss)
-            SparseGradient(trainable),  # adjoints only for what the scheme updates
-            AppendOptimizer(optimizer, trainable, units=units, padding_rows=padding_rows),  # train_step = loss_adjoint + update (QAS)
+            _with_padding_rows(padding_rows, SparseGradient(trainable)),  # adjoints for what the scheme updates
+            AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
         ]
     if lower:
@@ -125,6 +125,18 @@ def pock_tvm_pipeline(
             relax.transform.AttachGlobalSymbol(),
         ]
     return tvm.transform.Sequential(passes, name="pock_tvm")
+
+
+def _with_padding_rows(rows: dict | None, autodiff):
+    """``autodiff`` with the embeddings' padding rows known to the ``take`` gradient rule."""
+    if not rows:
+        return autodiff
+
+    @tvm.transform.module_pass(opt_level=0, name="pock_tvm.WithPaddingRows")
+    def run(mod, _ctx):
+        with embedding_padding_rows(rows):
+            return autodiff(mod)
+    return run
 
 
 def _verified(verify: bool, scheduling: list) -> list:
