@@ -8,6 +8,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .utils import with_functions
+
 R = relax.op
 
 # Sums over at least this many terms accumulate in float64 (the bias and BatchNorm gradients of a
@@ -42,12 +44,7 @@ class AccurateSums:
                 new = mutator_.visit_expr(func)
                 if not new.same_as(func):
                     updates[gvar] = new
-        if not updates:
-            return mod
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        return with_functions(mod, updates)
 
 
 def terms_per_output(call: relax.Call) -> int | None:

@@ -6,6 +6,8 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from .utils import with_functions
+
 
 # Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, exact
 # product with n), exp(r) by a degree-7 polynomial; relative error about 1e-7
@@ -60,9 +62,4 @@ class FastExp:
                 body = tvm_ffi.structural_map(func.body, (tvm.ir.Call, _rewrite))
                 if not body.same_as(func.body):
                     updates[gvar] = func.with_body(body)
-        if not updates:
-            return mod
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        return with_functions(mod, updates)

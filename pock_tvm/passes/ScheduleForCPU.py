@@ -14,7 +14,7 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
 from ..analysis.kernel_check import RULES_ATTR
-from .utils import SCHEDULED, is_scheduled
+from .utils import SCHEDULED, is_scheduled, with_functions
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ class ScheduleForCPU:
                 updates[gvar] = scheduled
         if not updates:
             return mod
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        for gvar, func in updates.items():
-            mod[gvar] = func
+        mod = with_functions(mod, updates)
         logger.info("ScheduleForCPU: %d kernels scheduled, %d kept as loops%s", len(updates), len(skipped),
                     f" ({', '.join(skipped[:5])})" if skipped else "")
         return mod

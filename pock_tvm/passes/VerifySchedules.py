@@ -8,6 +8,7 @@ import tvm
 
 from ..analysis.kernel_check import KernelCheck, compare
 from .ScheduleForCPU import ScheduleForCPU
+from .utils import with_functions
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,7 @@ class VerifySchedules:
             logger.warning("VerifySchedules: %s", findings[-1])
         logger.info("VerifySchedules: %d kernels checked against their unscheduled form, %d wrong", checked,
                     len(findings))
-        if not replaced:
-            return scheduled.with_attr(FINDINGS_ATTR, [])
-        result = tvm.IRModule(dict(scheduled.functions.items()), attrs=scheduled.attrs)
-        for gvar, func in replaced.items():
-            result[gvar] = func
-        return result.with_attr(FINDINGS_ATTR, findings)
+        return with_functions(scheduled, replaced).with_attr(FINDINGS_ATTR, findings)
 
     def _fallback(self, name: str, plain: tvm.tirx.PrimFunc, target) -> tuple[tvm.tirx.PrimFunc, str]:
         simple = ScheduleForCPU().schedule(plain, plain_only=True)

@@ -26,6 +26,19 @@ def substitute(expr, remap: dict[relax.Var, relax.Expr]):
     return expr
 
 
+def with_functions(mod, updates: dict):
+    """A copy of ``mod`` (same attributes) with the functions of ``updates`` (``{GlobalVar: func}``)
+    replaced; ``mod`` itself when there is nothing to replace."""
+    if not updates:
+        return mod
+    import tvm
+
+    new = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    for gvar, func in updates.items():
+        new[gvar] = func
+    return new
+
+
 # The attribute TVM 0.27 puts on a kernel that has a schedule (DLight, MetaSchedule's database);
 # scheduling passes skip such kernels and set it on the ones they schedule.
 SCHEDULED = "tirx.is_scheduled"
