@@ -4,7 +4,8 @@
 //   pock_runner train BUNDLE DATA [--steps N] [--lr LR] [--no-save]
 //   pock_runner eval  BUNDLE DATA
 //   pock_runner serve [--host 127.0.0.1] [--port 9090] [--dir WORKDIR] [--trust BUNDLE]...
-//                     [--allow-remote-code] [--idle-timeout S]   (TVM RPC server, see serve.cc)
+//                     [--allow-remote-code] [--handshake-timeout S] [--idle-timeout S]
+//                     [--max-sessions N]   (TVM RPC server, see serve.cc)
 //
 // DATA holds whole batches back to back: for each batch the inputs, then the target, each as
 // raw little-endian C-order bytes with the shapes and dtypes of manifest.json (`pock-tvm pack-data`).
@@ -369,7 +370,8 @@ int Usage() {
                "       pock_runner train BUNDLE DATA [--steps N] [--lr LR] [--no-save]\n"
                "       pock_runner eval BUNDLE DATA\n"
                "       pock_runner serve [--host 127.0.0.1] [--port 9090] [--dir WORKDIR] [--trust BUNDLE]...\n"
-               "                         [--allow-remote-code] [--handshake-timeout S] [--idle-timeout S]\n");
+               "                         [--allow-remote-code] [--handshake-timeout S] [--idle-timeout S]\n"
+               "                         [--max-sessions N]\n");
   return 2;
 }
 
@@ -413,6 +415,8 @@ int Main(int argc, char** argv) {
         o.trusted_bundles.push_back(argv[++i]);
       } else if (a == "--handshake-timeout" && has_value) {
         o.handshake_timeout_s = static_cast<int>(ParseInt("--handshake-timeout", argv[++i], 1, 3600));
+      } else if (a == "--max-sessions" && has_value) {
+        o.max_sessions = static_cast<int>(ParseInt("--max-sessions", argv[++i], 1, 256));
       } else if (a == "--idle-timeout" && has_value) {
         o.idle_timeout_s = static_cast<int>(ParseInt("--idle-timeout", argv[++i], 1, 86400));
       } else {

@@ -6,34 +6,48 @@
 // What a client can do, and the limits:
 // - It binds 127.0.0.1 unless --host says otherwise: anyone who reaches the port is a client, there
 //   is no authentication (as with TVM's own server). Open it only on a network you trust.
-// - Files: upload, download and remove stay inside --dir (absolute paths and `..` are refused);
-//   removing "" (a client cleaning up its session) leaves --dir itself in place.
+// - Remote functions: only those on the allow-list in rpc_gate.cc (files, load_module, a loaded
+//   module's functions, timing, random fill); every other name and every session constructor (RPC
+//   proxies) is refused before TVM sees the request.
+// - Files: upload, download and remove stay inside the work directory (absolute paths and `..` are
+//   refused): --dir, which must exist, or a fresh private temporary directory; removing "" (a client
+//   cleaning up its session) leaves it in place.
 // - Code: loading a library runs its code. Only libraries whose SHA-256 a --trust BUNDLE names are
 //   loaded, unless --allow-remote-code (needed for autotuning, where every candidate is new code);
 //   the runtime's other module loaders are refused the same way.
-// - One client at a time, each in its own process: a client that stays silent in the handshake is
-//   dropped after --handshake-timeout seconds, an idle session after --idle-timeout, then the next
-//   waiting client is served.
+// - Sessions: each in its own process, at most --max-sessions at once (others wait in the listen
+//   queue); the whole handshake must finish within --handshake-timeout seconds, and a session silent
+//   for --idle-timeout seconds ends.
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
 #include <arpa/inet.h>
+#include <poll.h>
+#include <sys/stat.h>
 #include <dlfcn.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "bundle.h"
+#include "rpc_gate.h"
 #include "serve.h"
 #include "sha256.h"
 
@@ -50,11 +64,18 @@ constexpr int32_t kCodeMismatch = kRPCMagic + 2;
 const char* kModuleLoaders[] = {"ffi.ModuleLoadFromFile", "ffi.Module.load_from_file.so",
                                 "ffi.Module.load_from_file.dylib", "runtime.ModuleLoadStaticLibrary"};
 
-bool RecvAll(int fd, void* buf, size_t n) {
+using Clock = std::chrono::steady_clock;
+
+// Reads exactly n bytes before `deadline`: a client trickling bytes cannot stretch the handshake.
+bool RecvBefore(int fd, void* buf, size_t n, Clock::time_point deadline) {
   char* p = static_cast<char*>(buf);
   while (n > 0) {
-    ssize_t r = recv(fd, p, n, 0);
-    if (r <= 0) return false;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    pollfd pfd{fd, POLLIN, 0};
+    if (left <= 0 || poll(&pfd, 1, static_cast<int>(std::min<long long>(left, INT_MAX))) <= 0) return false;
+    ssize_t r = recv(fd, p, n, MSG_DONTWAIT);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) return false;
+    if (r < 0) continue;
     p += r;
     n -= static_cast<size_t>(r);
   }
@@ -72,19 +93,16 @@ bool SendAll(int fd, const void* buf, size_t n) {
   return true;
 }
 
-void SetRecvTimeout(int fd, int seconds) {
-  timeval tv{seconds, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-}
-
 // The client sends the magic, then "client:<key> [options]"; we answer success and our key.
-bool Handshake(int fd) {
+bool Handshake(int fd, int timeout_s) {
+  Clock::time_point deadline = Clock::now() + std::chrono::seconds(timeout_s);
   int32_t magic = 0, len = 0;
-  if (!RecvAll(fd, &magic, 4) || magic != kRPCMagic || !RecvAll(fd, &len, 4) || len < 0 || len > 4096) {
+  if (!RecvBefore(fd, &magic, 4, deadline) || magic != kRPCMagic || !RecvBefore(fd, &len, 4, deadline) || len < 0 ||
+      len > 4096) {
     return false;
   }
   std::string key(static_cast<size_t>(len), '\0');
-  if (!RecvAll(fd, key.data(), key.size())) return false;
+  if (!RecvBefore(fd, key.data(), key.size(), deadline)) return false;
   if (key.rfind("client:", 0) != 0) {
     SendAll(fd, &kCodeMismatch, 4);
     return false;
@@ -92,6 +110,25 @@ bool Handshake(int fd) {
   std::string server_key = "server:pock_runner";
   int32_t n = static_cast<int32_t>(server_key.size());
   return SendAll(fd, &kCodeSuccess, 4) && SendAll(fd, &n, 4) && SendAll(fd, server_key.data(), server_key.size());
+}
+
+// --dir, which must be an existing directory, or a fresh private one; as an absolute path.
+std::string WorkDir(const std::string& asked) {
+  std::string dir = asked;
+  if (dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/pock_runner-XXXXXX";
+    if (!mkdtemp(pattern.data())) throw pock::Error("cannot create a private work directory " + pattern);
+    dir = pattern;  // mode 0700
+  }
+  struct stat st {};
+  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    throw pock::Error("--dir '" + dir + "' is not an existing directory; create it (the server keeps clients' " +
+                      "files inside it) or leave --dir out for a fresh private one");
+  }
+  char resolved[PATH_MAX];
+  if (!realpath(dir.c_str(), resolved)) throw pock::Error("cannot resolve --dir '" + dir + "'");
+  return resolved;
 }
 
 // A client's file name, resolved inside the work directory; anything that could leave it is refused.
@@ -142,6 +179,20 @@ void Register(const pock::ServeOptions& o) {
         }
         return load_so(path, std::string("so")).cast<ffi::Module>();
       }), true);
+  // Timing runs one function of a module the client loaded; a global function (no module) or a
+  // pre-processing function by name would let a client call anything off the allow-list.
+  ffi::Function time_evaluator = ffi::Function::GetGlobalRequired("runtime.RPCTimeEvaluator");
+  ffi::Function::SetGlobal(
+      "runtime.RPCTimeEvaluator", ffi::Function::FromPacked([time_evaluator](ffi::PackedArgs args, ffi::Any* rv) {
+        bool module = args.size() == 12 && args[0].as<ffi::Module>().has_value();
+        std::string preproc = args.size() == 12 ? args[11].cast<std::string>() : std::string();
+        if (!module || args[0].as<ffi::Module>().value()->kind() == std::string("rpc") ||
+            (!preproc.empty() && preproc != "cache_flush_cpu_non_first_arg")) {
+          TVM_FFI_THROW(PermissionError) << "pock_runner serve: time_evaluator times a function of a module "
+                                         << "loaded with load_module, with no pre-processing or the CPU cache flush";
+        }
+        time_evaluator.CallPacked(args, rv);
+      }), true);
   if (!allow) {
     for (const char* name : kModuleLoaders) {
       if (!ffi::Function::GetGlobal(name)) continue;
@@ -159,10 +210,11 @@ void Register(const pock::ServeOptions& o) {
 
 namespace pock {
 
-int Serve(const ServeOptions& o) {
+int Serve(const ServeOptions& given) {
+  ServeOptions o = given;
+  o.workdir = WorkDir(o.workdir);
   dlopen("libtvm_runtime_cuda.so", RTLD_NOW | RTLD_GLOBAL);  // CUDA devices where the library ships
   Register(o);
-  ffi::Function server_loop = ffi::Function::GetGlobalRequired("rpc.ServerLoop");
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(o.port));
@@ -173,35 +225,43 @@ int Serve(const ServeOptions& o) {
   int listener = socket(AF_INET, SOCK_STREAM, 0);
   int one = 1;
   setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(listener, 8) != 0) {
+  if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(listener, 16) != 0) {
     throw Error("cannot listen on " + o.host + ":" + std::to_string(o.port) + " (in use?); pick another with --port");
   }
   if (o.host.rfind("127.", 0) != 0) {
     std::printf("warning: serving on %s: anyone who can reach port %d can upload files into %s%s\n", o.host.c_str(),
                 o.port, o.workdir.c_str(), o.allow_remote_code ? " and run any code on this machine" : "");
   }
-  std::printf("serving TVM RPC on %s:%d, files in %s%s\n", o.host.c_str(), o.port, o.workdir.c_str(),
-              o.allow_remote_code ? ", remote code allowed" : "");
+  std::printf("serving TVM RPC on %s:%d, files in %s%s, at most %d sessions\n", o.host.c_str(), o.port,
+              o.workdir.c_str(), o.allow_remote_code ? ", remote code allowed" : "", o.max_sessions);
   std::fflush(stdout);
   signal(SIGPIPE, SIG_IGN);
+  int live = 0;
   while (true) {
+    while (live > 0 && waitpid(-1, nullptr, WNOHANG) > 0) --live;
+    if (live >= o.max_sessions) {  // full: the next client waits in the listen queue
+      if (waitpid(-1, nullptr, 0) > 0) --live;
+      continue;
+    }
     int fd = accept(listener, nullptr, nullptr);
     if (fd < 0) continue;
     pid_t child = fork();
     if (child == 0) {  // one process per session: a crash or a hang ends only this session
+#ifdef __linux__
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // and no session outlives the server
+      if (getppid() == 1) _exit(1);
+#endif
       close(listener);
-      SetRecvTimeout(fd, o.handshake_timeout_s);
-      if (!Handshake(fd)) {
+      if (!Handshake(fd, o.handshake_timeout_s)) {
         std::printf("handshake failed or timed out\n");
         std::fflush(stdout);
         _exit(1);
       }
       std::printf("session started\n");
       std::fflush(stdout);
-      SetRecvTimeout(fd, o.idle_timeout_s);
       int code = 0;
       try {
-        server_loop(fd);
+        RpcGate(fd, o.idle_timeout_s).Serve();
       } catch (const std::exception& e) {
         std::printf("session error: %s\n", e.what());
         code = 1;
@@ -211,7 +271,7 @@ int Serve(const ServeOptions& o) {
       _exit(code);
     }
     close(fd);
-    if (child > 0) waitpid(child, nullptr, 0);
+    if (child > 0) ++live;
   }
 }
 

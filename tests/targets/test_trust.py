@@ -272,12 +272,33 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _serve(runner, workdir, *args):
+def _serve(runner, workdir, *args, **popen):
     port = _free_port()
-    server = subprocess.Popen([str(runner / "pock_runner"), "serve", "--port", str(port), "--dir", str(workdir),
-                               *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert "serving TVM RPC on 127.0.0.1:" in server.stdout.readline()
+    where = ["--dir", str(workdir)] if workdir is not None else []
+    server = subprocess.Popen([str(runner / "pock_runner"), "serve", "--port", str(port), *where, *map(str, args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, **popen)
+    line = server.stdout.readline()
+    assert "serving TVM RPC on 127.0.0.1:" in line, line
     return server, port
+
+
+def _handshake(port, trickle=0.0):
+    """TVM's RPC handshake by hand: the magic, then "client:" key; returns the socket after the answer
+    (``None`` when the server closed it). ``trickle`` > 0 sends one byte at a time, that many seconds apart."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    message = np.int32(0xFF271).tobytes() + np.int32(7).tobytes() + b"client:"
+    try:
+        for i in range(0, len(message), 1 if trickle else len(message)):
+            sock.sendall(message[i:i + (1 if trickle else len(message))])
+            time.sleep(trickle)
+        sock.settimeout(5)
+        answer = sock.recv(4)
+    except OSError:
+        answer = b""
+    if len(answer) != 4:
+        sock.close()
+        return None
+    return sock
 
 
 def _listening_address(port: int) -> str:
@@ -313,7 +334,7 @@ def test_rpc_server_binds_loopback_and_keeps_files_in_its_directory(made, host_r
         remote.upload(str(bundle / "lib.so"))
         with pytest.raises(Exception, match="refused to load 'lib.so'.*--trust BUNDLE"):
             remote.load_module("lib.so")
-        with pytest.raises(Exception, match="'ffi.ModuleLoadFromFile' is disabled"):
+        with pytest.raises(Exception, match="'ffi.ModuleLoadFromFile' is not on the allow-list"):
             remote.get_function("ffi.ModuleLoadFromFile")(str(work / "lib.so"))
     finally:
         server.kill()
@@ -332,5 +353,128 @@ def test_rpc_server_loads_trusted_bundles_and_serves_clients_one_after_another(m
         assert remote.load_module("lib.so") is not None
         assert time.monotonic() - start < 30
         idle.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("name", ["vm.builtin.tensor_cache.load", "vm.builtin.tensor_cache.get",
+                                  "runtime.LoadParams", "runtime.SaveParamsToFile", "relax.ExecutableLoadFromFile",
+                                  "rpc.Connect", "ffi.ModuleLoadFromFile", "ffi.Module.load_from_file.so",
+                                  "runtime.ModuleLoadStaticLibrary", "ffi.SystemLib", "testing.echo"])
+def test_rpc_server_refuses_every_function_off_the_allow_list(host_runner, tmp_path, name):
+    from tvm import rpc
+
+    server, port = _serve(host_runner, tmp_path, "--allow-remote-code")  # the allow-list holds even here
+    try:
+        remote = rpc.connect("127.0.0.1", port)
+        with pytest.raises(Exception, match=f"remote function '{name}' is not on the allow-list"):
+            remote.get_function(name)
+        remote.upload(bytearray(b"still served"), "after.txt")  # the session goes on after a refusal
+        assert (tmp_path / "after.txt").read_bytes() == b"still served"
+    finally:
+        server.kill()
+        log = server.stdout.read()
+    assert f"refused: remote function '{name}'" in log
+
+
+def test_rpc_server_reads_and_writes_nothing_outside_its_directory_through_the_runtime(host_runner, tmp_path):
+    """The probe's attacks: a tensor cache pointing out of --dir, params saved to an absolute path, a
+    time evaluator naming a global function, an RPC proxy to another port."""
+    from tvm import rpc
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "secret").write_bytes(b"secret bytes")
+    server, port = _serve(host_runner, work)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    try:
+        remote = rpc.connect("127.0.0.1", port)
+        remote.upload(bytearray(json.dumps({"records": [{"dataPath": "../secret", "format": "raw-shard",
+                                                         "nbytes": 12, "records": []}]}).encode()),
+                      "tensor-cache.json")
+        for name in ("vm.builtin.tensor_cache.load", "runtime.SaveParamsToFile", "runtime.LoadParams"):
+            with pytest.raises(Exception, match="not on the allow-list"):
+                remote.get_function(name)
+        evaluator = remote.get_function("runtime.RPCTimeEvaluator")
+        for module, preproc in ((None, ""), (None, "runtime.SaveParamsToFile")):
+            with pytest.raises(Exception, match="time_evaluator times a function of a module loaded"):
+                evaluator(module, "runtime.SaveParamsToFile", 1, 0, 1, 1, 0, 0, 0, 0, 0, preproc)
+        with pytest.raises(Exception, match="a session constructor .* is not allowed"):
+            rpc.connect("127.0.0.1", port, session_constructor_args=[
+                "rpc.Connect", "127.0.0.1", listener.getsockname()[1], "", False])
+        with pytest.raises(socket.timeout):
+            listener.accept()  # the server opened no outbound connection
+    finally:
+        server.kill()
+        listener.close()
+    assert (tmp_path / "secret").read_bytes() == b"secret bytes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret", "work"]
+
+
+def test_rpc_server_without_dir_uses_a_fresh_private_directory(host_runner, tmp_path):
+    from tvm import rpc
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "authorized_keys").write_text("mine")
+    server, port = _serve(host_runner, None, cwd=home, env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        remote = rpc.connect("127.0.0.1", port)
+        remote.upload(bytearray(b"planted"), "authorized_keys")
+        with pytest.raises(Exception):
+            remote.download(".ssh/authorized_keys")
+        remote.remove(".ssh/authorized_keys")
+    finally:
+        server.kill()
+    assert (home / ".ssh" / "authorized_keys").read_text() == "mine"
+    assert sorted(p.name for p in home.iterdir()) == [".ssh"]
+    (private,) = tmp.iterdir()
+    assert private.name.startswith("pock_runner-") and (private / "authorized_keys").read_bytes() == b"planted"
+    assert private.stat().st_mode & 0o077 == 0  # only the server's user can read it
+    result = _runner(host_runner, "serve", "--port", str(_free_port()), "--dir", tmp_path / "missing")
+    assert result.returncode == 1 and "--dir '" in result.stderr and "is not an existing directory" in result.stderr
+
+
+def test_rpc_handshake_has_a_total_deadline_and_sessions_are_bounded(host_runner, tmp_path):
+    from tvm import rpc
+
+    server, port = _serve(host_runner, tmp_path, "--handshake-timeout", 2, "--max-sessions", 1)
+    try:
+        # one byte every 0.4 s: each recv is quick, the handshake as a whole is not
+        start = time.monotonic()
+        assert _handshake(port, trickle=0.4) is None
+        assert time.monotonic() - start < 5
+        # the only session is held: the next client waits in the queue, then is served when it ends
+        held = rpc.connect("127.0.0.1", port)
+        waiting = socket.create_connection(("127.0.0.1", port))
+        waiting.sendall(np.int32(0xFF271).tobytes() + np.int32(7).tobytes() + b"client:")
+        waiting.settimeout(1.5)
+        with pytest.raises(socket.timeout):
+            waiting.recv(4)
+        del held  # the client shuts its session down
+        waiting.settimeout(10)
+        assert np.frombuffer(waiting.recv(4), "int32")[0] == 0xFF271
+        waiting.close()
+    finally:
+        server.kill()
+
+
+def test_rpc_server_serves_sessions_side_by_side(made, host_runner, tmp_path):
+    from tvm import rpc
+
+    server, port = _serve(host_runner, tmp_path, "--max-sessions", 3, "--handshake-timeout", 30)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # two stuck handshakes
+        start = time.monotonic()
+        remote = rpc.connect("127.0.0.1", port)
+        remote.upload(bytearray(b"x"), "x.txt")
+        assert time.monotonic() - start < 10
+        for sock in silent:
+            sock.close()
     finally:
         server.kill()
