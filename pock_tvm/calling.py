@@ -59,3 +59,7 @@ def signatures(inputs: Sequence[str], params: Sequence[str], target: str, traina
                        "outputs": train_step_outputs(trainable, states)},
         "forward": {"args": forward_args(inputs, params), "outputs": [OUTPUT]},
     }
+
+# The start of the error a compiled function raises when an index it reads memory at lies outside
+# its table (``passes.CheckIndices``); runtimes turn it into a clear error for the user.
+INDEX_ERROR = "pock_tvm: index out of range"

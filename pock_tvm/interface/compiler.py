@@ -96,6 +96,14 @@ def build_training_graph(imported, trainable, partial, loss, optimizer,
                              frozen_values=frozen_values, options=options, lower=False, units=units)(imported.mod)
 
 
+def _user_names(imported: ImportedModel) -> dict[str, str]:
+    """``{Relax variable name: the user's name}`` of the inputs and parameters (error messages)."""
+    forward = imported.mod["forward"].params
+    names = {var.name: spec.name for var, spec in zip(forward, imported.inputs)}
+    names.update({p.var_name: p.name for p in imported.params})
+    return names
+
+
 @dataclass
 class PlannedStep:
     """A training step lowered and memory-planned, before code generation: what the compiler knows
@@ -151,7 +159,8 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     with tgt, tvm.transform.PassContext(opt_level=3):
         lowered = pock_tvm_pipeline(build_training_graph=False, gpu=gpu, options=options,
                                     tuning_database=str(tuning_database) if tuning_database else None,
-                                    conv_layouts=CONV_LAYOUTS[preset.conv_layout], verify=verify)(train_mod)
+                                    conv_layouts=CONV_LAYOUTS[preset.conv_layout], verify=verify,
+                                    names=_user_names(imported))(train_mod)
         report.planned = {"train_step": planned_bytes(lowered)["storage"],
                           "forward": planned_bytes(lowered, "forward")["storage"],
                           "kernel_scratch": kernel_workspace(lowered)["peak"],

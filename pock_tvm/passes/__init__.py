@@ -6,6 +6,7 @@ from .AppendOptimizer import AppendOptimizer
 from .ApplyTuningDatabase import ApplyTuningDatabase
 from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
+from .CheckIndices import CheckIndices
 from .FastExp import FastExp
 from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
@@ -21,7 +22,7 @@ from .VerifySchedules import VerifySchedules
 
 register_gradient_rules()
 
-__all__ = ["AccurateSums", "AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "FastExp", "FoldBatchNorm",
+__all__ = ["AccurateSums", "AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams", "CheckGradientRules", "CheckIndices", "FastExp", "FoldBatchNorm",
            "FreezeBatchNorm", "InlineKernelIntermediates",
            "GRADIENT_RULES", "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels", "UnbroadcastLinear", "VerifySchedules",
            "pock_tvm_pipeline",

@@ -15,6 +15,7 @@ from .AppendOptimizer import AppendOptimizer
 from .ApplyTuningDatabase import ApplyTuningDatabase
 from .BindFrozenParams import BindFrozenParams
 from .CheckGradientRules import CheckGradientRules
+from .CheckIndices import CheckIndices
 from .FastExp import FastExp
 from .FoldBatchNorm import FoldBatchNorm
 from .FreezeBatchNorm import FreezeBatchNorm
@@ -51,6 +52,7 @@ def pock_tvm_pipeline(
     units: dict | None = None,
     verify: bool = False,
     padding_rows: dict[str, int] | None = None,
+    names: dict[str, str] | None = None,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
@@ -65,6 +67,8 @@ def pock_tvm_pipeline(
     ``units``: ``{trainable name: unit}`` of parameters an int8 model trains in integer units
     (``pock_tvm.quantize.train_quantized``), for the optimizer's quantization-aware scaling.
     ``padding_rows``: ``{trainable name: row}``, embedding rows that get no gradient (``padding_idx``).
+    ``names``: ``{Relax variable name: the user's name}`` of inputs and parameters, for the run-time
+    index checks' messages (``CheckIndices``).
     ``verify=True`` (CPU targets) runs every kernel that got a schedule (default rule, tuned record,
     fast math) once against its unscheduled form and falls back where the numbers differ
     (``VerifySchedules``; what it found is the module attribute ``pock_tvm.kernel_checks``)."""
@@ -90,6 +94,7 @@ def pock_tvm_pipeline(
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
             relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
+            CheckIndices(names),  # an index outside its table raises where it is used, never reads outside
             *([IntegerKernels()] if opt.integer_kernels else []),  # int8 convs/linears; keep int8 for backward
             *([relax.transform.ConvertLayout(conv_layouts)] if conv_layouts else []),  # the target's layout
             AccurateSums(),  # long float32 sums (bias gradients) accumulate in float64, inside the kernel

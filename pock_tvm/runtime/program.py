@@ -62,7 +62,7 @@ class Program:
         given = {s.name: self._checked(a, s) for a, s in zip(arrays, specs)}
         given[calling.LR] = self._put(np.asarray(check_lr(self.lr if lr is None else lr), "float32"))
         call = self._calls["train_step"]
-        out = self._vm["train_step"](*[given[n] if n in given else self._live[n] for n in call["args"]])
+        out = _run(self._vm["train_step"], [given[n] if n in given else self._live[n] for n in call["args"]], "step")
         loss = None
         for name, value in zip(call["outputs"], out):
             if name == calling.LOSS:
@@ -77,7 +77,7 @@ class Program:
             raise ValueError(f"predict: expected {len(self.layout.inputs)} inputs, got {len(inputs)}")
         given = {s.name: self._checked(_array(a), s) for a, s in zip(inputs, self.layout.inputs)}
         args = self._calls["forward"]["args"]
-        return self._vm["forward"](*[given[n] if n in given else self._live[n] for n in args]).numpy()
+        return _run(self._vm["forward"], [given[n] if n in given else self._live[n] for n in args], "predict").numpy()
 
     def instrument(self, callback) -> None:
         """Call ``callback(func, name, before, ret, *args)`` around every call the VM makes (kernels
@@ -258,3 +258,15 @@ def _runs_here(target: dict) -> bool:
 def load_program(path: str | Path) -> Program:
     """Load a bundle (``pock_tvm.load``); see :meth:`Program.load`."""
     return Program.load(path)
+
+
+def _run(function, args: list, what: str):
+    """``function(*args)``; a check the compiled step makes on its inputs (an index outside its
+    table, see ``passes.CheckIndices``) is a ValueError naming it, not a TVM error."""
+    try:
+        return function(*args)
+    except Exception as err:  # noqa: BLE001 -- TVM raises RuntimeError/TVMError subclasses
+        message = str(err)
+        if calling.INDEX_ERROR in message:
+            raise ValueError(f"{what}: {message[message.index(calling.INDEX_ERROR):].strip()}") from None
+        raise
