@@ -72,7 +72,12 @@ class NextTokenCrossEntropy:
                 ignored = relax.const(np.full((batch, 1), self.ignore_index, "int64"), "int64")
                 shifted = bb.emit(R.reshape(R.concat([tail, ignored], axis=1), (batch * seq,)))
                 log_p = bb.emit(R.nn.log_softmax(R.reshape(logits, (batch * seq, vocab))))
-                loss = bb.emit_output(R.nn.nll_loss(log_p, shifted, None, "mean", self.ignore_index))
+                # the mean over the positions that count, and 0 (no gradient) when none does (an
+                # all-padding batch): "mean" would divide by zero and turn every parameter into NaN
+                total = bb.emit(R.nn.nll_loss(log_p, shifted, None, "sum", self.ignore_index))
+                counted = bb.emit(R.sum(R.astype(R.not_equal(shifted, relax.const(self.ignore_index, "int64")),
+                                                 "float32")))
+                loss = bb.emit_output(R.divide(total, R.maximum(counted, relax.const(1.0, "float32"))))
             bb.emit_func_output(loss)
         return bb.get()["loss"]
 

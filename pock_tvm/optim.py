@@ -28,9 +28,13 @@ def _c(value: float, dtype: str = "float32") -> relax.Constant:
     return relax.const(value, dtype)
 
 
+# The step takes the learning rate as float32: a larger number would become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_lr(lr) -> float:
-    """A learning rate is a finite number >= 0; anything else is refused with the value."""
-    return _check("learning rate", lr, 0.0, math.inf)
+    """A learning rate is a finite float32 number >= 0; anything else is refused with the value."""
+    return _check("learning rate", lr, 0.0, FLOAT32_MAX)
 
 
 def _check(what: str, value, low: float, high: float, high_open: bool = False) -> float:
@@ -64,7 +68,7 @@ class SGD:
     qas: bool = True
 
     def __post_init__(self) -> None:
-        _validate(self, {"lr": (0, math.inf, False), "momentum": (0, 1, True), "dampening": (0, 1, False),
+        _validate(self, {"lr": (0, FLOAT32_MAX, False), "momentum": (0, 1, True), "dampening": (0, 1, False),
                          "weight_decay": (0, math.inf, False)})
 
     def state_names(self) -> tuple[str, ...]:
@@ -104,7 +108,7 @@ class Adam:
     qas: bool = True
 
     def __post_init__(self) -> None:
-        _validate(self, {"lr": (0, math.inf, False), "beta1": (0, 1, True), "beta2": (0, 1, True),
+        _validate(self, {"lr": (0, FLOAT32_MAX, False), "beta1": (0, 1, True), "beta2": (0, 1, True),
                          "eps": (0, math.inf, False), "weight_decay": (0, math.inf, False)})
         if self.eps <= 0:
             raise ValueError(f"Adam.eps must be > 0, got {self.eps!r}")

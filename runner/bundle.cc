@@ -1,5 +1,6 @@
 #include "bundle.h"
 
+#include <cmath>
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
@@ -186,6 +187,38 @@ void CheckFiles(const Manifest& m, const json::Object& files) {
   }
 }
 
+// An ELF library whose sections or segments reach past the end of the file (a truncated copy whose
+// hash was recomputed) would fault (SIGBUS) when the loader maps it; refuse it instead.
+void CheckLibraryComplete(const std::string& path) {
+  std::string bytes = ReadFile(path);
+  auto bad = [&](const std::string& why) {
+    throw Error("library '" + path + "' is damaged (" + why + "); copy the bundle again or recompile");
+  };
+  if (bytes.size() < 4 || bytes.compare(0, 4, "\x7f" "ELF") != 0) return;  // Mach-O, tar: left to the loader
+  if (bytes.size() < 64 || bytes[4] != 2) bad("not a complete 64-bit ELF header");
+  auto u16 = [&](size_t at) { uint16_t v; std::memcpy(&v, bytes.data() + at, 2); return static_cast<uint64_t>(v); };
+  auto u64 = [&](size_t at) { uint64_t v; std::memcpy(&v, bytes.data() + at, 8); return v; };
+  uint64_t size = bytes.size(), phoff = u64(32), shoff = u64(40);
+  uint64_t phentsize = u16(54), phnum = u16(56), shentsize = u16(58), shnum = u16(60);
+  if (phoff > size || phnum * phentsize > size - phoff || shoff > size || shnum * shentsize > size - shoff) {
+    bad("its headers lie past the end of the file");
+  }
+  for (uint64_t i = 0; i < phnum; ++i) {
+    uint64_t at = phoff + i * phentsize;
+    if (phentsize < 56) bad("program headers too small");
+    uint64_t offset = u64(at + 8), filesz = u64(at + 32);
+    if (offset > size || filesz > size - offset) bad("a segment lies past the end of the file");
+  }
+  for (uint64_t i = 0; i < shnum; ++i) {
+    uint64_t at = shoff + i * shentsize;
+    if (shentsize < 64) bad("section headers too small");
+    uint32_t type;
+    std::memcpy(&type, bytes.data() + at + 4, 4);
+    uint64_t offset = u64(at + 24), sz = u64(at + 32);
+    if (type != 8 /* SHT_NOBITS */ && (offset > size || sz > size - offset)) bad("a section lies past the end of the file");
+  }
+}
+
 // The calling convention only names things the runner has: inputs, the target, the learning
 // rate and passed tensors; outputs are the loss and passed tensors.
 void CheckSignatures(const Manifest& m) {
@@ -238,6 +271,23 @@ Manifest LoadManifest(const std::string& dir) {
   } catch (const Error&) {
     throw Error("'" + dir + "' has no manifest.json; pass a bundle written by `pock-tvm compile -o`");
   }
+  // JSON nests objects and arrays recursively: a manifest of thousands of brackets would overflow
+  // the parser's stack. A real one nests 6 deep.
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > 64) throw Error("manifest.json nests deeper than 64 levels; it is not a bundle manifest");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
   ffi::String err;
   ffi::Any parsed = json::Parse(text, &err);
   if (!err.empty()) throw Error("manifest.json is not valid JSON: " + std::string(err));
@@ -264,6 +314,7 @@ Manifest LoadManifest(const std::string& dir) {
                 ": use the runner from `pock-tvm build-runner --target " + m.target_name + "`");
   }
   CheckFiles(m, files);
+  CheckLibraryComplete(dir + "/" + m.library);
   struct stat st{};
   if (stat((dir + "/" + m.state_file).c_str(), &st) != 0) throw Error("cannot read " + m.state_file);
   m.state_bytes = static_cast<size_t>(st.st_size);
@@ -277,8 +328,29 @@ Manifest LoadManifest(const std::string& dir) {
   json::Object opt = ObjAt(layout, "optimizer", "layout.");
   if (opt.count(ffi::String("lr"))) {
     auto lr = opt[ffi::String("lr")].try_cast<double>();
-    if (!lr) Bad("'layout.optimizer.lr' must be a number");
+    if (!lr || !std::isfinite(*lr) || *lr < 0 || *lr > 3.0e38) {
+      Bad("'layout.optimizer.lr' must be a finite number >= 0");
+    }
     m.lr = *lr;
+  }
+  // The label checks (and the evaluation) read the target as the loss defines it: the manifest's
+  // loss, target and output must agree (the library itself checks every label it indexes with).
+  const Spec& t = m.target;
+  std::vector<int64_t> want_shape;
+  std::string want_dtype;
+  if (m.loss == "cross_entropy" && m.output.shape.size() == 2) {
+    want_shape = {m.output.shape[0]};
+    want_dtype = "int64";
+  } else if (m.loss == "next_token" && m.output.shape.size() == 3) {
+    want_shape = {m.output.shape[0], m.output.shape[1]};
+    want_dtype = "int64";
+  } else if (m.loss == "mse") {
+    want_shape = m.output.shape;
+    want_dtype = m.output.dtype;
+  }
+  if (!want_dtype.empty() && (t.shape != want_shape || t.dtype != want_dtype)) {
+    Bad("'layout.target' (" + t.dtype + ") does not fit the loss '" + m.loss + "' of an output of " +
+        std::to_string(m.output.shape.size()) + " dimensions");
   }
   json::Array tensors = ArrAt(m.raw, "tensors");
   std::set<std::string> names;

@@ -176,6 +176,27 @@ Data LoadData(const Manifest& m, const std::string& path) {
     }
     offset += spec.nbytes;
   }
+  // NaN or inf in a float input or target turns every parameter it reaches into NaN.
+  offset = 0;
+  for (const Spec* spec : [&] { std::vector<const Spec*> v; for (const Spec& x : m.inputs) v.push_back(&x);
+                                v.push_back(&m.target); return v; }()) {
+    if (spec->dtype == "float32") {
+      size_t count = spec->nbytes / sizeof(float);
+      for (size_t b = 0; b < d.batches; ++b) {
+        const char* p = d.bytes.data() + b * d.batch_bytes + offset;
+        for (size_t i = 0; i < count; ++i) {
+          float v;
+          std::memcpy(&v, p + i * sizeof(float), sizeof(float));
+          if (!std::isfinite(v)) {
+            throw Error("data file '" + path + "': '" + spec->name + "' holds " + (std::isnan(v) ? "NaN" : "inf") +
+                        " (batch " + std::to_string(b) + ", position " + std::to_string(i) +
+                        "); inputs and targets must be finite: clean the data and pack it again");
+          }
+        }
+      }
+    }
+    offset += spec->nbytes;
+  }
   // Class labels index the logits: one out of range would read outside them. A causal LM's
   // next-token labels may also be -100 (a position that does not count: padding).
   bool next_token = m.loss == "next_token" && m.output.shape.size() == 3;
@@ -226,6 +247,20 @@ std::string NonFinite(const Manifest& m, const std::string& state) {
     }
   }
   return "";
+}
+
+// How many of `forward`'s float32 outputs on the first batch of `d` are NaN or inf.
+size_t NonFiniteOutputs(Session& s, const Data& d) {
+  if (s.m.output.dtype != "float32") return 0;
+  ffi::Tensor out = s.Call("forward", s.Args(s.m.forward, Batch(s, d, 0))).cast<ffi::Tensor>();
+  std::string bytes = s.rt.Get(out, s.m.output.nbytes);
+  size_t count = 0;
+  for (size_t i = 0; i < bytes.size() / sizeof(float); ++i) {
+    float v;
+    std::memcpy(&v, bytes.data() + i * sizeof(float), sizeof(float));
+    count += !std::isfinite(v);
+  }
+  return count;
 }
 
 // Linux: KiB of a /proc/self/status field (0 elsewhere). ResetPeak makes VmHWM cover what follows.
@@ -306,6 +341,13 @@ int Train(const std::string& dir, const std::string& data_path, int steps, doubl
   std::string bad = NonFinite(s.m, current);
   if (!bad.empty()) {
     throw Error("training diverged: " + bad + "; nothing was saved, lower the learning rate (--lr)");
+  }
+  // Finite weights (1e29) can still make a model that predicts NaN or inf: what is saved must
+  // give finite outputs on the first batch.
+  size_t output_bad = NonFiniteOutputs(s, d);
+  if (output_bad) {
+    throw Error("training diverged: the trained model's output on the first batch holds " +
+                std::to_string(output_bad) + " NaN or inf values; nothing was saved, lower the learning rate (--lr)");
   }
   if (save) {
     size_t step_index = 0;

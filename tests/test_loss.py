@@ -26,6 +26,39 @@ def test_next_token_loss_shifts_and_ignores_padding_like_hugging_face():
     assert loss.target_spec(TensorSpec("output", (2, 6, 11), "float32")) == TensorSpec("target", (2, 6), "int64")
 
 
+class _TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 8)
+        self.head = torch.nn.Linear(8, 11)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_an_all_ignored_batch_trains_nothing_and_stays_finite():
+    """Labels all -100 (a batch of padding): the mean over no position is 0 with no gradient, as
+    torch's gradient is; "mean" over zero positions would be 0/0 and turn every parameter into NaN."""
+    import pock_tvm
+
+    torch.manual_seed(0)
+    ids = np.random.default_rng(0).integers(0, 11, (2, 6))
+    program = pock_tvm.compile(_TinyLM(), (torch.from_numpy(ids),), scheme="full", loss="next_token",
+                               optimizer=pock_tvm.SGD(lr=0.5))
+    before = {k: v.copy() for k, v in program.state_dict().items()}
+    assert program.step(ids, np.full((2, 6), -100)) == 0.0
+    after = program.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    labels = ids.copy()
+    labels[1] = -100  # half the batch counts: the mean over the counted positions, as torch
+    model = _TinyLM()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in before.items()})
+    logits = model(torch.from_numpy(ids))
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11),
+                                                 torch.from_numpy(labels)[:, 1:].reshape(-1))
+    np.testing.assert_allclose(program.step(ids, labels), expected.item(), rtol=1e-5)
+
+
 def test_next_token_loss_needs_sequence_logits():
     with pytest.raises(ValueError, match=r"NextTokenCrossEntropy: needs \(batch, sequence >= 2, vocab\) logits, "
                                          r"the model returns \(4, 10\); use loss='cross_entropy'"):

@@ -12,9 +12,41 @@ from ..options import PipelineOptions
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(d) for d in text.split(","))
+        shape = tuple(int(d) for d in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"shape must be comma-separated integers, got {text!r}") from None
+    if any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
+    return shape
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"takes an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float = float("inf")):
+    """An argparse type: a finite number in ``[low, high]``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number, got {text!r}") from None
+        if not low <= value <= high or value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"takes a finite number >= {low:g}, got {text!r}")
+        return value
+    return parse
+
+
+_LR = _number(0.0, 3.4028234663852886e38)  # the step takes it as float32
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", type=_shape, help="e.g. 8,3,128,128")
     c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "next_token", "mse"])
     c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    c.add_argument("--lr", type=float)
-    c.add_argument("--momentum", type=float, default=0.0)
-    c.add_argument("--weight-decay", type=float, default=0.0)
+    c.add_argument("--lr", type=_LR)
+    c.add_argument("--momentum", type=_number(0.0, 1.0), default=0.0)
+    c.add_argument("--weight-decay", type=_number(0.0), default=0.0)
     c.add_argument("--opt", default="O3", choices=["O0", "O1", "O2", "O3"],
                    help="training-graph optimizations (O3: all; O0: none, for measuring)")
     c.add_argument("--disable", action="append", default=[], metavar="NAME",
@@ -50,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run training steps over an .npz data file")
     t.add_argument("program")
     t.add_argument("--data", required=True, help=".npz with 'x' (or one array per input) and 'y'")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=_at_least(1), default=1)
+    t.add_argument("--lr", type=_LR)
     t.add_argument("--no-save", action="store_true", help="do not write the updated state back")
 
     b = sub.add_parser("build-runner", help="build the C++ device runner (cross-builds for ARM targets)")
@@ -67,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("bundle")
     r.add_argument("--data", required=True, help="batch file from pack-data")
     r.add_argument("--rpc", required=True, metavar="HOST:PORT", help="device running `pock_runner serve`")
-    r.add_argument("--steps", type=int, default=0, help="default: one per batch")
-    r.add_argument("--lr", type=float)
+    r.add_argument("--steps", type=_at_least(0), default=0, help="default (0): one per batch")
+    r.add_argument("--lr", type=_LR)
 
     u = sub.add_parser("tune", help="autotune the slowest kernels of a model's training step (MetaSchedule)")
     u.add_argument("model", nargs="?", help="as for compile, or a bundle from `pock-tvm compile` (its model, "
@@ -78,21 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "next_token", "mse"])
     u.add_argument("--db", metavar="DIR", help="tuning database directory, created or continued (default: the "
                    "one shipped for this CPU's vector ISA, pock_tvm/tuning/<arch>-<isa>)")
-    u.add_argument("--kernels", type=int, default=10, help="how many of the slowest kernels to tune")
-    u.add_argument("--trials", type=int, default=16, help="MetaSchedule trials per kernel (~4 s each here)")
+    u.add_argument("--kernels", type=_at_least(1), default=10, help="how many of the slowest kernels to tune")
+    u.add_argument("--trials", type=_at_least(1), default=16, help="MetaSchedule trials per kernel (~4 s each here)")
     u.add_argument("--target", default="host", help="as for compile (CPU targets)")
     u.add_argument("--rpc", metavar="HOST:PORT", help="measure on this RPC server (a board running "
                    "`pock_runner serve --allow-remote-code` or `python -m tvm.exec.rpc_server`)")
     u.add_argument("--tracker", metavar="HOST:PORT", help="measure on a board of this RPC tracker (with --key)")
     u.add_argument("--key", help="tracker key of the boards, e.g. rpi4")
-    u.add_argument("--timeout", type=float, default=120.0, help="seconds one remote measurement may take")
+    u.add_argument("--timeout", type=_number(1.0), default=120.0, help="seconds one remote measurement may take")
     u.add_argument("--refresh-defaults", action="store_true", help="no model: measure the current default "
                    "schedule of every kernel in --db and keep it where it beats the database (after an upgrade)")
 
     f = sub.add_parser("profile", help="time each kernel of a bundle's training step on this machine")
     f.add_argument("bundle")
-    f.add_argument("--steps", type=int, default=5)
-    f.add_argument("--top", type=int, default=15)
+    f.add_argument("--steps", type=_at_least(1), default=5)
+    f.add_argument("--top", type=_at_least(1), default=15)
 
     s = sub.add_parser("search", help="choose the sparse scheme: contribution analysis on your data, then the "
                        "updates with the most gain within a memory (and latency) budget")
@@ -102,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", required=True, help="planned training memory, e.g. 2MB, 512KiB")
     s.add_argument("--latency", help="step time on this machine, e.g. 30ms")
     s.add_argument("--input-shape", type=_shape, help="compiled shape, batch first (default: the model's)")
-    s.add_argument("--epochs", type=int, help="epochs of each option's short fine-tune (default 6)")
+    s.add_argument("--epochs", type=_at_least(1), help="epochs of each option's short fine-tune (default 6)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cache", metavar="DIR", help="contribution cache (default ~/.cache/pock_tvm/search)")
     s.add_argument("-o", "--output", required=True, help="the scheme file to write (.toml)")
@@ -110,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="adapt a pretrained digits CNN to a new sensor: search the scheme within a "
                        "memory budget, compare with bias-only and full fine-tuning, run it on the emulated rpi4")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--epochs", type=int, default=30, help="epochs of the final fine-tunes")
-    d.add_argument("--budget-fraction", type=float, default=0.25,
+    d.add_argument("--epochs", type=_at_least(1), default=30, help="epochs of the final fine-tunes")
+    d.add_argument("--budget-fraction", type=_number(1e-6, 1.0), default=0.25,
                    help="memory budget as a fraction of full fine-tuning's planned training memory")
     d.add_argument("--no-board", action="store_true", help="skip the emulated rpi4 run")
     return parser
@@ -192,10 +224,33 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             demo.demo(args.out, demo.DemoSettings(epochs=args.epochs, budget_fraction=args.budget_fraction),
                       board=not args.no_board)
-    except ValueError as err:
-        print(f"pock-tvm {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RecursionError) as err:
+        # bad input (a clear ValueError), or a file that cannot be read or written: one line, no traceback
+        print(f"pock-tvm {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pock-tvm {args.command}: interrupted; files being written were left as they were", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 -- not bad input: a bug, reported without a wall of traceback
+        if args.verbose:
+            raise
+        last = (str(err).strip().splitlines() or [""])[-1]
+        print(f"pock-tvm {args.command}: internal error: {type(err).__name__}: {last}; run again with -v for the "
+              "traceback and report it", file=sys.stderr)
+        return 1
     return 0
+
+
+def _message(err: BaseException) -> str:
+    """``err`` as one line for a CLI user."""
+    if isinstance(err, RecursionError):
+        return "the input nests too deep to read"
+    if isinstance(err, OSError) and err.strerror:
+        where = f" '{err.filename}'" if err.filename else ""
+        hint = {28: " (the disk is full)", 30: " (read-only file system)", 13: " (no permission)",
+                21: " (it is a directory; give a file name)", 20: " (a part of the path is a file)"}
+        return f"{err.strerror}{where}{hint.get(err.errno, '')}"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,13 @@ class TensorSpec:
         return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"], data.get("bound"))
 
     def check_values(self, array, where: str) -> None:
-        """A clear error for a value outside ``[0, bound)``."""
+        """A clear error for a NaN or inf in a float input (it would turn every parameter it
+        reaches into NaN while the loss may stay finite) and for a value outside ``[0, bound)``."""
+        array = np.asarray(array)
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            index = int(np.flatnonzero(~np.isfinite(array.ravel()))[0])
+            raise ValueError(f"{where}: input '{self.name}' holds {array.ravel()[index]} at position {index}; "
+                             "inputs must be finite: clean or impute the data (e.g. numpy.nan_to_num)")
         if self.bound is None:
             return
         bad = (array < 0) | (array >= self.bound)

@@ -137,14 +137,32 @@ def load(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"from_onnx: no such file '{path}'")
     try:
         proto = onnx.load(str(path))
-    except (DecodeError, ValueError, RuntimeError, OSError) as err:
-        raise ValueError(f"from_onnx: '{path}' is not a valid ONNX model ({type(err).__name__}: {err}); "
-                         "export it again (torch.onnx.export) or check that the download finished") from None
+    except Exception as err:  # noqa: BLE001 -- protobuf, onnx's checker (external data outside the directory)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ("its external data must be files beside the model, inside its directory"
+                if "external" in message.lower() or "data" in message.lower() else
+                "export it again (torch.onnx.export) or check that the download finished")
+        raise ValueError(f"from_onnx: cannot read '{path}' ({type(err).__name__}: {message}); {hint}") from None
     if not proto.graph.node:
         raise ValueError(f"from_onnx: '{path}' is not a valid ONNX model (it holds no graph nodes: truncated, or "
                          "another kind of file); export it again (torch.onnx.export) or check that the download "
                          "finished")
+    check_sorted(proto.graph)
     return proto
+
+
+def check_sorted(graph) -> None:
+    """ONNX requires a graph's nodes in topological order; a node that reads a value no earlier node,
+    input or initializer makes (a cycle, or a graph edited by hand) is a clear error."""
+    known = {v.name for v in graph.input} | {i.name for i in graph.initializer} | {""}
+    for node in graph.node:
+        for name in node.input:
+            if name not in known:
+                label = node.name or node.output[0] if node.output else node.op_type
+                raise ValueError(f"from_onnx: ONNX node '{label}' ({node.op_type}) reads '{name}' before any node "
+                                 "produces it: the graph has a cycle or is not sorted topologically; fix the export "
+                                 "(onnx.checker.check_model names the problem)")
+        known.update(node.output)
 
 
 def first_input(model) -> str:

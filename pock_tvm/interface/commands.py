@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -167,25 +168,49 @@ def pack_data(bundle: str, data: str, out: str) -> int:
     from ..runtime.bundle import read_manifest, write_batches
     from ..runtime.layout import Layout
 
+    from ..runtime.files import writable_file
+
+    writable_file(out, "pack-data -o")
     layout = Layout.from_json(read_manifest(Path(bundle))["layout"])
     inputs, target = _npz_arrays(data, layout)
-    inputs = [x.astype(s.dtype, copy=False) for x, s in zip(inputs, layout.inputs)]
-    return write_batches(Path(out), layout, inputs, target.astype(layout.target.dtype, copy=False))
+    return write_batches(Path(out), layout, inputs, target)
 
 
 def load_data(path: str, program: Program) -> tuple[list[np.ndarray], np.ndarray]:
-    """An ``.npz`` with one array per input (by name, or ``x``) and ``y`` or ``target``."""
+    """An ``.npz`` with one array per input (by name, or ``x``) and ``y`` or ``target``, in the
+    program's dtypes (see :func:`_npz_arrays`)."""
     return _npz_arrays(path, program.layout)
 
 
 def _npz_arrays(path: str, layout) -> tuple[list[np.ndarray], np.ndarray]:
-    if not Path(path).exists():
-        raise ValueError(f"no such data file '{path}'")
-    with np.load(path) as data:
-        keys = set(data.files)
+    """The inputs and targets of an ``.npz`` in the layout's dtypes. Refused with a clear error:
+    a missing or unreadable file, arrays of strings or objects, inputs and targets of different
+    lengths, integer targets (class labels) given as floats that are not whole numbers."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"no such data file '{path}'" if not file.exists() else
+                         f"data '{path}' is not a file; give an .npz with the inputs and 'y'")
+    try:
+        data = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"data file '{path}' is not an .npz that numpy can read without pickles ({err}); "
+                         "write it with numpy.savez(path, x=..., y=...)") from None
+    if not hasattr(data, "files"):
+        raise ValueError(f"data file '{path}' holds one array, not an .npz; write it with numpy.savez(path, x=..., y=...)")
+    with data:
+        arrays = {}
+        for key in data.files:
+            try:
+                arrays[key] = data[key]
+            except ValueError:  # an object array (None, Python objects) needs pickle, which is refused
+                raise ValueError(f"data file '{path}': '{key}' holds strings or objects (it needs pickle to "
+                                 "load); give numbers (class labels as integer indices)") from None
+        data = arrays
+        keys = set(data)
         names = [s.name for s in layout.inputs]
         if len(names) == 1 and names[0] not in keys and "x" in keys:
             inputs = [data["x"]]
+            names = ["x"]
         else:
             missing = [n for n in names if n not in keys]
             if missing:
@@ -194,7 +219,28 @@ def _npz_arrays(path: str, layout) -> tuple[list[np.ndarray], np.ndarray]:
         target_key = "y" if "y" in keys else "target"
         if target_key not in keys:
             raise ValueError(f"data file '{path}' needs the targets as array 'y' or 'target'")
-        return inputs, data[target_key]
+        target = data[target_key]
+    for name, array in [*zip(names, inputs), (target_key, target)]:
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"data file '{path}': '{name}' holds {array.dtype} values (strings or objects); give "
+                             "numbers (class labels as integer indices)")
+        if array.ndim == 0 or len(array) != len(target):
+            raise ValueError(f"data file '{path}': '{name}' has {len(array) if array.ndim else 0} samples and "
+                             f"'{target_key}' {len(target) if target.ndim else 0}; give one target per sample")
+    inputs = [_converted(a, s.dtype, f"data file '{path}': '{n}'") for a, s, n in zip(inputs, layout.inputs, names)]
+    return inputs, _converted(target, layout.target.dtype, f"data file '{path}': '{target_key}'")
+
+
+def _converted(array: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """``array`` as ``dtype``; floats going to an integer dtype must be whole numbers (a label of 2.7
+    is an error, not class 2)."""
+    if np.dtype(dtype).kind in "iu" and array.dtype.kind == "f":
+        whole = np.isfinite(array) & (array == np.round(array))
+        if not whole.all():
+            index = int(np.flatnonzero(~whole.ravel())[0])
+            raise ValueError(f"{where} holds {array.ravel()[index]!r} at position {index}, which is not a whole "
+                             f"number; the model takes {dtype} (class labels or token ids)")
+    return array.astype(dtype, copy=False)
 
 
 def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: bool = True) -> list[float]:
@@ -206,23 +252,23 @@ def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: 
 
     if lr is not None:
         check_lr(lr)
-    with locked(Path(path), "train"):
-        clean_state_leftovers(Path(path), read_manifest(Path(path)))
+    # --no-save writes nothing, so it takes no lock either (a read-only bundle trains for a look)
+    with locked(Path(path), "train") if save else contextlib.nullcontext():
+        if save:
+            clean_state_leftovers(Path(path), read_manifest(Path(path)))
         program = Program.load(path)
         inputs, target = load_data(data, program)
         batch = program.layout.target.shape[0] if program.layout.target.shape else 1
         count = len(target) // batch
         if count == 0:
             raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
-        target = target.astype(program.layout.target.dtype, copy=False)
         program.layout.check_target(target[:count * batch], f"data file '{data}'")
-        dtypes = [s.dtype for s in program.layout.inputs]
         losses = []
         for epoch in range(epochs):
             for i in range(count):
                 sl = slice(i * batch, (i + 1) * batch)
                 start = time.perf_counter()
-                loss = program.step(*[x[sl].astype(d, copy=False) for x, d in zip(inputs, dtypes)], target[sl], lr=lr)
+                loss = program.step(*[x[sl] for x in inputs], target[sl], lr=lr)
                 losses.append(loss)
                 logger.info("epoch %d step %d loss %.5f time %.1f ms", epoch, i, loss,
                             1e3 * (time.perf_counter() - start))
@@ -230,5 +276,16 @@ def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: 
                     raise ValueError(f"loss is {loss} at epoch {epoch} step {i}: training diverged; lower the "
                                      f"learning rate (--lr). '{path}' was not changed")
         if save:
+            _check_trained_outputs(program, [x[:batch] for x in inputs], path)
             program.save(path)
     return losses
+
+
+def _check_trained_outputs(program: Program, inputs: list[np.ndarray], path: str) -> None:
+    """A diverged step can leave weights that are finite (1e29) yet a model that predicts NaN or
+    inf: the trained model must give finite outputs on the first batch before it is saved."""
+    output = program.predict(*inputs)
+    if not np.all(np.isfinite(output)):
+        raise ValueError(f"training diverged: the trained model's output on the first batch holds "
+                         f"{int(np.size(output) - np.count_nonzero(np.isfinite(output)))} NaN or inf values; "
+                         f"lower the learning rate (--lr). '{path}' was not changed")

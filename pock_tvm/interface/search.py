@@ -133,11 +133,12 @@ def search_command(model: str, data: str, budget: str, output: str, latency: str
                    target: str = "host") -> SearchResult:
     """``pock-tvm search MODEL --data D.npz --budget 2MB [--latency 30ms] -o scheme.toml``."""
     from ..frontend import import_model
-    from ..runtime.files import atomic_file
+    from ..runtime.files import atomic_file, writable_file
     from ..targets.runner_build import cache_dir as default_cache
     from .commands import load_model
 
     size, ms = parse_size(budget), parse_ms(latency) if latency is not None else None
+    writable_file(output, "search -o")  # before minutes of analysis, not after
     model_obj, example = load_model(model, input_shape)
     if example is None:
         raise ValueError("search: ONNX models are not supported by search yet; give a torch model")

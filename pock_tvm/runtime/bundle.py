@@ -110,6 +110,9 @@ def write_bundle(dest: Path, export_library: Callable[[Path], None], library: st
     dest = Path(dest)
     entries = tensor_entries(layout, values)
     check_finite(entries, "save")
+    for parent in [dest.parent, *dest.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write the bundle '{dest}': '{parent}' is a file, not a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest, _is_bundle)
     check_replaceable(dest, force)
@@ -177,8 +180,9 @@ def read_manifest(path: Path) -> dict:
                          "`pock-tvm compile -o`?")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"'{path}/{MANIFEST}' is not valid JSON ({err}); copy the bundle again") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        why = "it nests too deep" if isinstance(err, RecursionError) else str(err)
+        raise ValueError(f"'{path}/{MANIFEST}' is not valid JSON ({why}); copy the bundle again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ValueError(f"'{path}/{MANIFEST}' has format {found!r}, expected {FORMAT!r}; "
@@ -192,6 +196,7 @@ def read_manifest(path: Path) -> dict:
         if sha256(file) != digest:
             raise ValueError(f"bundle '{path}': {name} does not match its SHA-256 in {MANIFEST}; the file "
                              "was changed or truncated, copy the bundle again")
+    check_library_complete(path / manifest["library"])
     size = (path / manifest["state_file"]).stat().st_size
     for i, e in enumerate(manifest["tensors"]):
         if e["offset"] + e["nbytes"] > size:
@@ -199,6 +204,37 @@ def read_manifest(path: Path) -> dict:
                              f"{e['offset'] + e['nbytes']}, past the end of {manifest['state_file']} ({size} "
                              "bytes); the bundle is damaged, copy it again")
     return manifest
+
+
+def check_library_complete(path: Path) -> None:
+    """Refuse an ELF library whose headers, segments or sections reach past the end of the file (a
+    truncated copy whose hash was recomputed): the loader would fault (SIGBUS) mapping it. Other
+    formats (Mach-O, tar) are left to their loader. The runner makes the same check."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF":
+        return
+
+    def bad(why: str):
+        raise ValueError(f"library '{path}' is damaged ({why}); copy the bundle again or recompile")
+
+    if len(data) < 64 or data[4] != 2:
+        bad("not a complete 64-bit ELF header")
+    size = len(data)
+    phoff, shoff = (int.from_bytes(data[at:at + 8], "little") for at in (32, 40))
+    phentsize, phnum, shentsize, shnum = (int.from_bytes(data[at:at + 2], "little") for at in (54, 56, 58, 60))
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        bad("its headers lie past the end of the file")
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        offset, filesz = (int.from_bytes(data[at + k:at + k + 8], "little") for k in (8, 32))
+        if offset + filesz > size:
+            bad("a segment lies past the end of the file")
+    for i in range(shnum):
+        at = shoff + i * shentsize
+        kind = int.from_bytes(data[at + 4:at + 8], "little")
+        offset, length = (int.from_bytes(data[at + k:at + k + 8], "little") for k in (24, 32))
+        if kind != 8 and offset + length > size:  # 8: SHT_NOBITS (.bss) takes no bytes in the file
+            bad("a section lies past the end of the file")
 
 
 def read_state(path: Path, manifest: dict) -> dict[str, np.ndarray]:

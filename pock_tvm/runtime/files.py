@@ -150,3 +150,15 @@ def locked(path: Path, what: str) -> Iterator[None]:
             del _held[key]
     finally:
         os.close(fd)
+
+
+def writable_file(path: str | Path, what: str) -> Path:
+    """``path`` if a file can be written there: not a directory, and its parent a directory (made
+    if missing); a clear error naming ``what`` (the option) otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: '{path}' is a directory; give a file name inside it")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what}: '{parent}' is a file, not a directory")
+    return path

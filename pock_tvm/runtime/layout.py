@@ -66,6 +66,11 @@ class Layout:
         """Class labels of a cross-entropy step lie in ``[0, classes)`` (a causal LM's next-token
         labels in ``[0, vocab)`` or are the ignore index): an out-of-range label would read outside
         the logits. Other losses take any target."""
+        target = np.asarray(target)
+        if target.dtype.kind == "f" and not np.all(np.isfinite(target)):
+            index = int(np.flatnonzero(~np.isfinite(target.ravel()))[0])
+            raise ValueError(f"{where}: target holds {target.ravel()[index]} at position {index}; targets must be "
+                             "finite")
         if (self.loss, len(self.output.shape)) not in (("cross_entropy", 2), ("next_token", 3)):
             return
         classes = self.output.shape[-1]

@@ -103,8 +103,27 @@ def _check_manifest(m: dict) -> None:
             raise _Bad(f"optimizer state '{key}' of the layout is not among 'tensors'")
     if len(tensors) != len(layout.params) + 1 + len(layout.state_keys()):
         raise _Bad("'tensors' holds entries the layout does not name")
+    lr = layout.optimizer.get("lr", 0.01)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr <= 3.0e38:
+        raise _Bad(f"'layout.optimizer.lr' must be a finite number >= 0, got {lr!r}")
+    want = _target_for_loss(layout)
+    if want is not None and (tuple(layout.target.shape), layout.target.dtype) != want:
+        raise _Bad(f"'layout.target' ({tuple(layout.target.shape)}, {layout.target.dtype}) does not fit the loss "
+                   f"'{layout.loss}' of an output of shape {tuple(layout.output.shape)}")
     if m.get("calling") != layout.signatures():
         raise _Bad("'calling' does not match the layout (argument order of train_step/forward)")
+
+
+def _target_for_loss(layout) -> tuple | None:
+    """(shape, dtype) the target must have for the built-in losses (the runner checks the same)."""
+    out = tuple(layout.output.shape)
+    if layout.loss == "cross_entropy" and len(out) == 2:
+        return (out[0],), "int64"
+    if layout.loss == "next_token" and len(out) == 3:
+        return out[:2], "int64"
+    if layout.loss == "mse":
+        return out, layout.output.dtype
+    return None
 
 
 def _layout(m: dict):

@@ -190,15 +190,20 @@ def test_diverged_or_nan_weights_are_never_saved(made, host_runner, tmp_path):
     program, bundle, _, x, y = made
     copy_dir = _copy(bundle, tmp_path / "b")
     before = _state(copy_dir)
-    # NaN in the input: ReLU turns it into 0, the loss stays finite, the first layer's weights do not
+    # NaN in the input (ReLU would turn it into 0, the loss stay finite, the first layer's weights
+    # not): refused by pack-data, and by the runner in a file written by other means
     nan_x = x.copy()
     nan_x[0, 0] = np.nan
-    write_batches(tmp_path / "nan.bin", program.layout, [nan_x], y)
+    with pytest.raises(ValueError, match="input 'x' holds nan at position 0"):
+        write_batches(tmp_path / "nan.bin", program.layout, [nan_x], y)
+    write_batches(tmp_path / "nan.bin", program.layout, [x], y)
+    raw = bytearray((tmp_path / "nan.bin").read_bytes())
+    raw[:4] = np.float32(np.nan).tobytes()
+    (tmp_path / "nan.bin").write_bytes(bytes(raw))
     result = _runner(host_runner, "train", copy_dir, tmp_path / "nan.bin", "--steps", 1)
-    assert result.returncode == 1
-    assert "training diverged: 'fc1.weight'" in result.stderr and "nothing was saved" in result.stderr
-    result = _runner(host_runner, "train", copy_dir, tmp_path / "nan.bin", "--steps", 1, "--lr", "1e38")
-    assert result.returncode == 1
+    assert result.returncode == 1 and "'x' holds NaN (batch 0, position 0)" in result.stderr
+    result = _runner(host_runner, "train", copy_dir, made[2], "--steps", 1, "--lr", "1e38")
+    assert result.returncode == 1 and "training diverged" in result.stderr
     assert _state(copy_dir) == before
     np.savez(tmp_path / "big.npz", x=x * 1e30, y=y)
     with pytest.raises(ValueError, match=r"non-finite|diverged"):
@@ -478,3 +483,94 @@ def test_rpc_server_serves_sessions_side_by_side(made, host_runner, tmp_path):
             sock.close()
     finally:
         server.kill()
+
+
+# ---- values no check bounded before (issue 21, items 5-11) ---------------------------------------
+def test_the_runner_refuses_nan_data_and_never_saves_a_model_that_predicts_inf(made, host_runner, tmp_path):
+    from pock_tvm.interface.commands import train
+
+    program, bundle, data, x, y = made
+    copy_dir = _copy(bundle, tmp_path / "b")
+    before = _state(copy_dir)
+    nan_x = x.copy()
+    nan_x[2, 5] = np.inf
+    raw = bytearray(data.read_bytes())
+    raw[:4 * 32 * 4] = nan_x[:4].tobytes()
+    (tmp_path / "inf.bin").write_bytes(bytes(raw))
+    result = _runner(host_runner, "train", copy_dir, tmp_path / "inf.bin")
+    assert result.returncode == 1 and "'x' holds inf (batch 0, position 69)" in result.stderr
+    with pytest.raises(ValueError, match=r"input 'x' holds nan at position 5"):
+        program.predict(np.where(np.arange(32) == 5, np.nan, x[:4]).astype("float32"))
+    # one step so large that the weights stay finite (about 1e30) but the outputs overflow
+    for lr in ("1e30", "3e37"):
+        result = _runner(host_runner, "train", copy_dir, data, "--steps", 1, "--lr", lr)
+        assert result.returncode == 1 and "training diverged" in result.stderr, result.stderr[-300:]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(ValueError, match="training diverged|non-finite"):
+        train(str(copy_dir), str(tmp_path / "d.npz"), lr=3e37)
+    assert _state(copy_dir) == before
+
+
+def test_edited_manifests_cannot_switch_the_label_check_off(made, host_runner, tmp_path):
+    """Raising the number of classes, or calling the loss mse, let labels of 9e7 reach the kernel
+    (a segfault): the manifest must fit the loss, and the library checks each label it indexes with."""
+    _, bundle, data, _, _ = made
+    original = json.loads((bundle / "manifest.json").read_text())
+    raw = bytearray(data.read_bytes())
+    raw[4 * 32 * 4: 4 * 32 * 4 + 8] = np.int64(90_000_000).tobytes()
+    (tmp_path / "big.bin").write_bytes(bytes(raw))
+    edits = {
+        "more classes": lambda m: m["layout"]["output"].update(shape=[4, 10 ** 8]),
+        "loss mse": lambda m: m["layout"].update(loss="mse"),
+        "target float": lambda m: m["layout"]["target"].update(dtype="float32"),
+        "negative lr": lambda m: m["layout"]["optimizer"].update(lr=-0.5),
+    }
+    for i, (what, edit) in enumerate(edits.items()):
+        copy_dir = _copy(bundle, tmp_path / f"e{i}")
+        manifest = copy.deepcopy(original)
+        edit(manifest)
+        (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+        for command in ("train", "eval"):
+            result = _runner(host_runner, command, copy_dir, tmp_path / "big.bin")
+            assert result.returncode == 1 and "pock_runner: error:" in result.stderr, (what, command, result.stderr)
+        try:
+            edited = pock_tvm.load(copy_dir)
+        except ValueError as err:
+            assert "manifest.json" in str(err), what
+            continue
+        with pytest.raises(ValueError, match=r"label 90000000|index out of range in the loss"):  # never a crash
+            edited.step(np.zeros((4, 32), "float32"), np.array([0, 1, 2, 90_000_000]))
+    # what the manifest cannot hide: the compiled step checks the labels itself
+    program = pock_tvm.load(bundle)
+    program.layout.check_target = lambda *a, **k: None  # as if the Python check were edited away too
+    with pytest.raises(ValueError, match=r"index out of range in the loss over 10 classes"):
+        program.step(np.zeros((4, 32), "float32"), np.array([0, 1, 2, 90_000_000]))
+
+
+def test_deeply_nested_or_truncated_bundles_are_clear_errors(made, host_runner, tmp_path):
+    from pock_tvm.runtime.bundle import sha256
+
+    _, bundle, data, _, _ = made
+    nested = _copy(bundle, tmp_path / "nested")
+    (nested / "manifest.json").write_text("[" * 50_000 + "]" * 50_000)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pock_tvm.load(nested)
+    result = _runner(host_runner, "train", nested, data)
+    assert result.returncode == 1 and "nests deeper than 64 levels" in result.stderr
+    truncated = _copy(bundle, tmp_path / "truncated")
+    lib = truncated / "lib.so"
+    lib.write_bytes(lib.read_bytes()[: lib.stat().st_size // 2])
+    manifest = json.loads((truncated / "manifest.json").read_text())
+    manifest["files"]["lib.so"] = sha256(lib)  # as someone covering their tracks would
+    (truncated / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"library .* is damaged \(.* past the end of the file\)"):
+        pock_tvm.load(truncated)
+    result = _runner(host_runner, "train", truncated, data)
+    assert result.returncode == 1 and "is damaged" in result.stderr, result.stderr[-300:]
+
+
+def test_learning_rates_float32_cannot_hold_are_refused():
+    with pytest.raises(ValueError, match=r"learning rate must be a finite number in \[0, 3.40282e\+38\]"):
+        pock_tvm.optim.check_lr(1e39)
+    with pytest.raises(ValueError, match=r"SGD.lr must be a finite number"):
+        pock_tvm.SGD(lr=1e39)
