@@ -23,18 +23,27 @@ def from_onnx(model, input_shapes: dict | None = None) -> ImportedModel:
 __all__ = ["ImportedModel", "ParamInfo", "TensorSpec", "from_onnx", "from_torch", "import_model"]
 
 
+def _nonempty(imported: ImportedModel) -> ImportedModel:
+    """A step over an empty batch (a dimension of 0) computes nothing and returns garbage: refused."""
+    for spec in imported.inputs:
+        if any(int(d) < 1 for d in spec.shape):
+            raise ValueError(f"import_model: input '{spec.name}' has shape {tuple(spec.shape)}; every dimension "
+                             "must be >= 1 (a batch of at least one sample)")
+    return imported
+
+
 def import_model(model, example_inputs=None, input_shapes: dict | None = None) -> ImportedModel:
     """Dispatch on the model's kind: ``nn.Module`` needs ``example_inputs``; ONNX path or proto."""
     if isinstance(model, ImportedModel):
         return model
     if isinstance(model, (str, Path)) or type(model).__name__ == "ModelProto":
-        return from_onnx(model, input_shapes)
+        return _nonempty(from_onnx(model, input_shapes))
     import torch
 
     if isinstance(model, torch.nn.Module):
         if example_inputs is None:
             raise ValueError("import_model: a torch model needs example_inputs (a tensor or tuple)")
-        return from_torch(model, example_inputs)
+        return _nonempty(from_torch(model, example_inputs))
     raise ValueError(
         f"import_model: unsupported model type {type(model).__name__}; pass a torch.nn.Module, "
         "an .onnx path or an onnx.ModelProto"

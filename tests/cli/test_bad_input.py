@@ -130,7 +130,20 @@ def test_a_read_only_bundle_trains_with_no_save(bundle, files, tmp_path):
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
-def test_an_all_ignored_batch_leaves_every_parameter_finite(bundle, files, tmp_path):
-    """Labels that all say "ignore" (-100) train nothing; under cross-entropy over classes they are
-    refused as labels outside the classes."""
+def test_ignore_labels_are_refused_by_a_classifier(bundle, files, capsys):
+    """-100 means "ignore" to a next-token loss only (tests/test_loss.py); a classifier refuses it."""
     assert main(["train", str(bundle), "--data", str(files / "ignored.npz"), "--no-save"]) == 2
+    assert "label -100 at position 0 is outside [0, 10)" in capsys.readouterr().err
+
+
+def test_the_api_refuses_an_empty_batch_and_a_learning_rate_float32_cannot_hold():
+    import torch
+
+    import pock_tvm
+    from pock_tvm.models import MLP
+
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(0, 32\); every dimension must be >= 1"):
+        pock_tvm.compile(MLP(), (torch.zeros(0, 32),))
+    program = pock_tvm.compile(MLP(), (torch.zeros(2, 32),), scheme="bias-only")
+    with pytest.raises(ValueError, match=r"learning rate must be a finite number in \[0, 3.40282e\+38\], got 1e\+39"):
+        program.step(np.zeros((2, 32), "float32"), np.array([0, 1]), lr=1e39)
