@@ -46,6 +46,9 @@ class CheckIndices:
     manifest cannot switch it off. It runs before any parameter is updated (indices are read in the
     forward pass), so a failed step changes nothing. The kernel is opaque (never fused) and counts
     as scheduled (scheduling passes leave it alone); it costs one pass over the indices.
+
+    CPU targets only: the assertion compiles to host code that sets the error; TVM's device code
+    cannot raise, so the pipeline leaves CUDA steps without it (their inputs and labels are checked).
     """
 
     def __init__(self, names: dict[str, str] | None = None):
