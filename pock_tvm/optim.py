@@ -44,7 +44,9 @@ def _check(what: str, value, low: float, high: float, high_open: bool = False) -
         raise ValueError(f"{what} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(number) or number < low or number > high \
             or (high_open and number == high):
-        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        bounds = f">= {low:g}" if high == math.inf else \
+            f">= {low:g} that float32 holds (<= {high:.3g})" if high == FLOAT32_MAX else \
+            f"in [{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{what} must be a finite number {bounds}, got {value!r}")
     return number
 

@@ -142,7 +142,8 @@ def load(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         hint = ("its external data must be files beside the model, inside its directory"
                 if "external" in message.lower() or "data" in message.lower() else
                 "export it again (torch.onnx.export) or check that the download finished")
-        raise ValueError(f"from_onnx: cannot read '{path}' ({type(err).__name__}: {message}); {hint}") from None
+        raise ValueError(f"from_onnx: '{path}' is not a valid ONNX model ({type(err).__name__}: {message}); "
+                         f"{hint}") from None
     if not proto.graph.node:
         raise ValueError(f"from_onnx: '{path}' is not a valid ONNX model (it holds no graph nodes: truncated, or "
                          "another kind of file); export it again (torch.onnx.export) or check that the download "

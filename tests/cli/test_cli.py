@@ -91,8 +91,10 @@ def test_compile_refuses_to_replace_a_users_folder_and_takes_optimization_levels
     assert main(["compile", "mlp", "--input-shape", "4,32", "-o", str(folder)]) == 2
     assert "is a directory that is not a pock_tvm bundle (it holds cat.jpg)" in capsys.readouterr().err
     assert (folder / "cat.jpg").exists()
-    assert main(["compile", "mlp", "--input-shape", "4,32", "--lr", "-1", "-o", str(tmp_path / "p")]) == 2
-    assert "SGD.lr must be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "mlp", "--input-shape", "4,32", "--lr", "-1", "-o", str(tmp_path / "p")])
+    assert exit_.value.code == 2
+    assert "argument --lr: takes a finite number >= 0, got '-1'" in capsys.readouterr().err
     assert main(["compile", "mlp", "--input-shape", "4,32", "--opt", "O0", "-o", str(tmp_path / "p")]) == 0
     from pock_tvm.runtime.bundle import read_manifest
 
