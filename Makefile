@@ -31,13 +31,16 @@ tools:
 	  else echo "note: $(CROSS_PKGS) missing and not root: cross/emulated tests will be skipped"; fi; \
 	fi
 
-# `make test`: what a user runs (tests marked slow, the large models and the whole architecture zoo,
-# are left out); `make test-all`: everything (CI)
+# `make test`: what a user runs: the import layers (.importlinter), then every feature once (tests
+# marked slow, the large models, the whole architecture zoo and the long tuning runs, are left out);
+# `make test-all`: everything (CI). Both list the slowest tests.
 test: $(STAMP) tools
-	$(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: $(STAMP) tools
-	$(PY) -m pytest -q
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q --durations=25
 
 runner: $(STAMP)
 	$(PY) -m pock_tvm.cli.main build-runner --target $(or $(TARGET),host)

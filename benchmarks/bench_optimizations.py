@@ -1,6 +1,6 @@
 """What each training-graph optimization buys: MobileNetV2-w0.35@128 on the host CPU.
 
-Optimizations are switched on one after the other (``pock_tvm.interface.phases.PHASES``): none,
+Optimizations are switched on one after the other (``pock_tvm.compiler.phases.PHASES``): none,
 + fold frozen, + reorder updates, + in-place updates, + inline kernel scratch. For each scheme,
 batch and phase the step is compiled, its planned peak recorded (parameters + optimizer state +
 static step storage + largest kernel scratch), and step time and training memory measured in a
@@ -36,7 +36,7 @@ def main() -> None:
     import pock_tvm
     from dataclasses import replace
 
-    from pock_tvm.interface.phases import PHASES
+    from pock_tvm.compiler.phases import PHASES
     from pock_tvm.options import NONE
     from pock_tvm.models import MobileNetV2
 

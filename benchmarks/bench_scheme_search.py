@@ -2,7 +2,7 @@
 
     python benchmarks/bench_scheme_search.py --out benchmarks/results
 
-Runs the demo (``pock_tvm.interface.demo``: contribution analysis, search within a quarter of full
+Runs the demo (``pock_tvm.cli.demo``: contribution analysis, search within a quarter of full
 fine-tuning's planned memory, fine-tunes, memory measured by the C++ runner, rpi4 under qemu), then
 repeats the final fine-tunes of the searched scheme and of full fine-tuning with two more shuffling
 seeds, and writes ``scheme_search_digits_host.{json,md}``.
@@ -16,9 +16,9 @@ import platform
 import statistics
 from pathlib import Path
 
-from pock_tvm.interface.compiler import compile
-from pock_tvm.interface.demo import DemoSettings, demo
-from pock_tvm.interface.finetune import accuracy, fit
+from pock_tvm.compiler.step import compile
+from pock_tvm.cli.demo import DemoSettings, demo
+from pock_tvm.training.finetune import accuracy, fit
 from pock_tvm.runtime.files import write_json
 from pock_tvm.scheme import Scheme
 

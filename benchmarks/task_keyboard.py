@@ -85,7 +85,7 @@ def main() -> None:
     import pock_tvm
     from pock_tvm.adapters import merge_lora
     from pock_tvm.frontend import import_model
-    from pock_tvm.interface.finetune import fit
+    from pock_tvm.training.finetune import fit
     from pock_tvm.models.hf import CausalLMLogits, smollm2
     from pock_tvm.runtime.files import write_json
     from pock_tvm.tasks import bbc_news

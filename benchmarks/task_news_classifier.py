@@ -50,7 +50,7 @@ def main() -> None:
 
     import pock_tvm
     from pock_tvm.frontend import import_model
-    from pock_tvm.interface.finetune import accuracy, fit
+    from pock_tvm.training.finetune import accuracy, fit
     from pock_tvm.models.hf import EncoderClassifier, minilm
     from pock_tvm.runtime.files import write_json
     from pock_tvm.tasks import bbc_news

@@ -7,7 +7,7 @@ one SGD step (loss and each trained tensor's update) against float64 PyTorch aut
 
 Writes ``zoo_parity_host.json`` (one record per run, kept between runs: cases already measured are
 skipped unless --fresh) and ``zoo_parity_host.md``. Goal: forward and loss within 1e-5, updates within
-1e-4 (``pock_tvm.interface.parity``); a case that cannot compile is listed with its error.
+1e-4 (``pock_tvm.compiler.parity``); a case that cannot compile is listed with its error.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SETTINGS = [(scheme, opt, batch) for scheme in ("full", "sparse") for opt in ("O
 
 
 def run_case(case, scheme: str, opt: str, batch: int) -> dict:
-    from pock_tvm.interface.parity import check_parity
+    from pock_tvm.compiler.parity import check_parity
 
     args = case.build(batch)
     start = time.perf_counter()

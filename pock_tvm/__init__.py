@@ -12,8 +12,8 @@ import importlib
 _LAZY = {
     "Program": ("pock_tvm.runtime.program", "Program"),
     "load": ("pock_tvm.runtime.program", "load_program"),
-    "compile": ("pock_tvm.interface.compiler", "compile"),
-    "check_parity": ("pock_tvm.interface.parity", "check_parity"),
+    "compile": ("pock_tvm.compiler.step", "compile"),
+    "check_parity": ("pock_tvm.compiler.parity", "check_parity"),
     "Scheme": ("pock_tvm.scheme", "Scheme"),
     "Rule": ("pock_tvm.scheme", "Rule"),
     "SGD": ("pock_tvm.optim", "SGD"),

@@ -21,6 +21,7 @@ LOSS = "loss"
 LR = "lr"
 STEP = "step"
 OUTPUT = "output"
+IGNORE_INDEX = -100  # a label that does not count (torch's and Hugging Face's default)
 
 
 def state_key(param: str, state: str) -> str:

@@ -12,10 +12,10 @@ import numpy as np
 from tvm import relax
 from tvm.relax.training import loss as relax_loss
 
+from .calling import IGNORE_INDEX
 from .frontend.model import TensorSpec
 
 R = relax.op
-IGNORE_INDEX = -100  # a label that does not count (torch's and Hugging Face's default)
 
 
 def _tensor_type(spec: TensorSpec) -> relax.TensorType:

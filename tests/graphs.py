@@ -7,7 +7,7 @@ from tvm import relax
 
 import pock_tvm
 from pock_tvm.analysis.cost import adjoint_parts
-from pock_tvm.interface.compiler import build_training_graph, plan
+from pock_tvm.compiler.step import build_training_graph, plan
 from pock_tvm.options import PipelineOptions
 
 

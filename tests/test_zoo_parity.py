@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pock_tvm
-from pock_tvm.interface.parity import FORWARD_RTOL, UPDATE_RTOL, check_parity
+from pock_tvm.compiler.parity import FORWARD_RTOL, UPDATE_RTOL, check_parity
 from pock_tvm.models.zoo import BY_NAME, CASES
 
 SLICE = ["resnet50", "convnext", "alexnet-onnx7", "caffe2_resnet-onnx9", "gpt2", "bert"]

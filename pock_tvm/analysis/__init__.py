@@ -1,1 +1,1 @@
-"""Read-only analyses of Relax training graphs: layer kinds, FLOPs and bytes, reports."""
+"""Read-only analyses of Relax training graphs: layer kinds, FLOPs and bytes, memory, kernel checks."""

@@ -1,4 +1,5 @@
-"""``pock-tvm``: parse arguments and call the matching ``pock_tvm.interface`` function."""
+"""``pock-tvm``: parse arguments and call the matching library function (``cli/commands.py`` and the
+library below it)."""
 
 from __future__ import annotations
 
@@ -166,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING,
                         format="%(message)s")
-    from .. import interface  # noqa: F401  (imports TVM; keep --help fast)
-    from ..interface import commands, demo
+    from . import commands, demo  # imports TVM: after parsing, so --help stays fast
 
     try:
         if args.command == "compile":
@@ -191,14 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pack-data":
             print(f"wrote {commands.pack_data(args.bundle, args.data, args.output)} batches to {args.output}")
         elif args.command == "run":
-            from ..interface.remote import run_remote
+            from .remote import run_remote
 
             rows = run_remote(args.bundle, args.data, args.rpc, args.steps, args.lr)
             for row in rows:
                 print(f"step {row['step']} loss {row['loss']:.7g} time_ms {row['time_ms']:.3f}")
             print(f"steps {len(rows)} mean_time_ms {sum(r['time_ms'] for r in rows) / len(rows):.3f}")
         elif args.command == "tune":
-            from ..interface.tuning_device import TuningDevice
+            from ..compiler.tuning_device import TuningDevice
 
             device = TuningDevice(rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
             if args.refresh_defaults:
@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                                            args.kernels, args.trials, args.target, device)
             print(f"{sum(r.status == 'tuned' for r in rows)} kernels tuned into {db}")
         elif args.command == "profile":
-            from ..interface.profile import format_profile, profile
+            from ..runtime.profile import format_profile, profile
 
             print(format_profile(*profile(args.bundle, args.steps), args.top))
         elif args.command == "search":
-            from ..interface.search import search_command
+            from .search import search_command
 
             result = search_command(args.model, args.data, args.budget, args.output, args.latency,
                                     args.input_shape, args.seed, args.epochs, args.cache)

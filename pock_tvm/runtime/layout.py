@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import calling
-from ..frontend.model import TensorSpec
-from ..loss import IGNORE_INDEX
+from .spec import TensorSpec
 
 
 @dataclass
@@ -76,12 +75,12 @@ class Layout:
         classes = self.output.shape[-1]
         bad = (target < 0) | (target >= classes)
         if self.loss == "next_token":
-            bad &= target != IGNORE_INDEX
+            bad &= target != calling.IGNORE_INDEX
         if np.any(bad):
             index = int(np.flatnonzero(np.ravel(bad))[0])
             raise ValueError(f"{where}: label {int(np.ravel(target)[index])} at position {index} is outside "
                              f"[0, {classes}) for the model's {classes} classes; fix the labels (class "
-                             "indices counted from 0" + (f", {IGNORE_INDEX} for one that does not count)"
+                             "indices counted from 0" + (f", {calling.IGNORE_INDEX} for one that does not count)"
                                                          if self.loss == "next_token" else ")"))
 
     def to_json(self) -> dict:

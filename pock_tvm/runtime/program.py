@@ -11,7 +11,7 @@ import tvm
 from tvm import relax
 
 from .. import calling
-from ..optim import check_lr
+from .checks import check_lr
 from .bundle import atomic_file, read_manifest, read_state, write_bundle
 from .layout import Layout
 
@@ -90,7 +90,7 @@ class Program:
         return int(_numpy(self._live[calling.STEP]))
 
     def report(self):
-        """The compile-time analysis (:class:`pock_tvm.analysis.report.Report`)."""
+        """The compile-time analysis (:class:`pock_tvm.runtime.report.Report`)."""
         return self.report_data
 
     # ---- state ----------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class Program:
     @staticmethod
     def load(path: str | Path) -> Program:
         """Load a bundle written by :meth:`save` or ``pock-tvm compile -o`` (or updated by the runner)."""
-        from ..analysis.report import Report
+        from .report import Report
 
         path = Path(path)
         manifest = read_manifest(path)
@@ -246,7 +246,7 @@ def _numpy(value) -> np.ndarray:
 
 
 def _runs_here(target: dict) -> bool:
-    from ..targets import host_arch
+    from .host import host_arch
 
     if not target:
         return True

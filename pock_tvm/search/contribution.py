@@ -1,7 +1,7 @@
 """Contribution analysis: what each update option buys on the user's data, and what it costs.
 
 For every :class:`~.space.Option` the compiler plans the step that applies it alone
-(:func:`pock_tvm.interface.compiler.plan_step`): its planned training memory
+(:func:`pock_tvm.compiler.step.plan_step`): its planned training memory
 (:meth:`Report.training_bytes`) and backward FLOPs. Options that fit the budget alone are then
 compiled and fine-tuned from the model's weights for a few epochs on a training split of the data;
 the gain is the accuracy on the held-out validation split minus the model's accuracy before any
@@ -128,8 +128,8 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
     called after each measurement. With ``cache_dir`` the results are cached there."""
     import torch
 
-    from ..interface.compiler import build, plan_step
-    from ..interface.finetune import accuracy, fit, predict
+    from ..compiler.step import build, plan_step
+    from ..training.finetune import accuracy, fit, predict
 
     x = np.ascontiguousarray(x, dtype="float32")
     y = np.asarray(y)

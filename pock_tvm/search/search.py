@@ -4,7 +4,7 @@ Gains are assumed additive (as in TTE). Costs are increments over no update, rea
 compiler's plan of each option alone: ``memory(option) - inference_bytes``, and for a latency
 budget ``step_ms(option) - forward_ms``. Summing increments counts the backward path two options
 share twice, so a set's estimate is above what the compiler plans for it; the caller checks the
-chosen scheme with the compiler (:func:`pock_tvm.interface.search.search_scheme`).
+chosen scheme with the compiler (:func:`pock_tvm.search.scheme_search.search_scheme`).
 
 One choice per group (bias depth; each weight's ratio or frozen). :func:`exact` is a knapsack over
 groups keeping only Pareto-optimal partial choices; when those grow past ``max_states`` the search
@@ -159,7 +159,7 @@ def smallest(analysis: Analysis) -> tuple[Option, int]:
 
 def check_budget(analysis: Analysis, budget: int, latency_ms: float | None) -> None:
     """A clear error when no option fits the budget (naming the smallest one and its cost)."""
-    from ..analysis.report import format_bytes
+    from ..runtime.report import format_bytes
 
     option, memory = smallest(analysis)
     if budget < memory:

@@ -10,10 +10,11 @@ the same fields (``load_target``).
 from __future__ import annotations
 
 import json
-import platform
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from ..runtime.host import host_arch
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,6 @@ CONV_LAYOUTS: dict[str, dict | None] = {
     "NCHW": None,
     "NHWC": {"relax.nn.conv2d": ["NHWC", "HWIO"]},
 }
-
-
-def host_arch() -> str:
-    machine = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def _aarch64(mcpu: str, mattr: list[str] | None = None) -> dict:

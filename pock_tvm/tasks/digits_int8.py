@@ -23,8 +23,8 @@ def compare(optimizer, epochs: int = 30, batch: int = 16, seed: int = 0, cache: 
     import torch
 
     from ..frontend import import_model
-    from ..interface.compiler import compile
-    from ..interface.finetune import accuracy, fit
+    from ..compiler.step import compile
+    from ..training.finetune import accuracy, fit
     from ..quantize import quantize
     from ..targets.runner_build import cache_dir
     from .digits import load_task, pretrained, sparse_scheme

@@ -128,7 +128,7 @@ def test_tune_flags_name_what_is_missing(capsys):
 
 
 def test_tune_reads_what_to_compile_from_a_bundle(tmp_path, capsys):
-    from pock_tvm.interface.commands import _bundle_source
+    from pock_tvm.cli.commands import _bundle_source
     from pock_tvm.optim import Adam
 
     bundle = tmp_path / "b"

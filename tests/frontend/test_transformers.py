@@ -52,7 +52,7 @@ def _lm_batch():
 # Adam with eps=1e-6: the key projection's bias has a gradient of exactly zero in exact arithmetic
 # (softmax ignores a shift shared by all keys), ~1e-9 of float noise in both frameworks; Adam's default
 # eps would turn that noise into full-size updates of random sign.
-@pytest.mark.parametrize("scheme", ["last-2", "full"])
+@pytest.mark.parametrize("scheme", ["last-2", pytest.param("full", marks=pytest.mark.slow)])
 def test_bert_classifier_matches_torch(scheme):
     torch.manual_seed(0)
     model = BertClassifier().eval()
@@ -66,7 +66,7 @@ def test_bert_classifier_matches_torch(scheme):
     assert_matches_torch(model, program, ADAM_DEEP, (ids,), torch.randint(0, 3, (2,)))
 
 
-@pytest.mark.parametrize("scheme", ["full", "mlp-partial", "lora"])
+@pytest.mark.parametrize("scheme", [pytest.param("full", marks=pytest.mark.slow), "mlp-partial", "lora"])
 def test_llama_causal_lm_matches_torch(scheme):
     ids, mask, labels = _lm_batch()
     model = causal_lm()

@@ -5,7 +5,7 @@ import tvm
 from tvm import relax
 
 import pock_tvm
-from pock_tvm.interface.compiler import plan
+from pock_tvm.compiler.step import plan
 
 
 def _settings(imported, scheme):

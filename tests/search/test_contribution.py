@@ -7,7 +7,7 @@ import torch
 
 import pock_tvm
 from pock_tvm.frontend import import_model
-from pock_tvm.interface import compiler
+from pock_tvm.compiler import step as compiler
 from pock_tvm.models import MLP
 from pock_tvm.search import AnalysisSettings, analyze, scheme_of
 from pock_tvm.search.contribution import split
@@ -39,6 +39,7 @@ def analysis(imported, tmp_path_factory):
     return analyze(imported, *data(), batch=BATCH, settings=SETTINGS, budget=budget, cache_dir=cache), budget, cache
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_costs_are_the_compilers_plan_of_each_option(imported, analysis):
     result, _, _ = analysis
     for key in ("bias:last-1", "bias:last-3", "fc2.weight@0.25", "fc1.weight@1"):
@@ -76,6 +77,7 @@ def test_a_second_analysis_comes_from_the_cache_without_compiling(imported, anal
     assert again.to_json() == result.to_json()
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_other_data_is_another_cache_entry(imported, analysis):
     result, _, cache = analysis
     x, y = data()

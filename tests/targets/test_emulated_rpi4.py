@@ -97,7 +97,7 @@ def test_runner_errors_name_the_problem_and_the_fix(runs, rpi4_runner, host_runn
 
 
 def test_rpc_server_on_the_board_runs_the_step_for_the_host(runs, rpi4_runner, tmp_path):
-    from pock_tvm.interface.remote import run_remote
+    from pock_tvm.cli.remote import run_remote
 
     host, host_losses, bundle, data, _ = runs
     with socket.socket() as s:
@@ -126,12 +126,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_tune_measures_candidates_on_the_emulated_board(rpi4_runner, tmp_path):
     """`pock-tvm tune --target rpi4 --rpc`: candidates cross-built here run on the board (path, not speed)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pock_tvm.interface.tune import tune
-    from pock_tvm.interface.tuning_device import TuningDevice
+    from pock_tvm.compiler.tune import tune
+    from pock_tvm.compiler.tuning_device import TuningDevice
 
     port = _free_port()
     (tmp_path / "work").mkdir()
@@ -156,8 +157,8 @@ def test_tune_measures_candidates_on_the_emulated_board(rpi4_runner, tmp_path):
 
 
 def test_tune_names_the_missing_device_for_a_board_target():
-    from pock_tvm.interface.tune import tune
-    from pock_tvm.interface.tuning_device import TuningDevice
+    from pock_tvm.compiler.tune import tune
+    from pock_tvm.compiler.tuning_device import TuningDevice
 
     with pytest.raises(ValueError, match="does not run on this machine.*--rpc HOST:PORT"):
         tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database="unused", kernels=1, trials=1, target="rpi4")
@@ -167,6 +168,7 @@ def test_tune_names_the_missing_device_for_a_board_target():
         TuningDevice(rpc="board")
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_a_causal_lm_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runner):
     """A tiny Llama (RMSNorm, rotary, causal + padding mask, SwiGLU, tied embeddings) with LoRA and
     the next-token loss: the rpi4 bundle under qemu gives the host's losses."""

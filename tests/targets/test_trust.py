@@ -149,7 +149,7 @@ def test_runner_never_deletes_outside_the_bundle(made, host_runner, tmp_path):
 
 # ---- writers: locks, leftovers, non-finite state ------------------------------------------------
 def test_a_locked_bundle_is_not_trained_twice(made, host_runner, tmp_path):
-    from pock_tvm.interface.commands import train
+    from pock_tvm.cli.commands import train
 
     _, bundle, data, x, y = made
     copy_dir = _copy(bundle, tmp_path / "b")
@@ -185,7 +185,7 @@ def test_leftovers_of_a_killed_writer_are_cleaned_on_the_next_open(made, host_ru
 
 
 def test_diverged_or_nan_weights_are_never_saved(made, host_runner, tmp_path):
-    from pock_tvm.interface.commands import train
+    from pock_tvm.cli.commands import train
 
     program, bundle, _, x, y = made
     copy_dir = _copy(bundle, tmp_path / "b")
@@ -212,7 +212,7 @@ def test_diverged_or_nan_weights_are_never_saved(made, host_runner, tmp_path):
 
 
 def test_labels_outside_the_classes_are_refused_everywhere(made, host_runner, tmp_path):
-    from pock_tvm.interface.commands import pack_data
+    from pock_tvm.cli.commands import pack_data
 
     program, bundle, _, x, y = made
     fresh = pock_tvm.load(bundle)
@@ -487,7 +487,7 @@ def test_rpc_server_serves_sessions_side_by_side(made, host_runner, tmp_path):
 
 # ---- values no check bounded before (issue 21, items 5-11) ---------------------------------------
 def test_the_runner_refuses_nan_data_and_never_saves_a_model_that_predicts_inf(made, host_runner, tmp_path):
-    from pock_tvm.interface.commands import train
+    from pock_tvm.cli.commands import train
 
     program, bundle, data, x, y = made
     copy_dir = _copy(bundle, tmp_path / "b")

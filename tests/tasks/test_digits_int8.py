@@ -1,9 +1,11 @@
 """QAS on the demo task: the int8 model fine-tunes like the float one with QAS, and lags without it."""
 
+import pytest
 import pock_tvm
 from pock_tvm.tasks.digits_int8 import compare
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_int8_fine_tune_keeps_up_with_float_only_with_qas():
     rows = compare(pock_tvm.SGD(lr=0.01, momentum=0.9), epochs=10)
     accuracy = {name: row["test_accuracy"] for name, row in rows.items()}

@@ -3,7 +3,7 @@
 import time
 from types import SimpleNamespace
 
-from pock_tvm.interface.profile import profile_program
+from pock_tvm.runtime.profile import profile_program
 
 CALL_S = 0.005  # one call of the fake kernel
 

@@ -1,4 +1,4 @@
-"""``pock-tvm search``: contribution analysis + budgeted search, checked by the compiler, as a scheme file."""
+"""The scheme search as one call: contribution analysis + budgeted search, checked by the compiler's plan."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis.report import format_bytes
+from ..runtime.report import format_bytes
 from ..scheme import Scheme
-from ..search import Analysis, AnalysisSettings, Choice, analyze, scheme_of, search
-from ..search.search import check_budget, items
+from .contribution import Analysis, AnalysisSettings, analyze
+from .search import Choice, check_budget, items, search
+from .space import scheme_of
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _TIME_UNITS = {"ms": 1.0, "s": 1e3, "us": 1e-3}
@@ -77,7 +78,7 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
                   target: str = "host") -> SearchResult:
     """Analyze (cached), search, and check the choice with the compiler's plan of the whole scheme;
     when the plan exceeds the budget, search again with the budget tightened by the excess."""
-    from .compiler import plan_step
+    from ..compiler.step import plan_step
 
     analysis = analyze(imported, x, y, batch=batch, settings=settings, budget=budget, cache_dir=cache_dir,
                        progress=progress, target=target)
@@ -126,38 +127,3 @@ def _fill(analysis: Analysis, choice: Choice, memory: int, budget: int, latency_
                              method=choice.method + "+fill")
             memory = total
     return choice, memory
-
-
-def search_command(model: str, data: str, budget: str, output: str, latency: str | None = None,
-                   input_shape=None, seed: int = 0, epochs: int | None = None, cache_dir: str | None = None,
-                   target: str = "host") -> SearchResult:
-    """``pock-tvm search MODEL --data D.npz --budget 2MB [--latency 30ms] -o scheme.toml``."""
-    from ..frontend import import_model
-    from ..runtime.files import atomic_file, writable_file
-    from ..targets.runner_build import cache_dir as default_cache
-    from .commands import load_model
-
-    size, ms = parse_size(budget), parse_ms(latency) if latency is not None else None
-    writable_file(output, "search -o")  # before minutes of analysis, not after
-    model_obj, example = load_model(model, input_shape)
-    if example is None:
-        raise ValueError("search: ONNX models are not supported by search yet; give a torch model")
-    if not Path(data).exists():
-        raise ValueError(f"search: no such data file '{data}'")
-    with np.load(data) as arrays:
-        if "x" not in arrays.files or "y" not in arrays.files:
-            raise ValueError(f"search: data file '{data}' needs arrays 'x' (inputs) and 'y' (labels); it has "
-                             f"{sorted(arrays.files)}")
-        x, y = arrays["x"].astype("float32"), arrays["y"].astype("int64")
-    if tuple(x.shape[1:]) != tuple(example[0].shape[1:]):
-        raise ValueError(f"search: data samples have shape {tuple(x.shape[1:])}, the model takes "
-                         f"{tuple(example[0].shape[1:])}; give --input-shape or reshape the data")
-    settings = AnalysisSettings(seed=seed) if epochs is None else AnalysisSettings(epochs=epochs, seed=seed)
-    result = search_scheme(import_model(model_obj, example), x, y, batch=int(example[0].shape[0]), budget=size,
-                           latency_ms=ms, seed=seed, settings=settings, progress=progress_bar(),
-                           cache_dir=cache_dir or default_cache() / "search", target=target)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as f:
-        f.write(result.scheme.to_toml().encode())
-    return result

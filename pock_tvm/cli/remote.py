@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import calling
-from ..optim import check_lr
+from ..runtime.checks import check_lr
 from ..runtime.bundle import read_manifest, read_state
+from ..compiler.tuning_device import parse_address
 from ..runtime.layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,6 @@ def read_batches(path: str | Path, layout: Layout) -> list[list[np.ndarray]]:
         layout.check_target(arrays[-1], f"data file '{path}'")
         out.append(arrays)
     return out
-
-
-def parse_address(text: str, flag: str = "--rpc") -> tuple[str, int]:
-    """``HOST:PORT`` as ``(host, port)``; a clear error naming ``flag`` otherwise."""
-    host, _, port = str(text).rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{flag} expects HOST:PORT, got {text!r} (e.g. 192.168.1.20:9090)")
-    return host, int(port)
 
 
 def run_remote(bundle: str | Path, data: str | Path, address: str, steps: int = 0,

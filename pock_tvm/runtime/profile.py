@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.program import Program
+from .program import Program
 
 
 @dataclass

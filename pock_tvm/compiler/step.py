@@ -13,7 +13,7 @@ import tvm
 from ..analysis.cost import kernel_flops, nbytes, training_cost
 from ..analysis.memory import kernel_workspace, planned_bytes
 from ..adapters import add_lora
-from ..analysis.report import LayerRow, Report
+from ..runtime.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
 from ..optim import make_optimizer

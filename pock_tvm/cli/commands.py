@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.program import Program
-from .compiler import compile
+from ..compiler.step import compile
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,11 @@ def _model_and_shapes(model: str, input_shape):
 def tune_model(model: str, database: str | None, scheme: str | None = None, input_shape=None,
                loss: str = "cross_entropy", kernels: int = 10, trials: int = 16, target: str = "host",
                device=None):
-    """``pock-tvm tune``: see :func:`pock_tvm.interface.tune.tune`. ``model`` may be a bundle made by
+    """``pock-tvm tune``: see :func:`pock_tvm.compiler.tune.tune`. ``model`` may be a bundle made by
     ``pock-tvm compile``: its model, scheme, shapes, loss, optimizer and target are used (the model
     must still be there). ``database`` defaults to the one shipped for this CPU (host target only);
     ``device`` is a :class:`TuningDevice`."""
-    from .tune import tune
+    from ..compiler.tune import tune
 
     optimizer, options = "sgd", None
     if (Path(model) / "manifest.json").is_file():
@@ -99,8 +99,8 @@ def tune_model(model: str, database: str | None, scheme: str | None = None, inpu
 
 
 def refresh_defaults(database: str | None, target: str = "host", device=None) -> tuple[str, int]:
-    """``pock-tvm tune --refresh-defaults``: see :func:`pock_tvm.interface.tune.refresh_defaults`."""
-    from .tune import refresh_defaults as refresh
+    """``pock-tvm tune --refresh-defaults``: see :func:`pock_tvm.compiler.tune.refresh_defaults`."""
+    from ..compiler.tune import refresh_defaults as refresh
 
     database = _tuning_database(database, target)
     return database, refresh(database, target=target, device=device)
@@ -140,7 +140,7 @@ def _bundle_source(bundle: Path):
 
 def info(path: str) -> str:
     """What a bundle holds and what its step costs (reads the manifest; any target)."""
-    from ..analysis.report import Report
+    from ..runtime.report import Report
     from ..runtime.bundle import read_manifest, read_state
     from ..runtime.layout import Layout
     from ..targets.inspect import cubin_archs, library_kind

@@ -66,7 +66,7 @@ def check_parity(model, example_inputs, target, *, torch_model=None, scheme="ful
     import torch
 
     from ..optim import SGD
-    from .compiler import compile
+    from .step import compile
 
     inputs = [np.asarray(t.numpy() if hasattr(t, "numpy") else t) for t in example_inputs]
     target = np.asarray(target.numpy() if hasattr(target, "numpy") else target)

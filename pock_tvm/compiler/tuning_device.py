@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..targets.presets import TargetPreset
-from .remote import parse_address
 
 
 @dataclass(frozen=True)
@@ -132,3 +131,11 @@ def _alloc_arguments(session, device, args_info, alloc_repeat):
             args.append(tvm.runtime.tensor(value, device))
         out.append(args)
     return out
+
+
+def parse_address(text: str, flag: str = "--rpc") -> tuple[str, int]:
+    """``HOST:PORT`` as ``(host, port)``; a clear error naming ``flag`` otherwise."""
+    host, _, port = str(text).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} expects HOST:PORT, got {text!r} (e.g. 192.168.1.20:9090)")
+    return host, int(port)

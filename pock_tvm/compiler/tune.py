@@ -23,8 +23,8 @@ import tvm
 from ..analysis.kernel_check import check_record, compare, host_target
 from ..options import PipelineOptions
 from ..targets.presets import load_target
-from .compiler import compile
-from .profile import profile_program
+from .step import compile
+from ..runtime.profile import profile_program
 from .tuning_device import TuningDevice, measure
 
 logger = logging.getLogger(__name__)

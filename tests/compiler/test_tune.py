@@ -8,7 +8,7 @@ import torch
 import tvm
 
 import pock_tvm
-from pock_tvm.interface.tune import tune, tune_target
+from pock_tvm.compiler.tune import tune, tune_target
 from pock_tvm.models import SmallCNN
 from pock_tvm.options import PipelineOptions
 
@@ -33,6 +33,7 @@ def test_the_slowest_kernel_is_tuned_into_the_database(tuned):
     assert lines[0].startswith("step ") and f"[1/1] {rows[0].name}" in lines[-1] and "min left" in lines[-1]
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_tuning_again_continues_from_the_database(tuned):
     model, database, rows, _ = tuned
     again = tune(model, (torch.zeros(2, 3, 16, 16),), database=database, kernels=1, trials=2,
@@ -40,6 +41,7 @@ def test_tuning_again_continues_from_the_database(tuned):
     assert [r.status for r in again] == ["already in the database"]
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_an_interrupted_kernel_leaves_nothing_in_the_database_and_is_tuned_next_time(monkeypatch, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
@@ -56,12 +58,13 @@ def test_an_interrupted_kernel_leaves_nothing_in_the_database_and_is_tuned_next_
     assert (tmp_path / "database_workload.json").read_text() == ""
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_metaschedule_stays_off_the_console_for_every_kernel(monkeypatch, tmp_path, capsys):
     # a tuning run leaves MetaSchedule's logger with an unnamed console handler at INFO, which the
     # next kernel's run would print through
     from tvm.s_tir import meta_schedule as ms
 
-    from pock_tvm.interface import tune as tune_module
+    from pock_tvm.compiler import tune as tune_module
 
     def fake_tune(mod, *_args, database, **_kwargs):
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
@@ -159,12 +162,13 @@ def _wait_for_key(tracker_port, key, seconds=60):
     raise AssertionError(f"no server registered as {key!r}")
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_tune_through_a_tracker_measures_on_a_registered_board(tmp_path):
     """--tracker HOST:PORT --key K: TVM's tracker hands out a board (here TVM's server on this machine)."""
     import subprocess
     import sys
 
-    from pock_tvm.interface.tuning_device import TuningDevice
+    from pock_tvm.compiler.tuning_device import TuningDevice
 
     tracker_port, server_port = _free_port(), _free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
@@ -188,11 +192,12 @@ def test_tune_through_a_tracker_measures_on_a_registered_board(tmp_path):
     assert "a 'pock-test' board of the tracker" in lines[0]
 
 
+@pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_refresh_defaults_stores_the_current_default_where_it_beats_the_database(tuned, tmp_path):
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from pock_tvm.interface.tune import refresh_defaults
+    from pock_tvm.compiler.tune import refresh_defaults
 
     _, database, rows, _ = tuned
     workload = ms.database.JSONDatabase(work_dir=str(database)).get_all_tuning_records()[0].workload
@@ -226,7 +231,7 @@ def test_tune_keeps_a_wrong_candidate_out_of_the_database(tuned, monkeypatch, ca
     from tvm.s_tir import meta_schedule as ms
 
     from pock_tvm.analysis.kernel_check import KernelCheck
-    from pock_tvm.interface import tune as tune_module
+    from pock_tvm.compiler import tune as tune_module
 
     _, database, _, _ = tuned
     records = ms.database.JSONDatabase(work_dir=str(database)).get_all_tuning_records()

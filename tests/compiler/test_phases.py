@@ -3,7 +3,7 @@
 import torch
 
 import pock_tvm
-from pock_tvm.interface.phases import PHASES
+from pock_tvm.compiler.phases import PHASES
 from pock_tvm.models import SmallCNN
 
 

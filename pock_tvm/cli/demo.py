@@ -4,7 +4,7 @@ to update by contribution analysis within a memory budget.
 1. :mod:`pock_tvm.tasks.digits`: a :class:`~pock_tvm.models.DigitsCNN` pretrained on clean digits
    (cached), and the same kind of digits through a new sensor: 300 labelled, 600 held out.
 2. Budget: ``budget_fraction`` of what the compiler plans for full fine-tuning.
-3. :func:`pock_tvm.interface.search.search_scheme` picks the updates (cached per model + data).
+3. :func:`pock_tvm.search.scheme_search.search_scheme` picks the updates (cached per model + data).
 4. No update, bias-only, the searched scheme and full fine-tuning are compiled, fine-tuned on the
    labelled samples and tested on the held-out ones; each bundle's training memory is measured
    by the C++ runner (``pock_runner train``), not estimated.
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from ..analysis.report import format_bytes
+from ..runtime.report import format_bytes
 from ..optim import Adam, SGD
 from ..runtime.files import write_json
 from ..scheme import Scheme
@@ -55,8 +55,8 @@ def demo(out: str | Path = "out/demo", settings: DemoSettings = DemoSettings(), 
     from ..frontend import import_model
     from ..targets.runner_build import cache_dir
     from ..tasks.digits import LABELLED, load_task, pretrained
-    from .compiler import plan_step
-    from .search import progress_bar, search_scheme
+    from ..compiler.step import plan_step
+    from ..search.scheme_search import progress_bar, search_scheme
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,8 @@ def _sensor_text(sensor) -> str:
 
 
 def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, runner: Path | None) -> dict:
-    from .compiler import compile
-    from .finetune import accuracy, fit
+    from ..compiler.step import compile
+    from ..training.finetune import accuracy, fit
 
     program = compile(imported, scheme=scheme, optimizer=settings.optimizer)
     if runner is not None:
@@ -182,7 +182,7 @@ def _build_runner(target: str) -> Path | None:
 def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_runner) -> dict:
     """The searched scheme's rpi4 bundle under qemu: its losses against the host's, step by step."""
     from ..runtime.bundle import write_batches
-    from .compiler import compile
+    from ..compiler.step import compile
 
     qemu = shutil.which("qemu-aarch64-static")
     runner = _build_runner(BOARD) if qemu else None

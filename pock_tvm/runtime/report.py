@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from .cost import GraphCost
+if TYPE_CHECKING:  # the compiler's cost analysis builds a report; reading one needs none of it
+    from ..analysis.cost import GraphCost
 
 
 @dataclass
