@@ -53,6 +53,7 @@ def test_costs_are_the_compilers_plan_of_each_option(imported, analysis):
     assert result.inference_bytes > 0
 
 
+@pytest.mark.slow  # the analysis fixture compiles every option (33 s); search is in make test via test_cli_search
 def test_gains_are_measured_only_for_options_within_the_budget(analysis):
     result, budget, _ = analysis
     for row in result.rows:
@@ -65,6 +66,7 @@ def test_gains_are_measured_only_for_options_within_the_budget(analysis):
     assert max(r.gain(result.baseline_accuracy) for r in fitted) > 0.2  # the classifier learns the feature
 
 
+@pytest.mark.slow  # the analysis fixture compiles every option (33 s); search is in make test via test_cli_search
 def test_a_second_analysis_comes_from_the_cache_without_compiling(imported, analysis, monkeypatch):
     result, budget, cache = analysis
 
