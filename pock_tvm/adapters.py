@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 
 from .frontend.model import ImportedModel, ParamInfo
-from .passes.AddLoRA import Adapter, AddLoRA
+from .passes.add_lora import Adapter, AddLoRA
 from .scheme import LoRA, blocks, select_params, trainable_params
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
-from pock_tvm.passes import register_gradient_rules
-from pock_tvm.passes.InlineKernelIntermediates import InlineKernelIntermediates
-from pock_tvm.passes.ReorderUpdates import ReorderUpdates
+from pock_tvm.passes import gradient_rules_installed
+from pock_tvm.passes.inline_kernel_intermediates import InlineKernelIntermediates
+from pock_tvm.passes.reorder_updates import ReorderUpdates
 
 KINDS = ("conv2d", "matmul", "pool", "reduction", "norm")
 
@@ -162,7 +162,6 @@ def forward(case: Case) -> tuple[list[relax.Var], relax.Expr, list[relax.Var]]:
 def training_module(case: Case) -> tvm.IRModule:
     """``main(inputs..., r) = sum(op(inputs) * r)`` with its gradients, and ``step``: the gradients
     and an SGD update of every differentiated input (the fused tail of a weight gradient)."""
-    register_gradient_rules()
     args, out, grads = forward(case)
     bb = relax.BlockBuilder()
     with bb.function("main"):
@@ -173,7 +172,8 @@ def training_module(case: Case) -> tvm.IRModule:
         bb.emit_func_output(loss, params=[*args, r])
     mod = bb.get()
     mod = relax.transform.DecomposeOpsForTraining()(mod)
-    mod = relax.transform.Gradient("main", require_grads=grads)(mod)
+    with gradient_rules_installed():
+        mod = relax.transform.Gradient("main", require_grads=grads)(mod)
     adjoint = mod["main_adjoint"]
     bb = relax.BlockBuilder()
     params = [relax.Var(p.name, p.ty) for p in adjoint.params]

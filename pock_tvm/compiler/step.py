@@ -20,8 +20,8 @@ from ..optim import make_optimizer
 from ..options import NONE, PipelineOptions
 from ..quantize import describe, runtime_units, train_quantized
 from ..passes.pipeline import pock_tvm_pipeline
-from ..passes.VerifySchedules import FINDINGS_ATTR
-from ..passes.SplitPartialChannels import FROZEN, UPDATED
+from ..passes.verify_schedules import FINDINGS_ATTR
+from ..passes.split_partial_channels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
 from ..runtime.program import Program
 from ..scheme import Scheme, Update

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-from ..passes.UnbroadcastLinear import UnbroadcastLinear
+from ..passes.unbroadcast_linear import UnbroadcastLinear
 from .model import ImportedModel, ParamInfo, TensorSpec, origins_by_binding, with_index_bounds
 
 logger = logging.getLogger(__name__)

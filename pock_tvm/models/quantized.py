@@ -40,7 +40,7 @@ def fake_quantized(model: torch.nn.Module, quantized) -> torch.nn.Module:
     """A copy of ``model`` with every layer that ``quantized`` (the :class:`ImportedModel`
     ``pock_tvm.quantize.quantize`` made of it) holds in int8 replaced by :class:`FakeQuantized`
     with the same integers and scales. Parameter names are unchanged (``features.0.0.weight``)."""
-    from ..passes.QuantizeForward import read_scales
+    from ..passes.quantize_forward import read_scales
 
     model = copy.deepcopy(model)
     by_var = {p.var_name: p for p in quantized.params}

@@ -1,8 +1,9 @@
 """Gradient rules that TVM 0.27's Relax autodiff lacks, as one table.
 
 Each rule has the ``FPrimalGradient`` signature ``(orig_var, orig_call, output_grad, ctx)`` and
-returns one gradient per argument of the call. :func:`register_gradient_rules` installs the rules
-for ops that have none yet; it is idempotent and runs when ``pock_tvm.passes`` is imported.
+returns one gradient per argument of the call. :func:`gradient_rules_installed` installs the rules
+(and the overrides of TVM's own) for the duration of a ``with`` block: the pipeline differentiates
+inside one, and importing pock_tvm changes no rule of TVM's.
 """
 
 from __future__ import annotations
@@ -479,16 +480,34 @@ def has_gradient_rule(op_name: str) -> bool:
 
 
 _OVERRIDE_LEVEL = 11  # above TVM's default level 10
-_registered = False
+_depth = 0  # nesting of gradient_rules_installed()
+_saved: dict[str, object] = {}  # TVM's own rule of each op we override (None: it had none)
 
 
-def register_gradient_rules() -> None:
-    global _registered
-    if _registered:
-        return
-    for name, rule in GRADIENT_RULES.items():
-        if not has_gradient_rule(name):
-            relax.op.register_gradient(name, rule)
-    for name, rule in GRADIENT_OVERRIDES.items():
-        relax.op.register_gradient(name, rule, level=_OVERRIDE_LEVEL)
-    _registered = True
+@contextlib.contextmanager
+def gradient_rules_installed():
+    """Within the block, TVM's autodiff uses the rules of :data:`GRADIENT_RULES` (ops TVM has no
+    rule for) and :data:`GRADIENT_OVERRIDES` (ops whose TVM rule we replace); on leaving, every op
+    has TVM's own rule again. Rules are process-wide op attributes in TVM, so they are installed
+    only while pock_tvm differentiates: importing pock_tvm changes nothing for other code. Nests."""
+    global _depth
+    if _depth == 0:
+        for name, rule in [*GRADIENT_RULES.items(), *GRADIENT_OVERRIDES.items()]:
+            op = tvm.ir.Op.get(name)
+            _saved[name] = op.get_attr("FPrimalGradient") if op.has_attr("FPrimalGradient") else None
+            if name in GRADIENT_OVERRIDES or _saved[name] is None:
+                relax.op.register_gradient(name, rule, level=_OVERRIDE_LEVEL)
+            else:
+                _saved.pop(name)  # TVM has a rule for it now: keep TVM's
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            for name, original in _saved.items():
+                op = tvm.ir.Op.get(name)
+                op.reset_attr("FPrimalGradient")
+                if original is not None:
+                    op.set_attr("FPrimalGradient", original, 10)
+            _saved.clear()

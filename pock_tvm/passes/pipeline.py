@@ -9,27 +9,27 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .AccurateSums import AccurateSums
-from .AppendLoss import AppendLoss
-from .AppendOptimizer import AppendOptimizer
-from .ApplyTuningDatabase import ApplyTuningDatabase
-from .BindFrozenParams import BindFrozenParams
-from .CheckGradientRules import CheckGradientRules
-from .CheckIndices import CheckIndices
-from .FastExp import FastExp
-from .FoldBatchNorm import FoldBatchNorm
-from .FreezeBatchNorm import FreezeBatchNorm
-from .InPlaceUpdates import InPlaceUpdates
-from .InlineKernelIntermediates import InlineKernelIntermediates
-from .IntegerKernels import IntegerKernels
-from .gradient_rules import padding_rows as embedding_padding_rows, register_gradient_rules
+from .accurate_sums import AccurateSums
+from .append_loss import AppendLoss
+from .append_optimizer import AppendOptimizer
+from .apply_tuning_database import ApplyTuningDatabase
+from .bind_frozen_params import BindFrozenParams
+from .check_gradient_rules import CheckGradientRules
+from .check_indices import CheckIndices
+from .fast_exp import FastExp
+from .fold_batch_norm import FoldBatchNorm
+from .freeze_batch_norm import FreezeBatchNorm
+from .in_place_updates import InPlaceUpdates
+from .inline_kernel_intermediates import InlineKernelIntermediates
+from .integer_kernels import IntegerKernels
+from .gradient_rules import gradient_rules_installed, padding_rows as embedding_padding_rows
 from ..options import PipelineOptions
-from .ReorderUpdates import ReorderUpdates
-from .ScheduleForCPU import ScheduleForCPU
-from .ScheduleForGPU import ScheduleForGPU
-from .SparseGradient import SparseGradient
-from .SplitPartialChannels import SplitPartialChannels
-from .VerifySchedules import VerifySchedules
+from .reorder_updates import ReorderUpdates
+from .schedule_for_cpu import ScheduleForCPU
+from .schedule_for_gpu import ScheduleForGPU
+from .sparse_gradient import SparseGradient
+from .split_partial_channels import SplitPartialChannels
+from .verify_schedules import VerifySchedules
 
 ENTRY_FUNCTIONS = ["forward", "loss", "train_step"]
 
@@ -72,7 +72,6 @@ def pock_tvm_pipeline(
     ``verify=True`` (CPU targets) runs every kernel that got a schedule (default rule, tuned record,
     fast math) once against its unscheduled form and falls back where the numbers differ
     (``VerifySchedules``; what it found is the module attribute ``pock_tvm.kernel_checks``)."""
-    register_gradient_rules()
     opt = options or PipelineOptions()
     passes = []
     if build_training_graph:
@@ -90,6 +89,7 @@ def pock_tvm_pipeline(
             AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
         ]
+        passes = [_with_gradient_rules(tvm.transform.Sequential(passes, name="pock_tvm.TrainingGraph"))]
     if lower:
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
@@ -142,6 +142,16 @@ def _with_padding_rows(rows: dict | None, autodiff):
     def run(mod, _ctx):
         with embedding_padding_rows(rows):
             return autodiff(mod)
+    return run
+
+
+def _with_gradient_rules(training_graph):
+    """``training_graph`` run with pock_tvm's gradient rules installed (TVM's own outside it)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="pock_tvm.WithGradientRules")
+    def run(mod, _ctx):
+        with gradient_rules_installed():
+            return training_graph(mod)
     return run
 
 

@@ -6,7 +6,7 @@ import torch
 import tvm
 from tvm import relax
 
-import pock_tvm.passes  # noqa: F401  (registers the rules)
+from pock_tvm.passes import gradient_rules_installed
 
 R = relax.op
 
@@ -21,10 +21,16 @@ def _grad(op, x: np.ndarray, out_shape) -> np.ndarray:
             y = bb.emit(op(xv))
             out = bb.emit_output(R.sum(R.multiply(y, relax.const(w))))
         bb.emit_func_output(out)
-    mod = relax.transform.Gradient("f")(bb.get())
+    mod = _differentiate(bb.get())
     exe = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
     vm = relax.VirtualMachine(exe, tvm.cpu())
     return vm["f_adjoint"](tvm.runtime.tensor(x))[1][0].numpy(), w
+
+
+
+def _differentiate(mod):
+    with gradient_rules_installed():
+        return relax.transform.Gradient("f")(mod)
 
 
 def _torch_grad(fn, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -95,10 +101,24 @@ def test_rule_matches_torch(name):
     np.testing.assert_allclose(ours, _torch_grad(fn, X, w), rtol=1e-5, atol=1e-6)
 
 
-def test_every_rule_is_registered():
+def test_rules_are_installed_only_while_pock_tvm_differentiates():
+    """Importing pock_tvm leaves TVM's rules alone; inside gradient_rules_installed() every rule of
+    ours is in place (nested blocks too); after it, TVM's own again (none where TVM has none)."""
     from pock_tvm.passes.gradient_rules import GRADIENT_OVERRIDES, GRADIENT_RULES, has_gradient_rule
 
-    assert all(has_gradient_rule(name) for name in [*GRADIENT_RULES, *GRADIENT_OVERRIDES])
+    def rule(name):
+        op = tvm.ir.Op.get(name)
+        return op.get_attr("FPrimalGradient") if op.has_attr("FPrimalGradient") else None
+
+    tvm_rules = {name: rule(name) for name in [*GRADIENT_RULES, *GRADIENT_OVERRIDES]}
+    assert all(tvm_rules[name] is None for name in GRADIENT_RULES)
+    with gradient_rules_installed():
+        with gradient_rules_installed():
+            assert all(has_gradient_rule(name) for name in [*GRADIENT_RULES, *GRADIENT_OVERRIDES])
+        assert all(not rule(name).same_as(tvm_rules[name]) for name in GRADIENT_OVERRIDES)
+    for name, original in tvm_rules.items():
+        now = rule(name)
+        assert (now is None) if original is None else now.same_as(original), name
 
 
 def test_layer_norm_gradients_of_weight_and_bias_match_torch():
@@ -112,7 +132,7 @@ def test_layer_norm_gradients_of_weight_and_bias_match_torch():
             y = bb.emit(R.nn.layer_norm(xv, gv, bv, [-1], 1e-5))
             out = bb.emit_output(R.sum(R.multiply(y, relax.const(w))))
         bb.emit_func_output(out)
-    exe = tvm.compile(relax.transform.Gradient("f")(bb.get()), target=tvm.target.Target({"kind": "llvm"}))
+    exe = tvm.compile(_differentiate(bb.get()), target=tvm.target.Target({"kind": "llvm"}))
     grads = relax.VirtualMachine(exe, tvm.cpu())["f_adjoint"](*map(tvm.runtime.tensor, (x, gamma, beta)))[1]
     ts = [torch.tensor(a, requires_grad=True) for a in (x, gamma, beta)]
     (torch.nn.functional.layer_norm(ts[0], (36,), ts[1], ts[2]) * torch.tensor(w)).sum().backward()
@@ -178,7 +198,7 @@ def test_conv2d_gradients_of_input_and_weight_match_torch(stride, dilation, padd
             y = bb.emit(R.nn.conv2d(xv, wv, stride, padding, dilation, groups))
             out = bb.emit_output(R.sum(R.multiply(y, relax.const(r))))
         bb.emit_func_output(out)
-    exe = tvm.compile(relax.transform.Gradient("f")(bb.get()), target=tvm.target.Target({"kind": "llvm"}))
+    exe = tvm.compile(_differentiate(bb.get()), target=tvm.target.Target({"kind": "llvm"}))
     grads = relax.VirtualMachine(exe, tvm.cpu())["f_adjoint"](tvm.runtime.tensor(x), tvm.runtime.tensor(weight))[1]
     ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, weight)]
     (reference(*ts) * torch.tensor(r, dtype=torch.float64)).sum().backward()

@@ -6,7 +6,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from pock_tvm.passes.TrainQuantizedParams import TrainQuantizedParams
+from pock_tvm.passes.train_quantized_params import TrainQuantizedParams
 
 SW = np.array([0.5, 0.25], "float32")
 

@@ -5,7 +5,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from pock_tvm.passes.IntegerKernels import IntegerKernels
+from pock_tvm.passes.integer_kernels import IntegerKernels
 
 SW = np.array([0.5, 0.25], "float32")
 W = np.array([[1, -2, 3], [4, 5, -6]], "int8")

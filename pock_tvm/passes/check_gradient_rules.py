@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.layers import bindings
-from .gradient_rules import has_gradient_rule
+from .gradient_rules import gradient_rules_installed, has_gradient_rule
 from .utils import vars_in
 
 # ops that make no gradient flow through them, whatever they read
@@ -31,7 +31,11 @@ class CheckGradientRules:
         self.origins = dict(origins or {})
         self.func_name = func_name
 
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with gradient_rules_installed():  # pock_tvm's rules, for this pass only
+            return self._transform(mod, ctx)
+
+    def _transform(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         tainted = set(self.trainable)
         missing = []
         for binding in bindings(mod[self.func_name]):

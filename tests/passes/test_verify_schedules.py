@@ -10,7 +10,7 @@ from helpers import SGD, labels
 from pock_tvm.analysis.kernel_check import RULES_ATTR
 from pock_tvm.models import SmallCNN
 from pock_tvm.passes import ScheduleForCPU, VerifySchedules
-from pock_tvm.passes.VerifySchedules import FINDINGS_ATTR
+from pock_tvm.passes.verify_schedules import FINDINGS_ATTR
 from pock_tvm.targets import load_target
 from pock_tvm.targets.toolchain import tvm_target
 

@@ -9,7 +9,7 @@ from tvm import te, tirx
 from helpers import SGD, assert_setting_keeps_numbers, labels
 from pock_tvm.models import MLP
 from pock_tvm.passes import FastExp
-from pock_tvm.passes.FastExp import fast_exp
+from pock_tvm.passes.fast_exp import fast_exp
 
 
 def _module(fn, n=8, dtype="float32"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .gradient_rules import gradient_rules_installed
 from ..analysis.layers import bindings
 from .utils import substitute, vars_in
 
@@ -31,7 +32,11 @@ class SparseGradient:
         self.trainable = list(trainable or [])
         self.func_name = func_name
 
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with gradient_rules_installed():  # pock_tvm's rules, for this pass only
+            return self._transform(mod, ctx)
+
+    def _transform(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not self.trainable:
             raise ValueError("SparseGradient: the scheme updates no parameter; select at least one "
                              "(e.g. the preset 'bias-only' or a rule with mode 'full')")

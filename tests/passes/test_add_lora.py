@@ -6,7 +6,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from pock_tvm.passes.AddLoRA import AddLoRA, Adapter
+from pock_tvm.passes.add_lora import AddLoRA, Adapter
 
 
 @I.ir_module

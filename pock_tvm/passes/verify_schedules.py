@@ -7,7 +7,7 @@ import logging
 import tvm
 
 from ..analysis.kernel_check import KernelCheck, compare
-from .ScheduleForCPU import ScheduleForCPU
+from .schedule_for_cpu import ScheduleForCPU
 from .utils import with_functions
 
 logger = logging.getLogger(__name__)

@@ -90,7 +90,7 @@ class QuantizeForward:
         missing = sorted(set(self.scales) - set(ops))
         if missing:
             raise ValueError(f"QuantizeForward: {missing} are not weights of a conv2d or linear layer of "
-                             f"{self.func_name}; quantize only those (pock_tvm.passes.QuantizeForward.quantizable_ops)")
+                             f"{self.func_name}; quantize only those (pock_tvm.passes.quantize_forward.quantizable_ops)")
         inputs = quantizable_ops(func)
         rewriter = _Rewriter(mod, self.scales, {inputs[w]: s.activation for w, s in self.scales.items()},
                              func.params)

@@ -6,7 +6,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from pock_tvm.passes.QuantizeForward import OpScales, QuantizeForward, quantizable_ops, read_scales
+from pock_tvm.passes.quantize_forward import OpScales, QuantizeForward, quantizable_ops, read_scales
 
 SW = np.array([0.5, 0.25], "float32")
 

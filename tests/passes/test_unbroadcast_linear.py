@@ -6,7 +6,7 @@ import tvm
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from pock_tvm.passes.UnbroadcastLinear import UnbroadcastLinear
+from pock_tvm.passes.unbroadcast_linear import UnbroadcastLinear
 
 
 @I.ir_module

@@ -10,7 +10,7 @@ from tvm.script import ir as I, relax as Rs
 
 import pock_tvm
 from pock_tvm.passes import CheckIndices
-from pock_tvm.passes.CheckIndices import index_check_kernel
+from pock_tvm.passes.check_indices import index_check_kernel
 
 
 @I.ir_module
