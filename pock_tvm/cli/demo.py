@@ -117,7 +117,7 @@ def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, run
     from ..compiler.step import compile
     from ..training.finetune import accuracy, fit
 
-    program = compile(imported, scheme=scheme, optimizer=settings.optimizer)
+    program = compile(imported, scheme=scheme, optimizer=settings.optimizer, baseline=False)  # shown: its own cost
     if runner is not None:
         _save(program, bundle)  # before training: the device starts from the pretrained weights
     before = accuracy(program, *task.test)
@@ -192,10 +192,10 @@ def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_ru
         return {"skipped": reason}
     n = settings.board_steps * settings.batch
     x, y = task.labelled[0][:n], task.labelled[1][:n]
-    host = compile(imported, scheme=scheme, optimizer=settings.optimizer)
+    host = compile(imported, scheme=scheme, optimizer=settings.optimizer, baseline=False)
     host_losses = [host.step(x[i:i + settings.batch], y[i:i + settings.batch]) for i in range(0, n, settings.batch)]
     bundle = out / "bundles" / f"searched-{BOARD}"
-    _save(compile(imported, scheme=scheme, optimizer=settings.optimizer, target=BOARD), bundle)
+    _save(compile(imported, scheme=scheme, optimizer=settings.optimizer, target=BOARD, baseline=False), bundle)
     data = out / "bundles" / f"searched-{BOARD}.data.bin"
     write_batches(data, host.layout, [x], y)
     start = time.perf_counter()

@@ -204,7 +204,8 @@ def build(planned: PlannedStep) -> Program:
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
             target="host", input_shapes: dict | None = None, memory_phases: bool = False,
-            options: PipelineOptions | str | None = None, tuning_database=None, verify: bool = False) -> Program:
+            options: PipelineOptions | str | None = None, tuning_database=None, verify: bool = False,
+            baseline: bool = True) -> Program:
     """Compile ``model`` into a training :class:`Program` (:func:`plan_step`, then :func:`build`).
 
     ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
@@ -226,10 +227,12 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     ``verify=True`` runs every kernel that got a schedule (default rule or tuned record) once on
     random inputs against its unscheduled form; a kernel that computes other numbers is named in
     the log and the report and falls back to the plain schedule (``passes.VerifySchedules``).
+    ``baseline=False`` leaves the full-backprop column out of the report (one training graph less
+    to build), for callers that never show it.
     """
     return build(plan_step(model, example_inputs, scheme=scheme, loss=loss, optimizer=optimizer,
                            target=target, input_shapes=input_shapes, memory_phases=memory_phases,
-                           options=options, tuning_database=tuning_database, verify=verify))
+                           options=options, tuning_database=tuning_database, verify=verify, baseline=baseline))
 
 
 def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict[str, np.ndarray]:

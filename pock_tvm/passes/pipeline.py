@@ -113,24 +113,33 @@ def pock_tvm_pipeline(
                 *([FastExp()] if opt.fast_math and not gpu else []),  # exp/sigmoid as vector arithmetic
             ]),  # verify=True: each scheduled kernel against its unscheduled form, wrong ones fall back
             # Phase 4: TVM's default build, with in-place updates before memory planning
-            relax.backend.DispatchSampling(),
-            relax.backend.DispatchSortScan(),
-            relax.transform.LegalizeOps(),
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),  # kernels get explicit output tensors
-            *([InPlaceUpdates()] if opt.in_place else []),  # new params/state overwrite the old
-            relax.transform.StaticPlanBlockMemory(),  # one storage pool, reused by liveness
-            relax.transform.RewriteCUDAGraph(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
+            *default_build(in_place=opt.in_place),
         ]
     return tvm.transform.Sequential(passes, name="pock_tvm")
+
+
+def default_build(in_place: bool = True) -> list:
+    """TVM's ``relax.pipeline.default_build_pipeline`` as a list of passes, with ``InPlaceUpdates``
+    (new parameters and optimizer state overwrite the old) before memory planning. A test pins the
+    rest to TVM's own list, so an upgrade that changes it fails there, not silently here."""
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),  # kernels get explicit output tensors
+        *([InPlaceUpdates()] if in_place else []),  # new params/state overwrite the old
+        relax.transform.StaticPlanBlockMemory(),  # one storage pool, reused by liveness
+        relax.transform.RewriteCUDAGraph(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
 
 
 def _with_padding_rows(rows: dict | None, autodiff):

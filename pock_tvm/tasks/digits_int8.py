@@ -38,7 +38,7 @@ def compare(optimizer, epochs: int = 30, batch: int = 16, seed: int = 0, cache: 
     for name, graph, qas in (("float", imported, True), ("int8 qas", quantized, True),
                              ("int8 no qas", quantized, False)):
         start = time.perf_counter()
-        program = compile(graph, scheme=sparse_scheme(), optimizer=replace(optimizer, qas=qas))
+        program = compile(graph, scheme=sparse_scheme(), optimizer=replace(optimizer, qas=qas), baseline=False)
         before = accuracy(program, *task.test)
         result = fit(program, *task.labelled, epochs, seed)
         rows[name] = {"accuracy_before": before, "test_accuracy": accuracy(program, *task.test),

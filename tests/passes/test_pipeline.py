@@ -31,3 +31,23 @@ def test_lowering_phase_leaves_no_high_level_op(small_cnn):
 def test_missing_settings_are_errors(small_cnn):
     with pytest.raises(ValueError, match="AppendLoss: no loss function given"):
         relax.get_pipeline("pock_tvm", trainable=["p_classifier_bias"], lower=False)(small_cnn.mod)
+
+
+def test_phase_4_is_tvms_default_build_with_in_place_updates_before_memory_planning():
+    """``default_build`` restates TVM's ``default_build_pipeline`` (its passes are built inside a
+    closure, so they cannot be reused one by one): read TVM's list from its source and compare, so
+    that a TVM upgrade changing it fails here."""
+    import inspect
+    import re
+
+    from tvm.relax import pipeline as tvm_pipeline
+
+    from pock_tvm.passes.pipeline import default_build
+
+    source = inspect.getsource(tvm_pipeline.default_build_pipeline)
+    tvm_names = [getattr(getattr(relax, space), name)().info.name
+                 for space, name in re.findall(r"\b(backend|transform)\.(\w+)\(\)", source)]
+    ours = [p.info.name for p in default_build(in_place=True)]
+    assert len(tvm_names) == 15 and [n for n in ours if n != "pock_tvm.InPlaceUpdates"] == tvm_names
+    assert ours.index("pock_tvm.InPlaceUpdates") == ours.index("StaticPlanBlockMemory") - 1
+    assert [p.info.name for p in default_build(in_place=False)] == tvm_names
