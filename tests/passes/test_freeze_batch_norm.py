@@ -35,3 +35,26 @@ def test_eval_batch_norm_is_decomposed():
 def test_train_mode_batch_norm_is_an_error():
     with pytest.raises(ValueError, match=r"FreezeBatchNorm: .*training=True.*model.eval\(\)"):
         FreezeBatchNorm()(_module(True))
+
+
+def test_eval_batch_norm_becomes_the_affine_map_of_its_running_statistics():
+    """(x - mean) / sqrt(var + eps) * gamma + beta, per channel; the statistics pass through."""
+    import tvm
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def forward(x: R.Tensor((2, 4, 3, 3), "float32"), g: R.Tensor((4,), "float32"),
+                    b: R.Tensor((4,), "float32"), m: R.Tensor((4,), "float32"), v: R.Tensor((4,), "float32")):
+            with R.dataflow():
+                centred = R.subtract(x, R.expand_dims(m, axis=[0, 2, 3]))
+                std = R.sqrt(R.add(R.expand_dims(v, axis=[0, 2, 3]), R.const(1e-5, "float32")))
+                scaled = R.multiply(R.divide(centred, std), R.expand_dims(g, axis=[0, 2, 3]))
+                out = R.add(scaled, R.expand_dims(b, axis=[0, 2, 3]))
+                t = (out, m, v)
+                y = t[0]
+                R.output(y)
+            return y
+
+    after = FreezeBatchNorm()(_module(False))
+    tvm.ir.assert_structural_equal(after["forward"], tvm.relax.transform.Normalize()(Expected)["forward"])
