@@ -4,7 +4,7 @@ For MobileNetV2-w0.35@128 (10 classes) and the demo's DigitsCNN (24x24 digits), 
 
 - float full backprop, no optimization (``O0``): the baseline;
 - float sparse (the model's sparse scheme), all optimizations (``O3``);
-- int8 sparse: the model quantized by ``pock_tvm.quantize`` (per-channel int8 weights, per-tensor
+- int8 sparse: the model quantized by ``pock_tvm.quantization.post_training`` (per-channel int8 weights, per-tensor
   int8 activations), same scheme, all optimizations: frozen layers are int8 kernels, trained
   weights float32 masters in integer units with quantization-aware scaling.
 
@@ -48,7 +48,7 @@ def measure(name: str, batch: int, config: str, runner: Path, tmp: Path) -> dict
 
     import pock_tvm
     from pock_tvm.runtime.bundle import write_batches
-    from pock_tvm.quantize import quantize
+    from pock_tvm.quantization.post_training import quantize
     from pock_tvm.tasks.digits import sparse_scheme
 
     model, shape = _model(name, batch)

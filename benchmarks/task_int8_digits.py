@@ -1,6 +1,6 @@
 """Quantized fine-tuning on the demo task: float vs int8 with and without QAS.
 
-The demo's pretrained DigitsCNN, quantized by ``pock_tvm.quantize`` (calibrated on 128 source-domain
+The demo's pretrained DigitsCNN, quantized by ``pock_tvm.quantization.post_training`` (calibrated on 128 source-domain
 digits), fine-tuned on the new sensor's 300 labelled digits with the fixed sparse scheme
 ``pock_tvm.tasks.digits.sparse_scheme`` (last three BN biases, last conv, classifier), batch 16,
 30 epochs, and tested on the 600 held-out digits. Two optimizers: the demo's Adam (lr 1e-3) and

@@ -1,7 +1,7 @@
 """Optimizers whose update is compiled into the training step (torch semantics).
 
 Quantization-aware scaling (``qas``, TTE): a parameter of an int8 model trains in integer units
-``q = w / u`` (``u``: its per-channel unit, :mod:`pock_tvm.quant`), so its gradient is ``u`` times
+``q = w / u`` (``u``: its per-channel unit, :mod:`pock_tvm.quantization.int8`), so its gradient is ``u`` times
 the float one and the ratio of weight to gradient is off by ``u**2``. With ``qas`` (the default)
 an update moves the float value ``q * u`` as the float model's update would: SGD scales the gradient
 by ``u**-2`` (TTE's rule; momentum and weight decay follow, being linear), Adam works on the float

@@ -24,7 +24,7 @@ class Reference:
 
     A partially updated weight is rebuilt every step as ``cat(trainable slice, frozen rest)``,
     so torch differentiates w.r.t. exactly the slice the program trains.
-    ``units``: ``{name: unit}`` of weights held in integer units (``pock_tvm.models.quantized``);
+    ``units``: ``{name: unit}`` of weights held in integer units (``pock_tvm.quantization.torch_reference``);
     torch trains the float value ``q * unit`` (what quantization-aware scaling means), and the
     state is reported in integer units again.
     """

@@ -1,4 +1,4 @@
-"""int8 models: pock_tvm.quantize, the compiled int8 step against a torch model doing the same
+"""int8 models: pock_tvm.quantization.post_training, the compiled int8 step against a torch model doing the same
 quantized arithmetic (fake quantization, weights in integer units), QAS, integer kernels."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 
 import pock_tvm
 from pock_tvm.models import DigitsCNN
-from pock_tvm.models.quantized import fake_quantized, units
-from pock_tvm.quantize import quantize
+from pock_tvm.quantization.torch_reference import fake_quantized, units
+from pock_tvm.quantization.post_training import quantize
 from pock_tvm.scheme import Rule, Scheme
 from helpers import train_both
 
@@ -114,7 +114,7 @@ def test_skipped_layers_stay_float(case):
 def test_the_fine_tuned_int8_model_loads_into_the_float_architecture(case):
     """float_state_dict: int8 tensors and integer-unit masters back to float weights, which load
     into the float model; each is the fake-quantized reference's integers times their unit."""
-    from pock_tvm.quantize import float_state_dict
+    from pock_tvm.quantization.post_training import float_state_dict
 
     model, quantized, x, y = case
     program = pock_tvm.compile(quantized, scheme=SCHEME, optimizer=pock_tvm.SGD(lr=0.05), options="O0")

@@ -18,7 +18,7 @@ from ..frontend import ImportedModel, import_model
 from ..loss import make_loss
 from ..optim import make_optimizer
 from ..options import NONE, PipelineOptions
-from ..quantize import describe, runtime_units, train_quantized
+from ..quantization.post_training import describe, runtime_units, train_quantized
 from ..passes.pipeline import pock_tvm_pipeline
 from ..passes.verify_schedules import FINDINGS_ATTR
 from ..passes.split_partial_channels import FROZEN, UPDATED

@@ -8,7 +8,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..analysis.layers import bindings
-from ..quant import dequantize_args
+from ..quantization.int8 import dequantize_args
 from .utils import vars_in
 
 R = relax.op

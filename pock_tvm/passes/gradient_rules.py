@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.relax.op.grad import avg_pool2d_backward, no_grad, take_backward
 
-from ..quant import RANGES, along_expr
+from ..quantization.int8 import RANGES, along_expr
 
 R = relax.op
 

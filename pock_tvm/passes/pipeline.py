@@ -65,7 +65,7 @@ def pock_tvm_pipeline(
     ``conv_layouts``: ``relax.transform.ConvertLayout``'s desired layouts per conv op (a target's
     ``conv_layout``, ``pock_tvm.targets.CONV_LAYOUTS``); None keeps the imported NCHW.
     ``units``: ``{trainable name: unit}`` of parameters an int8 model trains in integer units
-    (``pock_tvm.quantize.train_quantized``), for the optimizer's quantization-aware scaling.
+    (``pock_tvm.quantization.post_training.train_quantized``), for the optimizer's quantization-aware scaling.
     ``padding_rows``: ``{trainable name: row}``, embedding rows that get no gradient (``padding_idx``).
     ``names``: ``{Relax variable name: the user's name}`` of inputs and parameters, for the run-time
     index checks' messages (``CheckIndices``).

@@ -9,7 +9,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..quant import ACTIVATION_DTYPE, WEIGHT_DTYPE, constant, dequantize_args, param_units
+from ..quantization.int8 import ACTIVATION_DTYPE, WEIGHT_DTYPE, constant, dequantize_args, param_units
 
 R = relax.op
 
@@ -76,7 +76,7 @@ class QuantizeForward:
     - its weight parameter ``W`` becomes an int8 parameter of the same name and shape, read as
       ``dequantize(W, s_w, 0, axis=0)``.
 
-    The parameters' values are the caller's (``pock_tvm.quantize`` rounds them). A listed weight
+    The parameters' values are the caller's (``pock_tvm.quantization.post_training`` rounds them). A listed weight
     read by any other op is an error: its float value would be gone.
     """
 

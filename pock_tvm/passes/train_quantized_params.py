@@ -7,7 +7,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..quant import along_expr, constant, dequantize_args, is_integer
+from ..quantization.int8 import along_expr, constant, dequantize_args, is_integer
 
 R = relax.op
 

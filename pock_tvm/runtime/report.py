@@ -31,7 +31,7 @@ class Report:
     planned: dict = field(default_factory=dict)  # bytes: train_step, forward, kernel_scratch, folded_bytes
     phases: list[dict] = field(default_factory=list)  # planned memory after each optimization phase
     kernel_flops: dict = field(default_factory=dict)  # kernel name -> floating-point operations per call
-    quantization: dict = field(default_factory=dict)  # int8 tensors and scales (pock_tvm.quantize.describe)
+    quantization: dict = field(default_factory=dict)  # int8 tensors and scales (pock_tvm.quantization.post_training.describe)
 
     @staticmethod
     def build(scheme: str, layers: list[LayerRow], dense: GraphCost, sparse: GraphCost,

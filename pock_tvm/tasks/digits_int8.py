@@ -1,7 +1,7 @@
 """The demo task with an int8 model: does quantized fine-tuning keep up with float fine-tuning?
 
 The pretrained :class:`~pock_tvm.models.DigitsCNN` (:func:`pock_tvm.tasks.digits.pretrained`) is
-quantized by :func:`pock_tvm.quantize.quantize`, calibrated on source-domain digits (what the
+quantized by :func:`pock_tvm.quantization.post_training.quantize`, calibrated on source-domain digits (what the
 factory has; the device's data is not used), and fine-tuned on the new sensor's labelled digits
 with :func:`pock_tvm.tasks.digits.sparse_scheme` three ways: the float model, the int8 model with
 quantization-aware scaling (QAS) and the int8 model without it.
@@ -25,7 +25,7 @@ def compare(optimizer, epochs: int = 30, batch: int = 16, seed: int = 0, cache: 
     from ..frontend import import_model
     from ..compiler.step import compile
     from ..training.finetune import accuracy, fit
-    from ..quantize import quantize
+    from ..quantization.post_training import quantize
     from ..targets.runner_build import cache_dir
     from .digits import load_task, pretrained, sparse_scheme
 

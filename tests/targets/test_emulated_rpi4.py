@@ -199,7 +199,7 @@ def test_a_causal_lm_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runne
 def test_an_int8_step_trains_on_the_board_like_the_host(tmp_path, rpi4_runner):
     """A model quantized by pock_tvm, frozen int8 weights passed as int8 tensors of the bundle
     (not folded), trained weights as float32 masters with QAS: the board gives the host's losses."""
-    from pock_tvm.quantize import quantize
+    from pock_tvm.quantization.post_training import quantize
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((STEPS * 2, 3, 16, 16)).astype("float32")

@@ -1,5 +1,5 @@
 """An int8 model in PyTorch, the reference a compiled int8 step is compared with (tests,
-benchmarks): the float model with each layer ``pock_tvm.quantize`` quantized replaced by one that
+benchmarks): the float model with each layer :mod:`.post_training` quantized replaced by one that
 does the same arithmetic with fake quantization, its weight a float parameter in integer units."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class FakeQuantized(torch.nn.Module):
 
 def fake_quantized(model: torch.nn.Module, quantized) -> torch.nn.Module:
     """A copy of ``model`` with every layer that ``quantized`` (the :class:`ImportedModel`
-    ``pock_tvm.quantize.quantize`` made of it) holds in int8 replaced by :class:`FakeQuantized`
+    ``pock_tvm.quantization.post_training.quantize`` made of it) holds in int8 replaced by :class:`FakeQuantized`
     with the same integers and scales. Parameter names are unchanged (``features.0.0.weight``)."""
     from ..passes.quantize_forward import read_scales
 

@@ -16,11 +16,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .frontend import ImportedModel, import_model
-from .passes.quantize_forward import OpScales, QuantizeForward, quantizable_ops
-from .passes.split_partial_channels import FROZEN, UPDATED
-from .passes.train_quantized_params import TrainQuantizedParams
-from .quant import RANGES, WEIGHT_DTYPE, along, is_integer, param_units
+from ..frontend import ImportedModel, import_model
+from ..passes.quantize_forward import OpScales, QuantizeForward, quantizable_ops
+from ..passes.split_partial_channels import FROZEN, UPDATED
+from ..passes.train_quantized_params import TrainQuantizedParams
+from .int8 import RANGES, WEIGHT_DTYPE, along, is_integer, param_units
 
 QMAX = RANGES[WEIGHT_DTYPE][1]  # symmetric: [-127, 127], so that -q is representable
 
@@ -142,7 +142,7 @@ def describe(imported: ImportedModel, trained: Iterable[str]) -> dict:
     quantized tensor's dtype, scales (per channel on ``axis``), zero points and whether it trains
     (as a float32 master in integer units) or stays frozen, and the activation scale at each
     quantized layer's input. Empty for a float model."""
-    from .passes.quantize_forward import read_scales
+    from ..passes.quantize_forward import read_scales
 
     func = imported.mod["forward"]
     units = param_units(func)
