@@ -7,23 +7,26 @@ Each loss knows the spec of its target tensor and builds a Relax function
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
-from tvm import relax
-from tvm.relax.training import loss as relax_loss
 
 from .calling import IGNORE_INDEX
-from .frontend.model import TensorSpec
+from .runtime.spec import TensorSpec
 
-R = relax.op
+# TVM is imported where a loss function is built, not here: the CLI reads LOSSES without it.
 
 
-def _tensor_type(spec: TensorSpec) -> relax.TensorType:
+def _tensor_type(spec: TensorSpec):
+    from tvm import relax
+
     return relax.TensorType(spec.shape, spec.dtype)
 
 
-def _target_var(spec: TensorSpec) -> relax.Var:
+def _target_var(spec: TensorSpec):
     """The loss function's target parameter, under the spec's name (what the compiled step calls it)."""
+    from tvm import relax
+
     return relax.Var(spec.name, _tensor_type(spec))
 
 
@@ -38,7 +41,9 @@ class CrossEntropy:
             raise ValueError(f"CrossEntropy: needs (batch, classes) logits, the model returns {output.shape}")
         return TensorSpec("target", (output.shape[0],), "int64")
 
-    def relax_function(self, output: TensorSpec) -> relax.Function:
+    def relax_function(self, output: TensorSpec):
+        from tvm.relax.training import loss as relax_loss
+
         return relax_loss.CrossEntropyLoss(reduction="mean")(
             _tensor_type(output), _target_var(self.target_spec(output)))
 
@@ -59,7 +64,10 @@ class NextTokenCrossEntropy:
                              f"returns {output.shape}; use loss='cross_entropy' for a classifier")
         return TensorSpec("target", output.shape[:2], "int64")
 
-    def relax_function(self, output: TensorSpec) -> relax.Function:
+    def relax_function(self, output: TensorSpec):
+        from tvm import relax
+
+        R = relax.op
         batch, seq, vocab = output.shape
         logits = relax.Var("prediction", _tensor_type(output))
         labels = _target_var(self.target_spec(output))
@@ -91,7 +99,9 @@ class MSE:
     def target_spec(self, output: TensorSpec) -> TensorSpec:
         return TensorSpec("target", output.shape, output.dtype)
 
-    def relax_function(self, output: TensorSpec) -> relax.Function:
+    def relax_function(self, output: TensorSpec):
+        from tvm.relax.training import loss as relax_loss
+
         return relax_loss.MSELoss(reduction="mean")(
             _tensor_type(output), _target_var(self.target_spec(output)))
 
@@ -109,7 +119,7 @@ class TorchLoss:
         t = self.example_target
         return TensorSpec("target", tuple(t.shape), str(t.dtype).replace("torch.", ""))
 
-    def relax_function(self, output: TensorSpec) -> relax.Function:
+    def relax_function(self, output: TensorSpec):
         import torch
 
         from .frontend.torch_frontend import from_torch
@@ -132,13 +142,30 @@ class TorchLoss:
         return imported.mod["forward"].without_attr("num_input")
 
 
+class Loss(Protocol):
+    """What the compiler asks of a loss: ``name`` (recorded in the bundle), ``target_spec(output)``
+    (the target tensor the step takes) and ``relax_function(output)`` (``loss(prediction, target)
+    -> scalar`` in one dataflow block, which ``AppendLoss`` inlines). A new built-in loss is a
+    dataclass with these, added to :data:`LOSSES`; the CLI and ``make_loss`` take it from there."""
+
+    name: str
+
+    def target_spec(self, output: TensorSpec) -> TensorSpec: ...
+
+    def relax_function(self, output: TensorSpec): ...
+
+
+# name -> loss class, the one list of built-in losses ("ce" is short for "cross_entropy")
 LOSSES = {"cross_entropy": CrossEntropy, "ce": CrossEntropy, "next_token": NextTokenCrossEntropy,
           "mse": MSE}
 
 
-def make_loss(spec) -> CrossEntropy | NextTokenCrossEntropy | MSE | TorchLoss:
+def make_loss(spec) -> Loss:
     """A name of :data:`LOSSES` (``None`` is ``"cross_entropy"``) or a loss object."""
-    if isinstance(spec, (CrossEntropy, NextTokenCrossEntropy, MSE, TorchLoss)):
+    if spec is not None and not isinstance(spec, str):
+        if not all(hasattr(spec, a) for a in ("name", "target_spec", "relax_function")):
+            raise ValueError(f"loss {spec!r} is not a loss: it needs name, target_spec() and relax_function() "
+                             "(pock_tvm.loss.Loss), e.g. pock_tvm.TorchLoss(module, target)")
         return spec
     if spec is None:
         return CrossEntropy()

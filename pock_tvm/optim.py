@@ -17,16 +17,22 @@ scalar so that schedules need no recompilation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from tvm import relax
+from typing import Protocol
 
 from .runtime.checks import FLOAT32_MAX, check_lr, check_number  # noqa: F401  (check_lr: re-exported)
 
-R = relax.op
+def _ops():
+    """``tvm.relax.op``, imported when an update is emitted (the CLI reads :data:`OPTIMIZERS` without TVM)."""
+    from tvm import relax
+
+    return relax.op
 
 
-def _c(value: float, dtype: str = "float32") -> relax.Constant:
+def _c(value: float, dtype: str = "float32"):
+    from tvm import relax
+
     return relax.const(value, dtype)
 
 
@@ -57,6 +63,7 @@ class SGD:
 
     def emit(self, bb, param, grad, states, step, lr, unit=None):
         """The update of one parameter; ``unit``: its integer unit (a constant), see ``qas``."""
+        R = _ops()
         g = grad
         if unit is not None and self.qas:
             g = bb.emit(R.divide(g, R.multiply(unit, unit)))  # TTE: G_q * s^-2
@@ -99,6 +106,7 @@ class Adam:
 
     def emit(self, bb, param, grad, states, step, lr, unit=None):
         """The update of one parameter; ``unit``: its integer unit (a constant), see ``qas``."""
+        R = _ops()
         m, v = states
         g = grad
         unit = unit if self.qas else None
@@ -126,22 +134,46 @@ def AdamW(lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float
     return Adam(lr, beta1, beta2, eps, weight_decay, decoupled=True, name="adamw", qas=qas)
 
 
-def optimizer_from_json(data: dict) -> SGD | Adam:
+class Optimizer(Protocol):
+    """What the compiler asks of an optimizer (``AppendOptimizer`` emits its update into the step).
+
+    ``name`` is recorded in the bundle; ``lr`` is the default learning rate (a step input);
+    ``state_names()`` are the per-parameter state tensors it keeps (``("exp_avg", "exp_avg_sq")``);
+    ``emit(bb, param, grad, states, step, lr, unit)`` emits the update and returns
+    ``(new_param, new_states)``. A new optimizer is a dataclass with these, added to
+    :data:`OPTIMIZERS`: the CLI, ``make_optimizer`` and bundle loading take it from there."""
+
+    name: str
+    lr: float
+
+    def state_names(self) -> tuple[str, ...]: ...
+
+    def emit(self, bb, param, grad, states, step, lr, unit=None): ...
+
+
+# name -> constructor (keyword settings: lr, momentum, weight_decay, ...), the one list of optimizers
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def optimizer_from_json(data: dict) -> Optimizer:
     """The optimizer a bundle's layout records (``dataclasses.asdict`` of it)."""
     data = dict(data)
-    kind = SGD if data.get("name") == "sgd" else Adam if data.get("name") in ("adam", "adamw") else None
-    if kind is None:
-        raise ValueError(f"unknown optimizer {data.get('name')!r} in the bundle's layout")
-    return kind(**data)
+    if data.get("name") not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {data.get('name')!r} in the bundle's layout; this pock_tvm knows "
+                         f"{', '.join(OPTIMIZERS)}")
+    return type(OPTIMIZERS[data["name"]]())(**data)
 
 
-def make_optimizer(spec) -> SGD | Adam:
-    if isinstance(spec, (SGD, Adam)):
+def make_optimizer(spec=None, **settings) -> Optimizer:
+    """``spec``: an optimizer object (returned as is), or a name of :data:`OPTIMIZERS` (default
+    ``"sgd"``) built with ``settings`` (those given as None keep the optimizer's default)."""
+    if spec is not None and not isinstance(spec, str):
+        if not all(hasattr(spec, a) for a in ("name", "state_names", "emit")):
+            raise ValueError(f"optimizer {spec!r} is not an optimizer: it needs name, state_names() and emit() "
+                             "(pock_tvm.optim.Optimizer)")
         return spec
-    if spec in (None, "sgd"):
-        return SGD()
-    if spec == "adam":
-        return Adam()
-    if spec == "adamw":
-        return AdamW()
-    raise ValueError(f"unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or pock_tvm.SGD(...)")
+    name = spec or "sgd"
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {spec!r}; use one of {', '.join(OPTIMIZERS)} or an object such as "
+                         "pock_tvm.SGD(...)")
+    return OPTIMIZERS[name](**{k: v for k, v in settings.items() if v is not None})

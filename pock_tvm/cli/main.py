@@ -8,7 +8,12 @@ import logging
 import sys
 from dataclasses import fields
 
+from ..loss import LOSSES
+from ..optim import OPTIMIZERS
 from ..options import PipelineOptions
+
+_LOSSES = [name for name in LOSSES if name != "ce"]
+_OPTIMIZERS = list(OPTIMIZERS)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -62,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host", help="preset (host, rpi4, rpi5, apple-m1, jetson-orin, "
                    "jetson-nano, cuda) or a target .toml/.json; writes a bundle for that device")
     c.add_argument("--input-shape", type=_shape, help="e.g. 8,3,128,128")
-    c.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "next_token", "mse"])
-    c.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    c.add_argument("--loss", default="cross_entropy", choices=_LOSSES)
+    c.add_argument("--optimizer", default="sgd", choices=_OPTIMIZERS)
     c.add_argument("--lr", type=_LR)
     c.add_argument("--momentum", type=_number(0.0, 1.0), default=0.0)
     c.add_argument("--weight-decay", type=_number(0.0), default=0.0)
@@ -108,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                    "scheme, shapes, optimizer and target)")
     u.add_argument("--scheme", default="full")
     u.add_argument("--input-shape", type=_shape)
-    u.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "next_token", "mse"])
+    u.add_argument("--loss", default="cross_entropy", choices=_LOSSES)
     u.add_argument("--db", metavar="DIR", help="tuning database directory, created or continued (default: the "
                    "one shipped for this CPU's vector ISA, pock_tvm/tuning/<arch>-<isa>)")
     u.add_argument("--kernels", type=_at_least(1), default=10, help="how many of the slowest kernels to tune")
@@ -151,16 +156,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _optimizer(args):
-    from ..optim import SGD, Adam, AdamW
+    from ..optim import make_optimizer
 
-    def lr(default):
-        return default if args.lr is None else args.lr
-
+    settings = {"lr": args.lr, "weight_decay": args.weight_decay or None}  # None: the optimizer's default
     if args.optimizer == "sgd":
-        return SGD(lr=lr(0.01), momentum=args.momentum, weight_decay=args.weight_decay)
-    if args.optimizer == "adam":
-        return Adam(lr=lr(1e-3), weight_decay=args.weight_decay)
-    return AdamW(lr=lr(1e-3), weight_decay=args.weight_decay or 0.01)
+        settings["momentum"] = args.momentum
+    return make_optimizer(args.optimizer, **settings)
 
 
 def main(argv: list[str] | None = None) -> int:
