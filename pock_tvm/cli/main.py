@@ -56,8 +56,18 @@ _LR = _number(0.0, 3.4028234663852886e38)  # the step takes it as float32
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pock-tvm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="pock-tvm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile a PyTorch or ONNX model into a training step that fine-tunes it on a device\n"
+                    "(sparse updates chosen for your data, built ahead of time with TVM).",
+        epilog="typical use:\n"
+               "  pock-tvm compile model.onnx --scheme bias-only --input-shape 8,3,128,128 -o bundle/\n"
+               "  pock-tvm train bundle/ --data data.npz --epochs 3\n"
+               "  pock-tvm search mobilenetv2 --data data.npz --budget 2MB -o scheme.toml\n"
+               "  pock-tvm compile mobilenetv2 --scheme scheme.toml --target rpi4 -o board/\n"
+               "'pock-tvm COMMAND --help' describes each command; README.md has the concepts.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each phase; show the traceback of an "
+                        "internal error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model into a training program directory")
