@@ -36,7 +36,7 @@ def main() -> None:
     import torch
 
     from pock_tvm.frontend import import_model
-    from pock_tvm.targets.runner_build import cache_dir
+    from pock_tvm.cache import cache_dir
     from pock_tvm.tasks.digits import load_task, pretrained
 
     task = load_task()

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests compile fresh: no user's compile cache read or filled (tests/test_cache.py switches it on
+# in a cache of its own). Set here, before pock_tvm is imported, so subprocesses inherit it too.
+os.environ["POCK_TVM_COMPILE_CACHE"] = "0"
 
 
 @pytest.fixture(autouse=True)

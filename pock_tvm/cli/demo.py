@@ -53,7 +53,7 @@ def demo(out: str | Path = "out/demo", settings: DemoSettings = DemoSettings(), 
     import torch
 
     from ..frontend import import_model
-    from ..targets.runner_build import cache_dir
+    from ..cache import cache_dir
     from ..tasks.digits import LABELLED, load_task, pretrained
     from ..compiler.step import plan_step
     from ..search.scheme_search import progress_bar, search_scheme

@@ -17,7 +17,7 @@ def search_command(model: str, data: str, budget: str, output: str, latency: str
     """``pock-tvm search MODEL --data D.npz --budget 2MB [--latency 30ms] -o scheme.toml``."""
     from ..frontend import import_model
     from ..runtime.files import atomic_file, writable_file
-    from ..targets.runner_build import cache_dir as default_cache
+    from ..cache import cache_dir as default_cache
     from .commands import load_model
 
     size, ms = parse_size(budget), parse_ms(latency) if latency is not None else None

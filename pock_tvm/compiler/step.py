@@ -12,6 +12,7 @@ import tvm
 
 from ..analysis.cost import kernel_flops, nbytes, training_cost
 from ..analysis.memory import kernel_workspace, planned_bytes
+from ..cache import compile_cache_enabled, lookup, step_key, store
 from ..adapters import add_lora
 from ..runtime.report import LayerRow, Report
 from ..frontend import ImportedModel, import_model
@@ -190,14 +191,24 @@ def build(planned: PlannedStep) -> Program:
     """The second half of :func:`compile`: code generation for the planned step's target."""
     preset, tgt = planned.preset, planned.target
     gpu = tgt.kind.name == "cuda"
-    with tgt, tvm.transform.PassContext(opt_level=3), cuda_build_env(preset):
-        exe = tvm.compile(planned.lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
+    # host CPU steps go through the compile cache (pock_tvm.cache): the same lowered step, target
+    # and versions load the library built before instead of generating code again
+    key = step_key(planned.lowered, tgt) if compile_cache_enabled() and not gpu and not preset.is_cross else None
+    cached = lookup(key) if key else None
+    if cached is not None:
+        exe = tvm.runtime.load_module(str(cached))
+    else:
+        with tgt, tvm.transform.PassContext(opt_level=3), cuda_build_env(preset):
+            exe = tvm.compile(planned.lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
+        if key:
+            store(key, lambda file: exe.export_library(str(file)))
     extra = {"target": {**preset.to_json(), "tvm_target": json.loads(str(tgt))}}
     if gpu:
         extra["cuda"] = cuda_info(tgt)
     device = tvm.cuda() if gpu and tvm.cuda().exist else None
     program = Program(exe, planned.layout, planned.values, planned.report, device, extra)
     program.exporter = exporter(preset)
+    program.library_source = cached  # saving a cached step copies its library
     program.ir = planned.lowered  # the kernels as compiled, for `pock-tvm tune`
     return program
 

@@ -174,7 +174,7 @@ def _quiet_meta_schedule() -> None:
 
 def _log_dir() -> Path:
     """Where MetaSchedule writes its logs: under the cache, not the console or the database."""
-    from ..targets.runner_build import cache_dir
+    from ..cache import cache_dir
 
     logs = cache_dir() / "tune-logs"
     logs.mkdir(parents=True, exist_ok=True)

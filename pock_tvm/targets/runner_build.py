@@ -17,6 +17,7 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
+from ..cache import cache_dir
 from .presets import TargetPreset, load_target
 from .toolchain import require_tool
 
@@ -24,10 +25,6 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (CMakeLists.txt, runner/)
 LIBS = ("libtvm_runtime", "libtvm_ffi")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pock_tvm"
 
 
 def runtime_dir(preset: TargetPreset) -> Path:

@@ -26,7 +26,7 @@ def compare(optimizer, epochs: int = 30, batch: int = 16, seed: int = 0, cache: 
     from ..compiler.step import compile
     from ..training.finetune import accuracy, fit
     from ..quantization.post_training import quantize
-    from ..targets.runner_build import cache_dir
+    from ..cache import cache_dir
     from .digits import load_task, pretrained, sparse_scheme
 
     task = load_task()
