@@ -82,7 +82,10 @@ void Append(std::string* out, T value) {
   out->append(reinterpret_cast<const char*>(&value), sizeof(value));
 }
 
-bool SendAll(int fd, const char* p, size_t n) {
+}  // namespace
+
+bool SendAll(int fd, const void* buf, size_t n) {
+  const char* p = static_cast<const char*>(buf);
   while (n > 0) {
     ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
     if (r <= 0) return false;
@@ -91,8 +94,6 @@ bool SendAll(int fd, const char* p, size_t n) {
   }
   return true;
 }
-
-}  // namespace
 
 bool AllowedRemoteFunction(const std::string& name) { return AllowList().count(name) > 0; }
 

@@ -1,6 +1,7 @@
 // The allow-list between a client's socket and TVM's RPC server loop (see rpc_gate.cc).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -10,6 +11,9 @@ namespace pock {
 // library (itself checked against --trust), a module's functions, timing and random fill.
 // Everything else a client names is refused before TVM's server sees the request.
 bool AllowedRemoteFunction(const std::string& name);
+
+// Writes all `n` bytes to the socket `fd` (no SIGPIPE); false if the peer is gone.
+bool SendAll(int fd, const void* buf, size_t n);
 
 // Reads the client's packets from `fd` and hands them to TVM's server loop (`rpc.ServerLoop` with a
 // send and a receive callback): a request for a global function off the allow-list, or a session

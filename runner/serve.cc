@@ -82,17 +82,6 @@ bool RecvBefore(int fd, void* buf, size_t n, Clock::time_point deadline) {
   return true;
 }
 
-bool SendAll(int fd, const void* buf, size_t n) {
-  const char* p = static_cast<const char*>(buf);
-  while (n > 0) {
-    ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
 // The client sends the magic, then "client:<key> [options]"; we answer success and our key.
 bool Handshake(int fd, int timeout_s) {
   Clock::time_point deadline = Clock::now() + std::chrono::seconds(timeout_s);
@@ -104,12 +93,12 @@ bool Handshake(int fd, int timeout_s) {
   std::string key(static_cast<size_t>(len), '\0');
   if (!RecvBefore(fd, key.data(), key.size(), deadline)) return false;
   if (key.rfind("client:", 0) != 0) {
-    SendAll(fd, &kCodeMismatch, 4);
+    pock::SendAll(fd, &kCodeMismatch, 4);
     return false;
   }
   std::string server_key = "server:pock_runner";
   int32_t n = static_cast<int32_t>(server_key.size());
-  return SendAll(fd, &kCodeSuccess, 4) && SendAll(fd, &n, 4) && SendAll(fd, server_key.data(), server_key.size());
+  return pock::SendAll(fd, &kCodeSuccess, 4) && pock::SendAll(fd, &n, 4) && pock::SendAll(fd, server_key.data(), server_key.size());
 }
 
 // --dir, which must be an existing directory, or a fresh private one; as an absolute path.
