@@ -89,7 +89,9 @@ def pock_tvm_pipeline(
             AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
         ]
-        passes = [_with_gradient_rules(tvm.transform.Sequential(passes, name="pock_tvm.TrainingGraph"))]
+        # pock_tvm's gradient rules are installed for these passes only (TVM's own outside them)
+        passes = [_within(gradient_rules_installed, tvm.transform.Sequential(passes, name="pock_tvm.TrainingGraph"),
+                          "pock_tvm.WithGradientRules")]
     if lower:
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
@@ -142,26 +144,19 @@ def default_build(in_place: bool = True) -> list:
     ]
 
 
+def _within(context, inner, name: str):
+    """``inner`` (a pass) run inside ``context()`` (a context manager factory), as one pass."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def run(mod, _ctx):
+        with context():
+            return inner(mod)
+    return run
+
+
 def _with_padding_rows(rows: dict | None, autodiff):
     """``autodiff`` with the embeddings' padding rows known to the ``take`` gradient rule."""
-    if not rows:
-        return autodiff
-
-    @tvm.transform.module_pass(opt_level=0, name="pock_tvm.WithPaddingRows")
-    def run(mod, _ctx):
-        with embedding_padding_rows(rows):
-            return autodiff(mod)
-    return run
-
-
-def _with_gradient_rules(training_graph):
-    """``training_graph`` run with pock_tvm's gradient rules installed (TVM's own outside it)."""
-
-    @tvm.transform.module_pass(opt_level=0, name="pock_tvm.WithGradientRules")
-    def run(mod, _ctx):
-        with gradient_rules_installed():
-            return training_graph(mod)
-    return run
+    return _within(lambda: embedding_padding_rows(rows), autodiff, "pock_tvm.WithPaddingRows") if rows else autodiff
 
 
 def _verified(verify: bool, scheduling: list) -> list:

@@ -46,6 +46,15 @@ def _runner(runner, *args, **kwargs):
                           timeout=120, **kwargs)
 
 
+def _with_value(data, dest, position, value):
+    """A copy of the runner data file ``data`` with float32 ``position`` of its first input set to
+    ``value`` (a file pack-data would refuse to write)."""
+    raw = bytearray(data.read_bytes())
+    raw[4 * position:4 * position + 4] = np.float32(value).tobytes()
+    dest.write_bytes(bytes(raw))
+    return dest
+
+
 def _state(bundle):
     return {f.name: f.read_bytes() for f in bundle.iterdir() if f.name != ".lock"}
 
@@ -196,11 +205,8 @@ def test_diverged_or_nan_weights_are_never_saved(made, host_runner, tmp_path):
     nan_x[0, 0] = np.nan
     with pytest.raises(ValueError, match="input 'x' holds nan at position 0"):
         write_batches(tmp_path / "nan.bin", program.layout, [nan_x], y)
-    write_batches(tmp_path / "nan.bin", program.layout, [x], y)
-    raw = bytearray((tmp_path / "nan.bin").read_bytes())
-    raw[:4] = np.float32(np.nan).tobytes()
-    (tmp_path / "nan.bin").write_bytes(bytes(raw))
-    result = _runner(host_runner, "train", copy_dir, tmp_path / "nan.bin", "--steps", 1)
+    result = _runner(host_runner, "train", copy_dir, _with_value(made[2], tmp_path / "nan.bin", 0, np.nan),
+                     "--steps", 1)
     assert result.returncode == 1 and "'x' holds NaN (batch 0, position 0)" in result.stderr
     result = _runner(host_runner, "train", copy_dir, made[2], "--steps", 1, "--lr", "1e38")
     assert result.returncode == 1 and "training diverged" in result.stderr
@@ -492,12 +498,7 @@ def test_the_runner_refuses_nan_data_and_never_saves_a_model_that_predicts_inf(m
     program, bundle, data, x, y = made
     copy_dir = _copy(bundle, tmp_path / "b")
     before = _state(copy_dir)
-    nan_x = x.copy()
-    nan_x[2, 5] = np.inf
-    raw = bytearray(data.read_bytes())
-    raw[:4 * 32 * 4] = nan_x[:4].tobytes()
-    (tmp_path / "inf.bin").write_bytes(bytes(raw))
-    result = _runner(host_runner, "train", copy_dir, tmp_path / "inf.bin")
+    result = _runner(host_runner, "train", copy_dir, _with_value(data, tmp_path / "inf.bin", 2 * 32 + 5, np.inf))
     assert result.returncode == 1 and "'x' holds inf (batch 0, position 69)" in result.stderr
     with pytest.raises(ValueError, match=r"input 'x' holds nan at position 5"):
         program.predict(np.where(np.arange(32) == 5, np.nan, x[:4]).astype("float32"))
