@@ -15,13 +15,14 @@ import tvm
 from kernel_fuzz import KINDS, cases, fused_kernels, training_module
 from pock_tvm.analysis.kernel_check import compare
 from pock_tvm.passes import ScheduleForCPU
+from pock_tvm.passes.cpu_rules import REDUCTION_RULES, SPATIAL_RULES
 from pock_tvm.targets import load_target
 from pock_tvm.targets.toolchain import tvm_target
 
 # cases per kind in the default run (~1 s each): convs get the most, they have the most rules
 CI_CASES = {"conv2d": 24, "matmul": 10, "pool": 8, "reduction": 8, "norm": 4}
-RULES = ("vectorized_reduction", "channel_vectorized", "register_tiled", "small_window", "plain_reduction",
-         "epilogue", "spatial")
+# every rule of the ordered lists: a new rule is held to the fuzz suite by being listed there
+RULES = tuple(rule.name for rule in (*REDUCTION_RULES, *SPATIAL_RULES))
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,26 @@ def test_scheduled_kernels_compute_what_unscheduled_ones_do(kind, target, rules_
             unsupported.append(f"{case}: {str(err).splitlines()[-1][:160]}")
     assert not wrong, f"seed {seed}: {len(wrong)} kernels compute wrong numbers:\n" + "\n".join(wrong)
     assert not unsupported, f"seed {seed}: cases that do not build:\n" + "\n".join(unsupported)
+
+
+# another ISA's row of cpu_rules.ISAS, where this CPU runs its code (an AVX-512 CPU runs AVX2 code):
+# the rows differ in the channel-vectorized rule's vector and tile, so the conv cases
+OTHER_ISAS = {"avx": "haswell", "avx512f": "skylake-avx512"}
+
+
+@pytest.mark.parametrize("feature", sorted(OTHER_ISAS))
+def test_another_isas_schedules_compute_what_unscheduled_kernels_do(feature, target, request):
+    from pock_tvm.passes.cpu_rules import CPU
+    from pock_tvm.targets.toolchain import system_cpu_features
+
+    other = tvm.target.Target({"kind": "llvm", "mcpu": OTHER_ISAS[feature]})
+    if feature not in system_cpu_features() or CPU.of(other) == CPU.of(target):
+        pytest.skip(f"this CPU does not run {feature} code, or it is this CPU's own row (tested above)")
+    seed = request.config.getoption("--fuzz-seed")
+    wrong = []
+    for case in cases(seed, request.config.getoption("--fuzz-cases") or 12, ["conv2d"]):
+        wrong += check_case(case, other, Counter())
+    assert not wrong, f"seed {seed}, {feature}: {len(wrong)} kernels compute wrong numbers:\n" + "\n".join(wrong)
 
 
 def test_the_fuzz_cases_exercise_every_rule(rules_seen, request):
