@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+from .utils import with_functions
 
 R = relax.op
 
@@ -54,9 +55,7 @@ class AddLoRA:
                              "select only those")
         new_params = list(func.params) + [v for a, b, _ in pairs.values() for v in (a, b)]
         new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[self.func_name] = new_func
-        return mod
+        return with_functions(mod, {self.func_name: new_func})
 
 
 @mutator

@@ -9,7 +9,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..analysis.layers import bindings
 from ..quantization.int8 import dequantize_args
-from .utils import vars_in
+from .utils import vars_in, with_functions
 
 R = relax.op
 
@@ -40,9 +40,7 @@ class FoldBatchNorm:
             return mod
         body = _Folder(mod, folds).visit_expr(func.body)
         new_func = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[self.func_name] = new_func
-        return mod
+        return with_functions(mod, {self.func_name: new_func})
 
 
 def _op(value) -> str:

@@ -8,7 +8,7 @@ import tvm
 from tvm import relax
 
 from .. import calling
-from .utils import vars_in
+from .utils import vars_in, with_functions
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,7 @@ class InPlaceUpdates:
         body = relax.SeqExpr([relax.BindingBlock(new_binds, block.span)], func.body.body)
         new = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
         logger.info("InPlaceUpdates: %d of %d updated tensors written in place", len(replace), len(returned))
-        result = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        result[result.get_global_var(self.func_name)] = new.with_attr("pock_tvm.in_place", len(replace))
-        return result
+        return with_functions(mod, {mod.get_global_var(self.func_name): new.with_attr("pock_tvm.in_place", len(replace))})
 
 
 def _same_tensor_type(a, b) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import tvm
-from tvm import relax, s_tir
+from tvm import s_tir
 
-from .utils import is_scheduled
+from .utils import is_scheduled, with_functions
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,7 @@ class InlineKernelIntermediates:
                 inlined += count
         if not updates:
             return mod
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        for gvar, func in updates.items():
-            mod[gvar] = func
+        mod = with_functions(mod, updates)
         logger.info("InlineKernelIntermediates: %d stages inlined in %d kernels", inlined, len(updates))
         return mod
 

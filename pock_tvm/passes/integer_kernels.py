@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quantization.int8 import constant, dequantize_args, is_integer
+from .utils import with_functions
 
 R = relax.op
 ACCUMULATOR = "int32"
@@ -34,12 +35,9 @@ class IntegerKernels:
     """
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        for gvar, func in mod.functions.items():
-            if isinstance(func, relax.Function) and _has_dequantize(func):
-                rewriter = _Rewriter(mod, relax.analysis.get_var2val(func))
-                out[gvar] = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
-        return out
+        return with_functions(mod, {
+            gvar: relax.analysis.remove_all_unused(_Rewriter(mod, relax.analysis.get_var2val(func)).visit_expr(func))
+            for gvar, func in mod.functions.items() if isinstance(func, relax.Function) and _has_dequantize(func)})
 
 
 def _has_dequantize(func) -> bool:

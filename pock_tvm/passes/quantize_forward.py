@@ -10,6 +10,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quantization.int8 import ACTIVATION_DTYPE, WEIGHT_DTYPE, constant, dequantize_args, param_units
+from .utils import with_functions
 
 R = relax.op
 
@@ -105,9 +106,7 @@ class QuantizeForward:
                 params.append(p)
         body = rewriter.visit_expr(func.body)
         new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[self.func_name] = new_func
-        return mod
+        return with_functions(mod, {self.func_name: new_func})
 
 
 def _weight(var: relax.Var, scales: OpScales) -> relax.Expr:

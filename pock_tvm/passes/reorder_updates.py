@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.layers import bindings
-from .utils import substitute, vars_in
+from .utils import substitute, vars_in, with_functions
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.ReorderUpdates")
@@ -42,9 +42,7 @@ class ReorderUpdates:
             bb.emit_func_output(out)
         flat = bb.get()[self.func_name]
         new = _reorder(flat, own)
-        result = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        result[result.get_global_var(self.func_name)] = new
-        return result
+        return with_functions(mod, {mod.get_global_var(self.func_name): new})
 
 
 def _inline(bb, mod, body, remap, top=False) -> set:

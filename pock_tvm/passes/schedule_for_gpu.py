@@ -6,7 +6,7 @@ import logging
 
 import tvm
 
-from .utils import SCHEDULED, is_scheduled
+from .utils import SCHEDULED, is_scheduled, with_functions
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,7 @@ class ScheduleForGPU:
             if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
             updates[gvar] = _schedule(gvar.name_hint, func, target, rules)
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        return with_functions(mod, updates)
 
 
 def _schedule(name: str, func, target, rules):

@@ -7,7 +7,7 @@ from tvm import relax
 
 from .gradient_rules import gradient_rules_installed
 from ..analysis.layers import bindings
-from .utils import substitute, vars_in
+from .utils import substitute, vars_in, with_functions
 
 TAIL = "__tail"
 FORWARD_BINDINGS = "pock_tvm.num_forward_bindings"
@@ -48,8 +48,7 @@ class SparseGradient:
         prefix, tail = _partition(func, set(self.trainable))
         tail_name = self.func_name + TAIL
         tail_func, frontier = _tail_function(func, prefix, tail)
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[tail_name] = tail_func
+        mod = with_functions(mod, {tail_name: tail_func})
         require = [p for p in tail_func.params if p.name in set(self.trainable)]
         require.sort(key=lambda p: self.trainable.index(p.name))
         mod = relax.transform.Gradient(tail_name, require_grads=require)(mod)

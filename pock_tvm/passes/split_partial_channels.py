@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+from .utils import with_functions
 
 R = relax.op
 UPDATED, FROZEN = "__upd", "__frz"
@@ -61,9 +62,7 @@ class SplitPartialChannels:
         new_func = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
         for key, value in attrs.items():
             new_func = new_func.with_attr(key, value)
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[self.func_name] = new_func
-        return mod
+        return with_functions(mod, {self.func_name: new_func})
 
 
 @mutator

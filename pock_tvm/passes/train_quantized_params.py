@@ -8,6 +8,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..quantization.int8 import along_expr, constant, dequantize_args, is_integer
+from .utils import with_functions
 
 R = relax.op
 
@@ -50,9 +51,7 @@ class TrainQuantizedParams:
         body = rewriter.visit_expr(func.body)
         new_func = relax.analysis.remove_all_unused(
             relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[self.func_name] = new_func
-        return mod
+        return with_functions(mod, {self.func_name: new_func})
 
 
 @mutator

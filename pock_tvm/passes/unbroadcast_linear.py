@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+from .utils import with_functions
 
 R = relax.op
 
@@ -27,9 +28,7 @@ class UnbroadcastLinear:
         if self.func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
             raise ValueError(f"UnbroadcastLinear: the module has no function '{self.func_name}'")
         func = _Unbroadcast(mod).visit_expr(mod[self.func_name])
-        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-        mod[self.func_name] = relax.analysis.remove_all_unused(func)
-        return mod
+        return with_functions(mod, {self.func_name: relax.analysis.remove_all_unused(func)})
 
 
 @mutator

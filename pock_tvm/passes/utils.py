@@ -27,15 +27,17 @@ def substitute(expr, remap: dict[relax.Var, relax.Expr]):
 
 
 def with_functions(mod, updates: dict):
-    """A copy of ``mod`` (same attributes) with the functions of ``updates`` (``{GlobalVar: func}``)
-    replaced; ``mod`` itself when there is nothing to replace."""
+    """A copy of ``mod`` (same attributes) with the functions of ``updates`` (``{GlobalVar or
+    name: func}``) replaced or added; ``mod`` itself when there is nothing to replace. The one way
+    passes rebuild a module: a Relax function a pass rebuilt by hand (``relax.Function(params,
+    SeqExpr(...))``) gets its types here, as if the block builder had made it."""
     if not updates:
         return mod
     import tvm
 
     new = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
-    for gvar, func in updates.items():
-        new[gvar] = func
+    for key, func in updates.items():
+        new[key] = relax.BlockBuilder(new).normalize(func) if isinstance(func, relax.Function) else func
     return new
 
 

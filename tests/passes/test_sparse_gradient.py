@@ -50,3 +50,81 @@ def test_no_trainable_parameter_is_an_error(small_cnn):
 
     with pytest.raises(ValueError, match="SparseGradient: the scheme updates no parameter"):
         training_graph(small_cnn, pock_tvm.Scheme("nothing"))
+
+
+# -- Before/Expected: the frozen prefix as inference, the Relax gradient of the rest
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.script import ir as I, relax as R  # noqa: E402
+
+from pock_tvm.passes import SparseGradient  # noqa: E402
+from pock_tvm.passes.sparse_gradient import FORWARD_BINDINGS  # noqa: E402
+
+F32 = "float32"
+
+
+@I.ir_module
+class Before:
+    @R.function
+    def loss(x: R.Tensor((2, 3), F32), w1: R.Tensor((3, 4), F32), w2: R.Tensor((4, 5), F32),
+             target: R.Tensor((2, 5), F32)):
+        with R.dataflow():
+            h = R.matmul(x, w1)
+            a = R.nn.relu(h)
+            y = R.matmul(a, w2)
+            d = R.subtract(y, target)
+            squares = R.multiply(d, d)
+            gv = R.sum(squares)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class ExpectedTail:
+    """What the Relax gradient is taken of: the bindings w2 reaches, with the frontier ``a`` (the
+    last frozen value they read) as an extra parameter after loss's own."""
+
+    @R.function
+    def loss__tail(x: R.Tensor((2, 3), F32), w1: R.Tensor((3, 4), F32), w2: R.Tensor((4, 5), F32),
+                   target: R.Tensor((2, 5), F32), a: R.Tensor((2, 4), F32)):
+        with R.dataflow():
+            y = R.matmul(a, w2)
+            d = R.subtract(y, target)
+            squares = R.multiply(d, d)
+            gv = R.sum(squares)
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class ExpectedAdjoint:
+    @R.function(private=True)
+    def loss__tail_adjoint(x: R.Tensor((2, 3), F32), w1: R.Tensor((3, 4), F32), w2: R.Tensor((4, 5), F32),
+                           target: R.Tensor((2, 5), F32), a: R.Tensor((2, 4), F32)) \
+            -> R.Tuple(R.Tensor((), F32), R.Tuple(R.Tensor((4, 5), F32))):
+        return R.tuple(R.sum(R.zeros((2, 5), F32)), R.tuple(R.zeros((4, 5), F32)))  # stands for the callee
+
+    @R.function(private=True)
+    def loss_adjoint(x: R.Tensor((2, 3), F32), w1: R.Tensor((3, 4), F32), w2: R.Tensor((4, 5), F32),
+                     target: R.Tensor((2, 5), F32)):
+        cls = ExpectedAdjoint
+        with R.dataflow():
+            h = R.matmul(x, w1)  # the frozen prefix: plain inference, no gradient
+            a = R.nn.relu(h)
+            result = cls.loss__tail_adjoint(x, w1, w2, target, a)
+            R.output(result)
+        return result
+
+
+def test_frozen_prefix_runs_as_inference_and_the_tail_gets_the_relax_gradient():
+    after = SparseGradient(["w2"])(Before)
+    # the tail's adjoint: Relax's Gradient of ExpectedTail for w2 only, its backward after 4 forward
+    # bindings; it stands in for ExpectedAdjoint's placeholder of the same name
+    tail = ExpectedTail["loss__tail"]
+    gradient = relax.transform.Gradient("loss__tail", require_grads=[tail.params[2]])(ExpectedTail)
+    expected = tvm.IRModule({**dict(ExpectedAdjoint.functions.items()), Before.get_global_var("loss"): Before["loss"]})
+    expected[expected.get_global_var("loss__tail_adjoint")] = \
+        gradient["loss__tail_adjoint"].with_attr(FORWARD_BINDINGS, 4).without_attr("global_symbol")
+    # loss kept; loss_adjoint: h and relu as inference (relu needs no gradient rule), then the tail's adjoint
+    tvm.ir.assert_structural_equal(after, expected)
