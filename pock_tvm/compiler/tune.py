@@ -25,7 +25,7 @@ from ..options import PipelineOptions
 from ..targets.presets import load_target
 from .step import compile
 from ..runtime.profile import profile_program
-from .tuning_device import TuningDevice, measure
+from .tuning_device import TuningDevice, import_tensor_intrinsics
 
 logger = logging.getLogger(__name__)
 # the kernels to tune are ranked by a profile of at least RANKING_MS of steps (RANKING_STEPS at least,
@@ -92,7 +92,7 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     for index, row in enumerate(chosen):
         mod = tvm.IRModule({"main": plain[row.name].with_attr("global_symbol", "main")})
         if db.has_workload(mod):
-            default_ms = _commit_default(db, mod, target, builder, runner)
+            default_ms = _commit_default(db, mod, target, device, builder, runner)
             results.append(TunedKernel(row.name, row.share, default_ms, _best_ms(db, mod), 0, 0.0,
                                        "already in the database"))
             report(f"[{index + 1}/{len(chosen)}] {row.name}: already in the database")
@@ -100,13 +100,15 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
         start = time.perf_counter()
         scratch = ms.database.MemoryDatabase()  # a kernel lands in the database only when tuned:
         _quiet_meta_schedule()  # before every run: each one adds its console handler again
+        import_tensor_intrinsics()  # (MetaSchedule would, 6x slower)
         ms.tir_integration.tune_tir(  # an interrupted one is tuned again by the next run
             mod, target, str(logs), max_trials_global=trials, num_trials_per_iter=min(trials, 16),
-            database=scratch, builder=builder, runner=runner, cost_model="xgb", seed=seed)
+            database=scratch, builder=builder, runner=runner, cost_model="xgb", seed=seed,
+            strategy=_search(trials))
         seconds = time.perf_counter() - start
         spent_per_trial = seconds / trials
         _copy_records(scratch, db)
-        default_ms = _commit_default(db, mod, target, builder, runner)
+        default_ms = _commit_default(db, mod, target, device, builder, runner)
         best = _best_ms(db, mod)
         left = (len(chosen) - index - 1) * trials * spent_per_trial
         results.append(TunedKernel(row.name, row.share, default_ms, best, trials, seconds,
@@ -141,7 +143,7 @@ def refresh_defaults(database: str | Path, *, target: str = "host", device: Tuni
         if key in seen:
             continue
         seen.add(key)
-        ms_default = _commit_default(db, record.workload.mod, tgt, builder, runner)
+        ms_default = _commit_default(db, record.workload.mod, tgt, device, builder, runner)
         best = _best_ms(db, record.workload.mod)
         measured += ms_default is not None
         report(f"[{len(seen)}] default {ms_default if ms_default is None else round(ms_default, 4)} ms, "
@@ -181,7 +183,17 @@ def _log_dir() -> Path:
     return logs
 
 
-def _commit_default(db, mod: tvm.IRModule, target, builder, runner) -> float | None:
+def _search(trials: int):
+    """MetaSchedule's evolutionary search, its population scaled to the trials it may measure:
+    its defaults (512 candidates, 50 random ones) from 16 trials up, 32 candidates a trial below
+    (2 trials: 64, where the full population took a minute to evolve for two measurements)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.search_strategy.EvolutionarySearch(population_size=min(512, 32 * trials),
+                                                 init_min_unmeasured=min(50, 4 * trials))
+
+
+def _commit_default(db, mod: tvm.IRModule, target, device: TuningDevice, builder, runner) -> float | None:
     """Store the default schedule (``ScheduleForCPU``) of ``mod``, measured on the tuning device,
     as one more candidate of its workload, so that the database's best is never slower than the
     default. Returns its time per call in ms (None if the default does not schedule it)."""
@@ -202,7 +214,7 @@ def _commit_default(db, mod: tvm.IRModule, target, builder, runner) -> float | N
     for record in db.get_top_k(workload, 1 << 10):
         if str(record.trace) == trace and record.run_secs:
             return 1e3 * float(np.mean([float(s) for s in record.run_secs]))
-    seconds = measure(sch.mod, target, builder, runner)
+    seconds = device.measure(sch.mod, target, builder, runner)
     db.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, run_secs=[seconds], target=target,
         args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
