@@ -25,7 +25,8 @@ from ..options import PipelineOptions
 from ..targets.presets import load_target
 from .step import compile
 from ..runtime.profile import profile_program
-from .tuning_device import TuningDevice, import_tensor_intrinsics
+from ..tvmscript import import_tensor_intrinsics
+from .tuning_device import TuningDevice
 
 logger = logging.getLogger(__name__)
 # the kernels to tune are ranked by a profile of at least RANKING_MS of steps (RANKING_STEPS at least,

@@ -9,17 +9,15 @@ into shared libraries that the board loads: the board needs no compiler and no P
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..targets.presets import TargetPreset
+from ..tvmscript import import_tensor_intrinsics
 
 
 @dataclass(frozen=True)
@@ -132,42 +130,6 @@ def _measure_with(mod, target, builder, runner) -> float:
     if result.error_msg:
         raise ValueError(f"tune: running a kernel failed: {result.error_msg.strip().splitlines()[-1]}")
     return float(np.mean([float(s) for s in result.run_secs]))
-
-
-def import_tensor_intrinsics() -> None:
-    """Import ``tvm.s_tir.tensor_intrin``, which MetaSchedule imports before it tunes and in every
-    builder worker, in about 3 s instead of 20: its 250 TVMScript functions each walk the Python
-    stack with ``inspect.stack()``, which looks up the source file of every frame by scanning
-    ``sys.modules``. Only the three innermost frames' source lines are read (what TVMScript's
-    parser reads: the decorator's caller); the others get no source context, for this import only."""
-    if "tvm.s_tir.tensor_intrin" in sys.modules:
-        return
-    with _shallow_stack_context():
-        import tvm.s_tir.tensor_intrin  # noqa: F401
-
-
-@contextlib.contextmanager
-def _shallow_stack_context(keep: int = 3):
-    real = inspect.stack, inspect.getouterframes
-
-    def outer(frame, context=1):
-        frames = []
-        while frame is not None:
-            if len(frames) < keep:
-                info = inspect.getframeinfo(frame, context)
-                frames.append(inspect.FrameInfo(frame, *info[:5], positions=info.positions))
-            else:
-                frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno,
-                                                frame.f_code.co_name, None, None, positions=None))
-            frame = frame.f_back
-        return frames
-
-    inspect.stack = lambda context=1: outer(sys._getframe(1), context)
-    inspect.getouterframes = outer
-    try:
-        yield
-    finally:
-        inspect.stack, inspect.getouterframes = real
 
 
 # -- run in MetaSchedule's worker processes (module-level, so they pickle) --
