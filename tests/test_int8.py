@@ -76,6 +76,7 @@ def _kernels(program):
     return [(gv.name_hint, f) for gv, f in program.ir.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
+@pytest.mark.slow  # make test-all; QAS itself is checked against torch in make test
 def test_without_qas_the_weights_barely_move(case):
     """Trained in integer units without QAS, SGD moves a weight by s_w^2 of the float step."""
     model, quantized, x, y = case

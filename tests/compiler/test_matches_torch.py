@@ -34,8 +34,9 @@ def _check(name, scheme, optimizer, update_tol=1e-3):
     assert losses[-1] < losses[0], "three steps on one batch must lower its loss"
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("optimizer", [SGD, ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize("scheme,optimizer", [(s, SGD) for s in SCHEMES] + [("full", ADAM), ("partial", ADAM)] + [
+    pytest.param(s, ADAM, marks=pytest.mark.slow) for s in ("bias-only", "last-2")],
+    ids=[f"sgd-{s}" for s in SCHEMES] + ["adam-full", "adam-partial", "adam-bias-only", "adam-last-2"])
 def test_mlp(scheme, optimizer):
     _check("mlp", scheme, optimizer)
 

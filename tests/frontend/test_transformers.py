@@ -106,26 +106,28 @@ def test_merged_lora_weights_give_the_trained_model():
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_a_label_outside_the_vocabulary_is_named():
+@pytest.fixture(scope="module")
+def last1_lm():
+    ids, mask, _ = _lm_batch()
+    return pock_tvm.compile(causal_lm(), (ids, mask), scheme="last-1", loss="next_token", tuning_database=False)
+
+
+def test_a_label_outside_the_vocabulary_is_named(last1_lm):
     ids, mask, labels = _lm_batch()
-    program = pock_tvm.compile(causal_lm(), (ids, mask), scheme="last-1", loss="next_token",
-                               tuning_database=False)
     labels[0, 3] = 100
     with pytest.raises(ValueError, match=r"label 100 at position 3 is outside \[0, 100\).*-100 for one that does not"):
-        program.step(ids.numpy(), mask.numpy(), labels.numpy())
+        last1_lm.step(ids.numpy(), mask.numpy(), labels.numpy())
 
 
-def test_a_token_id_outside_the_vocabulary_is_named_before_it_reaches_the_embedding():
+def test_a_token_id_outside_the_vocabulary_is_named_before_it_reaches_the_embedding(last1_lm):
     ids, mask, labels = _lm_batch()
-    program = pock_tvm.compile(causal_lm(), (ids, mask), scheme="last-1", loss="next_token",
-                               tuning_database=False)
-    assert [s.bound for s in program.layout.inputs] == [VOCAB, None]  # ids index the embedding
+    assert [s.bound for s in last1_lm.layout.inputs] == [VOCAB, None]  # ids index the embedding
     ids[1, 2] = VOCAB
     message = r"input 'ids' holds 100 at position 10, outside \[0, 100\): it indexes a table of 100 rows"
     with pytest.raises(ValueError, match=message):
-        program.step(ids.numpy(), mask.numpy(), labels.numpy())
+        last1_lm.step(ids.numpy(), mask.numpy(), labels.numpy())
     with pytest.raises(ValueError, match=message):
-        program.predict(ids.numpy(), mask.numpy())
+        last1_lm.predict(ids.numpy(), mask.numpy())
 
 
 class CachedLogits(torch.nn.Module):
