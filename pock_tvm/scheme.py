@@ -19,9 +19,10 @@ import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .analysis.layers import param_uses
-from .frontend.model import ImportedModel
+if TYPE_CHECKING:
+    from .frontend.model import ImportedModel
 
 MODES = ("full", "partial", "frozen")
 
@@ -272,6 +273,8 @@ def trainable_params(model: ImportedModel):
     (:class:`pock_tvm.analysis.layers.ParamUse`: conv, depthwise, linear, embedding, norm, bias,
     other; ``adapter`` for LoRA's) by
     name, and the layers in forward order."""
+    from .analysis.layers import param_uses  # (TVM: imported when a scheme meets a model)
+
     uses = param_uses(model.mod["forward"])
     params = [p for p in model.params if not p.is_buffer]
     params.sort(key=lambda p: uses[p.var_name].position if p.var_name in uses else 0)

@@ -7,7 +7,7 @@ import torch
 
 import pock_tvm
 from pock_tvm import cache
-from pock_tvm.models import SmallCNN
+from pock_tvm.models import MLP
 
 
 @pytest.fixture
@@ -17,14 +17,14 @@ def compile_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "compiled"
 
 
-def _compile(model):
-    return pock_tvm.compile(model, (torch.zeros(4, 3, 16, 16),), scheme="last-2", baseline=False)
+def _compile(model):  # (last-2: fc1 frozen, folded into the library)
+    return pock_tvm.compile(model, (torch.zeros(4, 32),), scheme="last-2", baseline=False)
 
 
 def test_a_repeated_compile_loads_the_cached_library_and_computes_the_same(compile_cache, tmp_path):
     torch.manual_seed(0)
-    model = SmallCNN()
-    x, y = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype("float32"), np.array([0, 1, 2, 3])
+    model = MLP()
+    x, y = np.random.default_rng(0).standard_normal((4, 32)).astype("float32"), np.array([0, 1, 2, 3])
     first = _compile(model)
     assert first.library_source is None and len(list(compile_cache.glob("*.so"))) == 1
     second = _compile(model)
@@ -39,10 +39,10 @@ def test_other_frozen_weights_are_another_entry(compile_cache):
     """Frozen weights are folded into the library: the same architecture with other weights must
     not load the first one's library."""
     torch.manual_seed(0)
-    a = SmallCNN()
+    a = MLP()
     torch.manual_seed(1)
-    b = SmallCNN()
-    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype("float32")
+    b = MLP()
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype("float32")
     _compile(a)
     compiled_b = _compile(b)
     assert compiled_b.library_source is None and len(list(compile_cache.glob("*.so"))) == 2
@@ -54,13 +54,13 @@ def test_the_cache_is_bounded_safe_to_delete_and_can_be_switched_off(compile_cac
     import shutil
 
     torch.manual_seed(0)
-    model = SmallCNN()
+    model = MLP()
     _compile(model)
     shutil.rmtree(compile_cache)  # deleted between runs: the next compile builds again
     assert _compile(model).library_source is None and len(list(compile_cache.glob("*.so"))) == 1
     monkeypatch.setattr(cache, "COMPILE_CACHE_BYTES", 1)  # smaller than any library: only the newest stays
     torch.manual_seed(1)
-    _compile(SmallCNN())
+    _compile(MLP())
     assert len(list(compile_cache.glob("*.so"))) <= 1
     monkeypatch.setenv("POCK_TVM_COMPILE_CACHE", "0")
     shutil.rmtree(compile_cache)

@@ -25,11 +25,11 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
     """
     import torch
 
-    from ..models import _REGISTRY, DEFAULT_INPUT_SHAPES, build
+    from ..models import DEFAULT_INPUT_SHAPES, REGISTRY, build
 
     if spec.endswith(".onnx"):
         return spec, None
-    if spec in _REGISTRY:
+    if spec in REGISTRY:
         model = build(spec)
         shape = input_shape or DEFAULT_INPUT_SHAPES.get(spec, (8, 3, 128, 128))
         return model, (torch.randn(*shape),)
@@ -47,7 +47,7 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
             raise ValueError(f"model '{spec}' needs --input-shape (e.g. 8,3,128,128)")
         return getattr(module, name)(), (torch.randn(*input_shape),)
     raise ValueError(f"unknown model '{spec}': give an .onnx file, a reference model "
-                     f"({', '.join(sorted(_REGISTRY))}) or module.py:factory")
+                     f"({', '.join(sorted(REGISTRY))}) or module.py:factory")
 
 
 def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str = "host",

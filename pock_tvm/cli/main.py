@@ -9,8 +9,11 @@ import sys
 from dataclasses import fields
 
 from ..loss import LOSSES
+from ..models import MODEL_NAMES
 from ..optim import OPTIMIZERS
 from ..options import PipelineOptions
+from ..scheme import PRESETS as SCHEME_PRESETS
+from ..targets.presets import PRESETS as TARGET_PRESETS
 
 _LOSSES = [name for name in LOSSES if name != "ce"]
 _OPTIMIZERS = list(OPTIMIZERS)
@@ -71,11 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model into a training program directory")
-    c.add_argument("model", help="file.onnx, a reference model (mobilenetv2, resnet18, mlp, smallcnn) or file.py:factory")
-    c.add_argument("--scheme", default="full", help="preset (full, bias-only, last-N, tte-mbv2; transformers: bias-norm, attention-only, mlp-only, "
-                   "mlp-partial, lora) or .toml/.json")
-    c.add_argument("--target", default="host", help="preset (host, rpi4, rpi5, apple-m1, jetson-orin, "
-                   "jetson-nano, cuda) or a target .toml/.json; writes a bundle for that device")
+    c.add_argument("model", help=f"file.onnx, a reference model ({', '.join(MODEL_NAMES)}) or file.py:factory")
+    c.add_argument("--scheme", default="full", help=f"preset ({', '.join(SCHEME_PRESETS)}, last-N) or a "
+                   ".toml/.json scheme file")
+    c.add_argument("--target", default="host", help=f"preset ({', '.join(TARGET_PRESETS)}) or a target "
+                   ".toml/.json; writes a bundle for that device")
     c.add_argument("--input-shape", type=_shape, help="e.g. 8,3,128,128")
     c.add_argument("--loss", default="cross_entropy", choices=_LOSSES)
     c.add_argument("--optimizer", default="sgd", choices=_OPTIMIZERS)
@@ -144,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="choose the sparse scheme: contribution analysis on your data, then the "
                        "updates with the most gain within a memory (and latency) budget")
-    s.add_argument("model", help="a reference model (digitscnn, mobilenetv2, ...) or file.py:factory")
+    s.add_argument("model", help=f"a reference model ({', '.join(MODEL_NAMES)}) or file.py:factory")
     s.add_argument("--data", required=True, help=".npz with 'x' (samples) and 'y' (labels); a quarter is held "
                    "out to measure each option's gain")
     s.add_argument("--budget", required=True, help="planned training memory, e.g. 2MB, 512KiB")

@@ -28,6 +28,9 @@ from .space import Option, options_for, scheme_of
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
+# the plans of one run are kept for the fine-tunes (each option is planned once, not twice) while
+# their folded frozen weights stay under this many bytes; beyond it an option is planned again
+KEEP_PLANNED_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
     todo_cost = [o for o in options if analysis is None or analysis.row(o.key) is None]
     total = len(todo_cost) + len(options)
     done = 0
+    kept, kept_bytes = {}, 0  # option -> its plan, for its fine-tune
     for option in todo_cost:
         planned = plan(scheme_of([option], option.key))
         report = planned.report
@@ -158,6 +162,9 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
             analysis = Analysis(key, settings, report.inference_bytes(), [])
         analysis.rows.append(OptionRow(option, report.training_bytes(), int(report.sparse["backward_flops"])))
         _save(path, analysis)
+        folded = int(report.planned.get("folded_bytes", 0))
+        if (budget is None or report.training_bytes() <= budget) and kept_bytes + folded <= KEEP_PLANNED_BYTES:
+            kept[option.key], kept_bytes = planned, kept_bytes + folded
         done += 1
         if progress:
             progress(done, total, f"planned {option.key}: {report.training_bytes() / 2**20:.2f} MiB")
@@ -173,7 +180,8 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
             if progress:
                 progress(done, total, f"{row.option.key}: {skip}")
             continue
-        program = build(plan(scheme_of([row.option], row.option.key)))
+        planned = kept.pop(row.option.key, None) or plan(scheme_of([row.option], row.option.key))
+        program = build(planned)
         if analysis.baseline_accuracy is None:
             analysis.baseline_accuracy = accuracy(program, val_x, val_y)
             times = []

@@ -155,3 +155,24 @@ def test_disable_names_every_optimization(capsys):
         main(["compile", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert all(name in shown for name in PipelineOptions.__dataclass_fields__)
+
+
+def test_compile_help_names_every_model_scheme_and_target_from_their_registries(capsys):
+    from pock_tvm.models import MODEL_NAMES
+    from pock_tvm.scheme import PRESETS as SCHEMES
+    from pock_tvm.targets.presets import PRESETS as TARGETS
+
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for names in (MODEL_NAMES, SCHEMES, TARGETS):
+        assert all(name in shown for name in names), names
+
+
+def test_the_cli_starts_without_importing_torch_or_tvm():
+    import subprocess
+    import sys
+
+    code = "import sys, pock_tvm.cli.main; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # `pock-tvm --help` answers in a fraction of a second

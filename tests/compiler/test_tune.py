@@ -9,19 +9,20 @@ import tvm
 
 import pock_tvm
 from pock_tvm.compiler.tune import tune, tune_target
-from pock_tvm.models import SmallCNN
+from pock_tvm.models import MLP
 from pock_tvm.options import PipelineOptions
 
 SGD = pock_tvm.SGD(lr=0.1, momentum=0.9)
+SHAPE = (8, 32)  # the MLP's batch: a step of ~20 kernels that compiles in about a second
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     database = tmp_path_factory.mktemp("db")
     torch.manual_seed(0)
-    model = SmallCNN()
+    model = MLP()
     lines = []
-    rows = tune(model, (torch.zeros(2, 3, 16, 16),), database=database, kernels=1, trials=2, report=lines.append,
+    rows = tune(model, (torch.zeros(*SHAPE),), database=database, kernels=1, trials=2, report=lines.append,
                 scheme="last-2", optimizer=SGD)
     return model, database, rows, lines
 
@@ -36,7 +37,7 @@ def test_the_slowest_kernel_is_tuned_into_the_database(tuned):
 @pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
 def test_tuning_again_continues_from_the_database(tuned):
     model, database, rows, _ = tuned
-    again = tune(model, (torch.zeros(2, 3, 16, 16),), database=database, kernels=1, trials=2,
+    again = tune(model, (torch.zeros(*SHAPE),), database=database, kernels=1, trials=2,
                  report=lambda _: None, scheme="last-2", optimizer=SGD)
     assert [r.status for r in again] == ["already in the database"]
 
@@ -52,7 +53,7 @@ def test_an_interrupted_kernel_leaves_nothing_in_the_database_and_is_tuned_next_
     monkeypatch.setattr(ms.tir_integration, "tune_tir", interrupted)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path, kernels=1, trials=2,
+        tune(MLP(), (torch.zeros(*SHAPE),), database=tmp_path, kernels=1, trials=2,
              report=lambda _: None, scheme="last-2", optimizer=SGD)
     assert ms.database.JSONDatabase(work_dir=str(tmp_path)).get_all_tuning_records() == []
     assert (tmp_path / "database_workload.json").read_text() == ""
@@ -76,7 +77,7 @@ def test_metaschedule_stays_off_the_console_for_every_kernel(monkeypatch, tmp_pa
     monkeypatch.setattr(tune_module, "_commit_default", lambda *_args: 0.1)  # (no builder start-up)
     monkeypatch.setattr(tune_module, "_best_ms", lambda *_args: 0.1)
     torch.manual_seed(0)
-    rows = tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path, kernels=2, trials=1,
+    rows = tune(MLP(), (torch.zeros(*SHAPE),), database=tmp_path, kernels=2, trials=1,
                 report=lambda _: None, scheme="last-2", optimizer=SGD)
     assert len(rows) == 2
     assert "Sending 16 sample(s)" not in capsys.readouterr().err
@@ -86,7 +87,7 @@ def test_compile_applies_the_tuned_schedule_and_numbers_do_not_change(tuned):
     from tvm.s_tir import meta_schedule as ms
 
     model, database, rows, _ = tuned
-    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    x, y = torch.randn(*SHAPE), torch.randint(0, 10, (SHAPE[0],))
     name = rows[0].name
     runs = {}
     for label, db in (("tuned", database), ("default", False)):
@@ -182,7 +183,7 @@ def test_tune_through_a_tracker_measures_on_a_registered_board(tmp_path):
         _wait_for_key(tracker_port, "pock-test")
         torch.manual_seed(0)
         lines = []
-        rows = tune(SmallCNN(), (torch.zeros(2, 3, 16, 16),), database=tmp_path / "db", kernels=1, trials=2,
+        rows = tune(MLP(), (torch.zeros(*SHAPE),), database=tmp_path / "db", kernels=1, trials=2,
                     report=lines.append, scheme="last-2", optimizer=SGD,
                     device=TuningDevice(tracker=f"127.0.0.1:{tracker_port}", key="pock-test"))
     finally:
