@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.files import write_json
 from ..runtime.report import format_bytes
 from ..scheme import Scheme
 from .contribution import Analysis, AnalysisSettings, analyze
@@ -19,6 +22,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**1
 _TIME_UNITS = {"ms": 1.0, "s": 1e3, "us": 1e-3}
 FILL_TRIES = 6  # plans tried to add options the additive estimate left out
 RETRIES = 4  # how often a compiler check that exceeds the budget tightens it and searches again
+CHOICE_VERSION = 1  # of the cached choice files
 
 
 def parse_size(text: str) -> int:
@@ -77,12 +81,18 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
                   settings: AnalysisSettings = AnalysisSettings(), cache_dir=None, progress=None,
                   target: str = "host") -> SearchResult:
     """Analyze (cached), search, and check the choice with the compiler's plan of the whole scheme;
-    when the plan exceeds the budget, search again with the budget tightened by the excess."""
+    when the plan exceeds the budget, search again with the budget tightened by the excess. With
+    ``cache_dir`` the checked choice is cached too (per analysis, budget, latency, seed and target), so
+    a second search plans nothing."""
     from ..compiler.step import plan_step
 
     analysis = analyze(imported, x, y, batch=batch, settings=settings, budget=budget, cache_dir=cache_dir,
                        progress=progress, target=target)
     check_budget(analysis, budget, latency_ms)
+    path = _choice_path(cache_dir, analysis, budget, latency_ms, seed, target)
+    cached = _load_choice(path, analysis)
+    if cached is not None:
+        return SearchResult(analysis, cached[0], scheme_of(cached[0].options), cached[1], budget, cached[2])
     if not items(analysis, latency_ms is not None):
         raise ValueError("search: no update option improved the validation accuracy in its short fine-tune; "
                          "the model may already fit this data, or give more labelled samples / epochs")
@@ -101,7 +111,37 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
         raise ValueError(f"search: the compiler plans more than {format_bytes(budget)} for every choice tried "
                          f"({RETRIES} tries); raise the budget")
     choice, memory = _fill(analysis, choice, memory, budget, latency_ms, planned)
+    if path is not None:
+        write_json(path, {"version": CHOICE_VERSION, "options": [o.key for o in choice.options], "gain": choice.gain,
+                          "memory": choice.memory, "latency_ms": choice.latency_ms, "method": choice.method,
+                          "planned_bytes": memory, "tries": tries})
     return SearchResult(analysis, choice, scheme_of(choice.options), memory, budget, tries)
+
+
+def _choice_path(cache_dir, analysis: Analysis, budget: int, latency_ms, seed: int, target) -> Path | None:
+    if cache_dir is None:
+        return None
+    from .. import __version__
+
+    what = json.dumps([CHOICE_VERSION, __version__, analysis.key, budget, latency_ms, seed, str(target), FILL_TRIES,
+                       RETRIES])
+    return Path(cache_dir) / f"choice-{hashlib.sha256(what.encode()).hexdigest()[:20]}.json"
+
+
+def _load_choice(path: Path | None, analysis: Analysis) -> tuple[Choice, int, int] | None:
+    """``(choice, planned bytes, tries)`` from the cache; None when absent or unreadable (searched again)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        rows = [analysis.row(key) for key in data["options"]]
+        if data.get("version") != CHOICE_VERSION or any(r is None for r in rows):
+            return None
+        choice = Choice(tuple(r.option for r in rows), float(data["gain"]), int(data["memory"]), data["latency_ms"],
+                        str(data["method"]))
+        return choice, int(data["planned_bytes"]), int(data["tries"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _fill(analysis: Analysis, choice: Choice, memory: int, budget: int, latency_ms, planned):

@@ -19,7 +19,7 @@ def _data(path, n=64):
     return path
 
 
-def test_search_writes_a_scheme_within_the_budget(tmp_path, capsys):
+def test_search_writes_a_scheme_within_the_budget_and_a_second_search_plans_nothing(tmp_path, capsys, monkeypatch):
     import torch
 
     from pock_tvm.models import MLP
@@ -28,6 +28,7 @@ def test_search_writes_a_scheme_within_the_budget(tmp_path, capsys):
     out = tmp_path / "scheme.toml"
     args = ["search", "mlp", "--data", str(data), "--budget", "60KiB", "--epochs", "10", "--input-shape", "8,32",
             "--cache", str(tmp_path / "cache"), "-o", str(out)]
+    torch.manual_seed(0)  # the reference model's weights (the second search must see the same model)
     assert main(args) == 0
     shown = capsys.readouterr().out
     assert "planned training memory" in shown and "budget 60.00 KiB" in shown
@@ -36,6 +37,19 @@ def test_search_writes_a_scheme_within_the_budget(tmp_path, capsys):
                         optimizer="adam")
     assert any(u.mode != "frozen" for u in scheme.resolve(import_model(MLP(), (torch.zeros(8, 32),))).values())
     assert planned.report.training_bytes() <= 60 * 1024
+
+    # the same search again: the analysis and the checked choice come from the cache, nothing is planned
+    from pock_tvm.compiler import step
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("planned although the search is cached")
+
+    again = tmp_path / "again.toml"
+    monkeypatch.setattr(step, "plan_step", refuse)
+    monkeypatch.setattr(step, "build", refuse)
+    torch.manual_seed(0)
+    assert main([*args[:-1], str(again)]) == 0
+    assert again.read_text() == out.read_text()
 
 
 @pytest.mark.slow  # make test-all; the feature keeps a faster test in make test
