@@ -181,8 +181,9 @@ def _build_runner(target: str) -> Path | None:
 
 def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_runner) -> dict:
     """The searched scheme's rpi4 bundle under qemu: its losses against the host's, step by step."""
-    from ..runtime.bundle import write_batches
     from ..compiler.step import compile
+    from ..runtime.bundle import write_batches
+    from ..runtime.program import load_program
 
     qemu = shutil.which("qemu-aarch64-static")
     runner = _build_runner(BOARD) if qemu else None
@@ -192,7 +193,11 @@ def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_ru
         return {"skipped": reason}
     n = settings.board_steps * settings.batch
     x, y = task.labelled[0][:n], task.labelled[1][:n]
-    host = compile(imported, scheme=scheme, optimizer=settings.optimizer, baseline=False)
+    # the host side: the searched scheme's bundle as saved before its fine-tune (pretrained weights),
+    # or compiled again when the host runner (which needs the bundle) could not be built
+    saved = out / "bundles" / "searched"
+    host = load_program(saved) if host_runner is not None and saved.is_dir() else \
+        compile(imported, scheme=scheme, optimizer=settings.optimizer, baseline=False)
     host_losses = [host.step(x[i:i + settings.batch], y[i:i + settings.batch]) for i in range(0, n, settings.batch)]
     bundle = out / "bundles" / f"searched-{BOARD}"
     _save(compile(imported, scheme=scheme, optimizer=settings.optimizer, target=BOARD, baseline=False), bundle)
