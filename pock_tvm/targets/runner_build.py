@@ -8,6 +8,8 @@ libraries beside it, ready to copy to the board.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -74,6 +76,20 @@ def _assemble(out: Path, sources: dict, include: Path, cuda: bool) -> None:
         shutil.copytree(include, out / "include")
 
 
+@contextlib.contextmanager
+def building(build: Path):
+    """One process at a time configures, builds and installs from the build directory ``build``
+    (a blocking ``flock`` beside it): two builds of one target with other install directories or
+    runtimes reconfigured it under each other and installed into each other's directory."""
+    build.parent.mkdir(parents=True, exist_ok=True)
+    with open(build.parent / f".{build.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_runner(target: str | TargetPreset = "host", out: str | Path | None = None) -> Path:
     """Configure and build ``pock_runner`` for ``target``; returns the directory holding it and
     the runtime libraries it loads (copy that directory to the device)."""
@@ -95,14 +111,15 @@ def build_runner(target: str | TargetPreset = "host", out: str | Path | None = N
             raise ValueError(f"target {preset.name!r} names no cmake_toolchain to cross-build the runner")
         require_tool(preset.cross_compiler or "", "g++-aarch64-linux-gnu")
         args.append(f"-DCMAKE_TOOLCHAIN_FILE={ROOT / 'runner' / 'cmake' / preset.cmake_toolchain}")
-    for cmd in (args, [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)],
-                [cmake, "--install", str(build)]):
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise ValueError(f"building the runner failed ({' '.join(cmd[:2])}): "
-                             f"{(result.stderr or result.stdout).strip()[-800:]}")
-    if preset.device == "cuda":
-        for f in (runtime / "lib").glob("libtvm_runtime_cuda.*"):
-            shutil.copy2(f, out / f.name)
+    with building(build):
+        for cmd in (args, [cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)],
+                    [cmake, "--install", str(build)]):
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ValueError(f"building the runner failed ({' '.join(cmd[:2])}): "
+                                 f"{(result.stderr or result.stdout).strip()[-800:]}")
+        if preset.device == "cuda":
+            for f in (runtime / "lib").glob("libtvm_runtime_cuda.*"):
+                shutil.copy2(f, out / f.name)
     logger.info("built %s", out / "pock_runner")
     return out

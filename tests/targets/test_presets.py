@@ -71,3 +71,25 @@ def test_unknown_conv_layout_names_the_choices(tmp_path):
 def test_unknown_target_lists_presets():
     with pytest.raises(ValueError, match=r"unknown target 'rpi3'; presets: host, rpi4, rpi5, apple-m1"):
         load_target("rpi3")
+
+
+def test_one_runner_build_at_a_time_per_build_directory(tmp_path):
+    """A second build of the same target waits for the first (they shared one cmake build directory
+    and installed into each other's output when they overlapped)."""
+    import shutil
+    import threading
+    import time
+
+    from pock_tvm.targets.runner_build import ROOT, build_runner, building
+
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is missing (make tools installs it)")
+
+    done = []
+    with building(ROOT / "build" / "runner-host"):  # another process's build, in effect
+        worker = threading.Thread(target=lambda: done.append(build_runner("host", out=tmp_path / "runner")))
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive() and not done  # waiting, not building beside it
+    worker.join(timeout=300)
+    assert done and (done[0] / "pock_runner").is_file()
