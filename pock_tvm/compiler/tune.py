@@ -203,7 +203,8 @@ def _commit_default(db, mod: tvm.IRModule, target, device: TuningDevice, builder
 
     from ..passes import ScheduleForCPU
 
-    sch = ScheduleForCPU().apply(s_tir.Schedule(mod))
+    with target:  # the rules' vector width and tiles are the target's (ISA table), as when compiling
+        sch = ScheduleForCPU().apply(s_tir.Schedule(mod))
     if sch is None:
         return None
     check = compare("main", mod["main"], sch.mod["main"], host_target())
