@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def store(key: str, export) -> Path | None:
     None when the cache cannot be written (read-only, disk full): compiling goes on without it."""
     folder = cache_dir() / "compiled"
     final = folder / f"{key}.so"
-    tmp = folder / f".{key}.{os.getpid()}.tmp.so"
+    tmp = folder / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp.so"  # (threads: build_many)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         export(tmp)
@@ -86,21 +87,23 @@ def store(key: str, export) -> Path | None:
         logger.info("compile cache not written (%s); compiling goes on without it", err)
         tmp.unlink(missing_ok=True)
         return None
-    _trim(folder, COMPILE_CACHE_BYTES)
+    _trim(folder, COMPILE_CACHE_BYTES, keep=final)
     return final
 
 
-def _trim(folder: Path, limit: int) -> None:
+def _trim(folder: Path, limit: int, keep: Path) -> None:
+    """Least recently used libraries out until ``folder`` holds ``limit`` bytes; ``keep`` (the one
+    just written, about to be loaded) stays even when it alone is larger."""
     entries = []
     for path in folder.glob("*.so"):
-        if path.name.startswith("."):  # another process's file being written
+        if path.name.startswith(".") or path == keep:  # another process's file being written; the new one
             continue
         try:
             stat = path.stat()
         except OSError:
             continue
         entries.append((stat.st_mtime, stat.st_size, path))
-    total = sum(size for _, size, _ in entries)
+    total = sum(size for _, size, _ in entries) + (keep.stat().st_size if keep.exists() else 0)
     for _, size, path in sorted(entries):
         if total <= limit:
             break

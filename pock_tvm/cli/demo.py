@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from pathlib import Path
 from ..runtime.report import format_bytes
 from ..optim import Adam, SGD
 from ..runtime.files import write_json
-from ..scheme import Scheme
 from ..search import AnalysisSettings
 
 logger = logging.getLogger(__name__)
@@ -55,50 +55,67 @@ def demo(out: str | Path = "out/demo", settings: DemoSettings = DemoSettings(), 
     from ..frontend import import_model
     from ..cache import cache_dir
     from ..tasks.digits import LABELLED, load_task, pretrained
-    from ..compiler.step import plan_step
+    from ..compiler.step import build_many, plan_step
     from ..search.scheme_search import progress_bar, search_scheme
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    task = load_task()
-    model = pretrained(cache_dir() / "demo")
-    imported = import_model(model, (torch.zeros(settings.batch, *task.test[0].shape[1:]),))
-    full = plan_step(imported, scheme="full", optimizer=settings.optimizer, baseline=False).report.training_bytes()
-    budget = int(settings.budget_fraction * full)
-    print(f"task: {LABELLED} labelled digits through a new sensor ({_sensor_text(task.sensor)}), "
-          f"{len(task.test[1])} held out")
-    print(f"budget: {settings.budget_fraction:g} of full fine-tuning's planned training memory "
-          f"({format_bytes(full)}) = {format_bytes(budget)}\n")
-    analysis_settings = AnalysisSettings(epochs=settings.analysis_epochs, optimizer=settings.optimizer,
-                                         seed=settings.seed)
-    found = search_scheme(imported, *task.labelled, batch=settings.batch, budget=budget, seed=settings.seed,
-                          settings=analysis_settings, cache_dir=cache_dir() / "search", progress=progress_bar())
-    print(found.table() + "\n")
-    search_s = time.perf_counter() - start
+    # the runners build (cmake, other processes) while this one plans on one core
+    qemu = shutil.which("qemu-aarch64-static") if board else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pock_tvm-runner") as runner_builds:
+        host_runner = runner_builds.submit(_build_runner, "host")
+        board_runner = runner_builds.submit(_build_runner, BOARD) if qemu else None
+        task = load_task()
+        model = pretrained(cache_dir() / "demo")
+        imported = import_model(model, (torch.zeros(settings.batch, *task.test[0].shape[1:]),))
 
-    schemes = {"bias-only": Scheme.preset("bias-only"), "searched": found.scheme, "full": Scheme.preset("full")}
-    rows = {"no update": None}
-    runner = _build_runner("host")
-    for name, scheme in schemes.items():
-        rows[name] = _fine_tune(imported, scheme, task, settings, out / "bundles" / name, runner)
-        if rows["no update"] is None:
-            rows["no update"] = {"test_accuracy": rows[name].pop("accuracy_before"), "measured_training_kib": 0,
-                                 "planned_training_bytes": 0, "median_step_ms": None}
-        rows[name].pop("accuracy_before", None)
-    print(_table(rows))
+        def plan(scheme, target="host"):
+            return plan_step(imported, scheme=scheme, optimizer=settings.optimizer, target=target, baseline=False)
+
+        full = plan("full")
+        budget = int(settings.budget_fraction * full.report.training_bytes())
+        print(f"task: {LABELLED} labelled digits through a new sensor ({_sensor_text(task.sensor)}), "
+              f"{len(task.test[1])} held out")
+        print(f"budget: {settings.budget_fraction:g} of full fine-tuning's planned training memory "
+              f"({format_bytes(full.report.training_bytes())}) = {format_bytes(budget)}\n")
+        analysis_settings = AnalysisSettings(epochs=settings.analysis_epochs, optimizer=settings.optimizer,
+                                             seed=settings.seed)
+        found = search_scheme(imported, *task.labelled, batch=settings.batch, budget=budget, seed=settings.seed,
+                              settings=analysis_settings, cache_dir=cache_dir() / "search", progress=progress_bar())
+        print(found.table() + "\n")
+        search_s = time.perf_counter() - start
+
+        # the schemes compared (and the searched one for the board) are planned, then built together
+        plans = {"bias-only": plan("bias-only"), "searched": plan(found.scheme), "full": full}
+        if qemu:
+            plans[f"searched-{BOARD}"] = plan(found.scheme, BOARD)
+        programs = dict(zip(plans, build_many(list(plans.values()))))
+        runner = host_runner.result()
+        rows = {"no update": None}
+        for name in ("bias-only", "searched", "full"):
+            rows[name] = _fine_tune(programs[name], task, settings, out / "bundles" / name, runner)
+            if rows["no update"] is None:
+                rows["no update"] = {"test_accuracy": rows[name].pop("accuracy_before"), "measured_training_kib": 0,
+                                     "planned_training_bytes": 0, "median_step_ms": None}
+            rows[name].pop("accuracy_before", None)
+        print(_table(rows))
+        if not board:
+            on_board = {"skipped": "board run switched off (--no-board)"}
+        else:
+            on_board = _on_board(programs.get(f"searched-{BOARD}"), board_runner and board_runner.result(),
+                                 found.scheme, imported, task, settings, out, runner)
 
     summary = {
         "task": {"data": "sklearn load_digits, 8x8 upsampled to 24x24, standardized per image",
                  "sensor": asdict(task.sensor), "labelled": int(len(task.labelled[1])),
                  "test": int(len(task.test[1])), "model": "DigitsCNN (pretrained on the source domain)"},
         "settings": {**asdict(settings), "optimizer": asdict(settings.optimizer)},
-        "budget_bytes": budget, "full_planned_bytes": full,
+        "budget_bytes": budget, "full_planned_bytes": full.report.training_bytes(),
         "schemes": rows,
         "searched": {"options": [o.key for o in found.choice.options], "method": found.choice.method,
                      "planned_bytes": found.planned_bytes, "scheme": found.scheme.to_dict()},
-        "board": _on_board(imported, found.scheme, task, settings, out, runner) if board else
-        {"skipped": "board run switched off (--no-board)"},
+        "board": on_board,
         "seconds": {"search": round(search_s, 1), "total": round(time.perf_counter() - start, 1)},
     }
     _plot(found, rows, budget, out / "schemes.png")
@@ -113,11 +130,9 @@ def _sensor_text(sensor) -> str:
             f"{'inverted, ' if sensor.inverted else ''}noise sigma {sensor.noise_sigma:g}")
 
 
-def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, runner: Path | None) -> dict:
-    from ..compiler.step import compile
+def _fine_tune(program, task, settings: DemoSettings, bundle: Path, runner: Path | None) -> dict:
     from ..training.finetune import accuracy, fit
 
-    program = compile(imported, scheme=scheme, optimizer=settings.optimizer, baseline=False)  # shown: its own cost
     if runner is not None:
         _save(program, bundle)  # before training: the device starts from the pretrained weights
     before = accuracy(program, *task.test)
@@ -126,7 +141,7 @@ def _fine_tune(imported, scheme, task, settings: DemoSettings, bundle: Path, run
            "planned_training_bytes": program.report_data.training_bytes(),
            "median_step_ms": round(result.median_step_ms, 2), "first_loss": result.losses[0],
            "last_loss": result.losses[-1]}
-    print(f"{scheme.name}: test accuracy {100 * before:.1f}% -> {100 * row['test_accuracy']:.1f}% "
+    print(f"{program.layout.scheme['name']}: test accuracy {100 * before:.1f}% -> {100 * row['test_accuracy']:.1f}% "
           f"after {settings.epochs} epochs, {row['median_step_ms']:.1f} ms/step")
     row["measured_training_kib"] = None if runner is None else _runner_memory(program, task, settings, bundle, runner)
     return row
@@ -179,16 +194,14 @@ def _build_runner(target: str) -> Path | None:
         return None
 
 
-def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_runner) -> dict:
+def _on_board(board_program, runner, scheme, imported, task, settings: DemoSettings, out: Path, host_runner) -> dict:
     """The searched scheme's rpi4 bundle under qemu: its losses against the host's, step by step."""
     from ..compiler.step import compile
     from ..runtime.bundle import write_batches
     from ..runtime.program import load_program
 
-    qemu = shutil.which("qemu-aarch64-static")
-    runner = _build_runner(BOARD) if qemu else None
-    if runner is None:
-        reason = "qemu-aarch64-static is missing" if qemu is None else f"the {BOARD} runner could not be built"
+    if board_program is None or runner is None:
+        reason = "qemu-aarch64-static is missing" if board_program is None else f"the {BOARD} runner could not be built"
         print(f"\nemulated {BOARD}: skipped ({reason}; `make tools` installs the cross tools as root)")
         return {"skipped": reason}
     n = settings.board_steps * settings.batch
@@ -200,7 +213,7 @@ def _on_board(imported, scheme, task, settings: DemoSettings, out: Path, host_ru
         compile(imported, scheme=scheme, optimizer=settings.optimizer, baseline=False)
     host_losses = [host.step(x[i:i + settings.batch], y[i:i + settings.batch]) for i in range(0, n, settings.batch)]
     bundle = out / "bundles" / f"searched-{BOARD}"
-    _save(compile(imported, scheme=scheme, optimizer=settings.optimizer, target=BOARD, baseline=False), bundle)
+    _save(board_program, bundle)
     data = out / "bundles" / f"searched-{BOARD}.data.bin"
     write_batches(data, host.layout, [x], y)
     start = time.perf_counter()

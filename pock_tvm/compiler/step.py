@@ -195,13 +195,15 @@ def build(planned: PlannedStep) -> Program:
     # and versions load the library built before instead of generating code again
     key = step_key(planned.lowered, tgt) if compile_cache_enabled() and not gpu and not preset.is_cross else None
     cached = lookup(key) if key else None
-    if cached is not None:
-        exe = tvm.runtime.load_module(str(cached))
-    else:
+    if cached is None:
         with tgt, tvm.transform.PassContext(opt_level=3), cuda_build_env(preset):
             exe = tvm.compile(planned.lowered, target=tgt, relax_pipeline=tvm.transform.Sequential([]))
-        if key:
-            store(key, lambda file: exe.export_library(str(file)))
+        # the stored library is loaded rather than the in-memory one: that one would generate its
+        # machine code a second time (LLVM's JIT) when the program starts
+        stored = store(key, lambda file: exe.export_library(str(file))) if key else None
+        exe, cached = _load_library(stored, exe)
+    else:
+        exe, cached = _load_library(cached, None)
     extra = {"target": {**preset.to_json(), "tvm_target": json.loads(str(tgt))}}
     if gpu:
         extra["cuda"] = cuda_info(tgt)
@@ -211,6 +213,34 @@ def build(planned: PlannedStep) -> Program:
     program.library_source = cached  # saving a cached step copies its library
     program.ir = planned.lowered  # the kernels as compiled, for `pock-tvm tune`
     return program
+
+
+def build_many(plans: list[PlannedStep], workers: int | None = None) -> list[Program]:
+    """:func:`build` of each planned step, ``workers`` at a time (default: one per CPU core, at most
+    4), in the order given. Code generation runs in TVM's C++ with Python's lock released, so the
+    builds of a scheme search or of a demo's schemes overlap; planning cannot (it runs Python
+    passes and TVM's process-wide pass state), so plans are made first, one by one."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1 or len(plans) <= 1:
+        return [build(p) for p in plans]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pock_tvm-build") as pool:
+        return list(pool.map(build, plans))
+
+
+def _load_library(path, built):
+    """``(module, its file)`` from the compile cache, or ``(built, None)`` when ``path`` is None or
+    the file went (another process trimmed the cache) and something was built here."""
+    if path is not None:
+        try:
+            return tvm.runtime.load_module(str(path)), path
+        except (OSError, RuntimeError, ValueError):
+            if built is None:
+                raise
+            logger.info("compile cache: %s could not be loaded; using the library built here", path)
+    return built, None
 
 
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",

@@ -14,6 +14,7 @@ from .check_gradient_rules import CheckGradientRules
 from .check_indices import CheckIndices
 from .fast_exp import FastExp
 from .fold_batch_norm import FoldBatchNorm
+from .fold_frozen_kernels import FoldFrozenKernels
 from .freeze_batch_norm import FreezeBatchNorm
 from .gradient_rules import GRADIENT_OVERRIDES, GRADIENT_RULES, gradient_rules_installed
 from .in_place_updates import InPlaceUpdates
@@ -32,7 +33,7 @@ from .verify_schedules import VerifySchedules
 
 __all__ = [
     "AccurateSums", "AddLoRA", "AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams",
-    "CheckGradientRules", "CheckIndices", "FastExp", "FoldBatchNorm", "FreezeBatchNorm", "GRADIENT_OVERRIDES",
+    "CheckGradientRules", "CheckIndices", "FastExp", "FoldBatchNorm", "FoldFrozenKernels", "FreezeBatchNorm", "GRADIENT_OVERRIDES",
     "GRADIENT_RULES", "InPlaceUpdates", "InlineKernelIntermediates", "IntegerKernels", "QuantizeForward",
     "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels",
     "TrainQuantizedParams", "UnbroadcastLinear", "VerifySchedules", "gradient_rules_installed",

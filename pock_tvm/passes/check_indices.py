@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -85,9 +86,11 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)
 
 
+@functools.lru_cache(maxsize=256)
 def index_check_kernel(shape: tuple[int, ...], dtype: str, bound: int, extra: int | None, message: str):
     """A PrimFunc ``(indices, checked)``: copies ``indices`` and asserts each lies in ``[0, bound)``
-    or equals ``extra``; ``message`` is the error."""
+    or equals ``extra``; ``message`` is the error. Remembered per arguments (parsing TVMScript
+    costs ~30 ms, and every compile of a model asks for the same checks)."""
     n = max(math.prod(shape), 1)
     tir_shape = [T.int64(d) for d in shape]
     zero, top = tvm.tirx.const(0, dtype), tvm.tirx.const(bound, dtype)

@@ -18,6 +18,7 @@ from .check_gradient_rules import CheckGradientRules
 from .check_indices import CheckIndices
 from .fast_exp import FastExp
 from .fold_batch_norm import FoldBatchNorm
+from .fold_frozen_kernels import FoldFrozenKernels
 from .freeze_batch_norm import FreezeBatchNorm
 from .in_place_updates import InPlaceUpdates
 from .inline_kernel_intermediates import InlineKernelIntermediates
@@ -103,7 +104,8 @@ def pock_tvm_pipeline(
             AccurateSums(),  # long float32 sums (bias gradients) accumulate in float64, inside the kernel
             relax.transform.LegalizeOps(),  # every op to a TIR kernel
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
-            relax.transform.FoldConstant(),  # what depends only on frozen tensors and constants
+            FoldFrozenKernels(),  # what depends only on frozen tensors, once per process (memo)
+            relax.transform.FoldConstant(),  # and what remains constant (shapes, tuples)
             relax.transform.FuseOps(),  # elementwise into producers, backward included
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage

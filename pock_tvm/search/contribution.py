@@ -131,7 +131,7 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
     called after each measurement. With ``cache_dir`` the results are cached there."""
     import torch
 
-    from ..compiler.step import build, plan_step
+    from ..compiler.step import build_many, plan_step
     from ..training.finetune import accuracy, fit, predict
 
     x = np.ascontiguousarray(x, dtype="float32")
@@ -171,32 +171,55 @@ def analyze(model, x: np.ndarray, y: np.ndarray, *, batch: int, settings: Analys
     order = {o.key: i for i, o in enumerate(options)}
     analysis.rows.sort(key=lambda r: order.get(r.option.key, len(order)))
 
+    todo = []
     for row in analysis.rows:
-        done += 1
         skip = ("cached" if row.accuracy is not None else
                 "alone over the budget, not fine-tuned" if budget is not None and row.memory > budget else
                 "a larger ratio plans no more memory, not fine-tuned" if _dominated(row, analysis.rows) else None)
-        if skip:
-            if progress:
-                progress(done, total, f"{row.option.key}: {skip}")
+        if not skip:
+            todo.append(row)
             continue
-        planned = kept.pop(row.option.key, None) or plan(scheme_of([row.option], row.option.key))
-        program = build(planned)
-        if analysis.baseline_accuracy is None:
-            analysis.baseline_accuracy = accuracy(program, val_x, val_y)
-            times = []
-            for _ in range(5):
-                start = time.perf_counter()
-                predict(program, val_x[:batch])
-                times.append(1e3 * (time.perf_counter() - start))
-            analysis.forward_ms = statistics.median(times)
-        result = fit(program, train_x, train_y, settings.epochs, settings.seed)
-        row.accuracy, row.step_ms = accuracy(program, val_x, val_y), result.median_step_ms
-        _save(path, analysis)
+        done += 1
         if progress:
-            progress(done, total, f"{row.option.key}: gain {100 * row.gain(analysis.baseline_accuracy):+.1f} "
-                                  f"points, {row.step_ms:.1f} ms/step")
+            progress(done, total, f"{row.option.key}: {skip}")
+    # the options' steps are built together (build_many: code generation overlaps), then fine-tuned
+    # one by one, so that no build runs while a step is timed
+    for chunk in _planned_chunks(todo, kept, lambda row: plan(scheme_of([row.option], row.option.key))):
+        programs = build_many([planned for _, planned in chunk])
+        for (row, _), program in zip(chunk, programs):
+            done += 1
+            if analysis.baseline_accuracy is None:
+                analysis.baseline_accuracy = accuracy(program, val_x, val_y)
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    predict(program, val_x[:batch])
+                    times.append(1e3 * (time.perf_counter() - start))
+                analysis.forward_ms = statistics.median(times)
+            result = fit(program, train_x, train_y, settings.epochs, settings.seed)
+            row.accuracy, row.step_ms = accuracy(program, val_x, val_y), result.median_step_ms
+            _save(path, analysis)
+            if progress:
+                progress(done, total, f"{row.option.key}: gain {100 * row.gain(analysis.baseline_accuracy):+.1f} "
+                                      f"points, {row.step_ms:.1f} ms/step")
     return analysis
+
+
+def _planned_chunks(rows: list[OptionRow], kept: dict, plan):
+    """``[(row, its plan)]`` lists covering ``rows`` in order: plans kept from the cost pass where
+    there is one, else planned again; a list closes when its folded weights would pass
+    :data:`KEEP_PLANNED_BYTES`."""
+    chunk, held = [], 0
+    for row in rows:
+        planned = kept.pop(row.option.key, None) or plan(row)
+        folded = int(planned.report.planned.get("folded_bytes", 0))
+        if chunk and held + folded > KEEP_PLANNED_BYTES:
+            yield chunk
+            chunk, held = [], 0
+        chunk.append((row, planned))
+        held += folded
+    if chunk:
+        yield chunk
 
 
 def _dominated(row: OptionRow, rows: list[OptionRow]) -> bool:

@@ -1,0 +1,163 @@
+"""FoldFrozenKernels: kernels of constants only run once at compile time, remembered across compiles."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .utils import with_functions
+
+logger = logging.getLogger(__name__)
+
+# what one process keeps between compiles: folded results up to this many bytes, and built kernels
+RESULT_BYTES = 256 << 20
+BUILT_KERNELS = 1024
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+class FoldMemo:
+    """Built constant-evaluation kernels (by structural equality) and their results (by kernel and
+    the bytes of every argument), least recently used dropped first. One per process
+    (:data:`MEMO`); :meth:`clear` empties it."""
+
+    def __init__(self, result_bytes: int = RESULT_BYTES, kernels: int = BUILT_KERNELS):
+        self.result_bytes, self.kernel_limit = result_bytes, kernels
+        self.kernels: OrderedDict[int, list] = OrderedDict()  # structural hash -> [(func, callable)]
+        self.results: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.held = 0
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.kernels.clear()
+        self.results.clear()
+        self.held = self.hits = self.misses = 0
+
+    def kernel(self, func: tvm.tirx.PrimFunc):
+        """``(structural hash, callable)`` of ``func`` built for the plain ``llvm`` target (what
+        ``relax.transform.FoldConstant`` evaluates with); the callable is None where it cannot build."""
+        digest = tvm_ffi.structural_hash(func)
+        bucket = self.kernels.setdefault(digest, [])
+        self.kernels.move_to_end(digest)
+        for known, built in bucket:
+            if tvm_ffi.structural_equal(known, func):
+                return digest, built
+        try:
+            module = tvm.tirx.build(func.with_attr("global_symbol", "fold"), target="llvm")
+            built = module["fold"]
+        except (RuntimeError, ValueError, TypeError) as err:  # TVM errors; e.g. a GPU kernel: left to run in the step
+            logger.debug("FoldFrozenKernels: cannot build a kernel on the host (%s); not folded", err)
+            built = None
+        bucket.append((func, built))
+        while len(self.kernels) > self.kernel_limit:
+            self.kernels.popitem(last=False)
+        return digest, built
+
+    def result(self, key: tuple) -> np.ndarray | None:
+        found = self.results.get(key)
+        if found is not None:
+            self.results.move_to_end(key)
+            self.hits += 1
+        return found
+
+    def keep(self, key: tuple, value: np.ndarray) -> None:
+        self.misses += 1
+        if value.nbytes > self.result_bytes:
+            return
+        self.results[key] = value
+        self.held += value.nbytes
+        while self.held > self.result_bytes:
+            _, dropped = self.results.popitem(last=False)
+            self.held -= dropped.nbytes
+
+
+MEMO = FoldMemo()
+
+
+@tvm.transform.module_pass(opt_level=0, name="pock_tvm.FoldFrozenKernels")
+class FoldFrozenKernels:
+    """In every Relax function, replaces ``call_tir(kernel, (constants...))`` (one tensor output of a
+    static shape, at least one input and all of them constants, no symbolic arguments) by the constant it computes, in binding order, so chains
+    fold too: frozen weights (``BindFrozenParams``) through their transposes, flips and layout
+    transforms. The same evaluation as ``relax.transform.FoldConstant`` (the kernel unscheduled,
+    built for plain ``llvm``), so the folded bytes are the same; it differs in keeping what it
+    built and computed in ``memo`` (default :data:`MEMO`, bounded): the options of a scheme search
+    or the compiles of one session fold each frozen tensor once, not once per compile and per
+    function. Runs after ``LegalizeOps``; ``FoldConstant`` after it folds what remains (shapes,
+    tuple outputs). A kernel that cannot be built on the host is left in the step."""
+
+    def __init__(self, memo: FoldMemo | None = None):
+        self.memo = memo if memo is not None else MEMO
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates = {}
+        for gvar, func in list(mod.functions.items()):
+            if not isinstance(func, relax.Function):
+                continue
+            folder = _Folder(mod, self.memo)
+            new = folder.visit_expr(func)
+            if folder.folded:
+                updates[gvar] = relax.analysis.remove_all_unused(new)
+                logger.debug("FoldFrozenKernels: %d kernels folded in %s", folder.folded, gvar.name_hint)
+        return with_functions(mod, updates)
+
+
+@mutator
+class _Folder(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, memo: FoldMemo):
+        super().__init__(mod)
+        self.mod, self.memo = mod, memo
+        self.folded = 0
+        self.digests: dict[tuple, str] = {}  # (data pointer, shape, dtype) -> bytes digest, this run
+
+    def visit_var_(self, var):
+        bound = self.lookup_binding(var)
+        return bound if isinstance(bound, tvm.ir.GenericConst) else var
+
+    visit_dataflow_var_ = visit_var_
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        folded = self._fold(call) if call.op.same_as(_CALL_TIR) else None
+        return call if folded is None else folded
+
+    def _fold(self, call):
+        if len(call.args) != 2 or not isinstance(call.args[1], relax.Tuple) or len(call.ty_args) != 1:
+            return None
+        func = self.mod[call.args[0]] if isinstance(call.args[0], tvm.ir.GlobalVar) else None
+        args = list(call.args[1].fields)
+        out = call.ty_args[0]
+        if not isinstance(func, tvm.tirx.PrimFunc) or not args or \
+                not all(isinstance(a, tvm.ir.GenericConst) for a in args):
+            return None  # (a kernel of no inputs, e.g. zeros, stays: it would only become a large constant)
+        shape = getattr(out, "shape", None)
+        if shape is None or not isinstance(shape, relax.ShapeExpr) or \
+                not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+            return None
+        shape = tuple(int(d) for d in shape.values)
+        digest, built = self.memo.kernel(func)
+        if built is None:
+            return None
+        key = (digest, str(out.dtype), shape, *(self._digest(a.value) for a in args))
+        value = self.memo.result(key)
+        if value is None:
+            result = tvm.runtime.empty(shape, str(out.dtype), tvm.cpu())
+            built(*(a.value for a in args), result)
+            value = result.numpy()
+            self.memo.keep(key, value)
+        self.folded += 1
+        return relax.const(value, str(out.dtype))
+
+    def _digest(self, array) -> str:
+        where = (array.data_ptr(), tuple(array.shape), str(array.dtype))
+        if where not in self.digests:
+            data = np.ascontiguousarray(array.numpy())
+            self.digests[where] = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest() + \
+                f"{data.dtype}{data.shape}"
+        return self.digests[where]
