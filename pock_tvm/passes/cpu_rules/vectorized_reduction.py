@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .loops import fuse_rows, moved_innermost, parallel, split_init, split_spatial, tile
+from .loops import aligned, fuse_rows, moved_innermost, parallel, split_init, split_spatial, tile
 from .nest import Nest
 from .register_tiled import tile_axes
 from .rule import CPURule
@@ -12,7 +12,9 @@ class VectorizedReduction(CPURule):
     """The output is short, the reduction long (at least 1024) and runs along the primary input's
     innermost dimension: that reduction loop (fused with the one above when shorter than 64) is
     split by the vector width and factored out (``rfactor``) into a vector of partial sums, summed
-    at the end. Used when the partial sums stay small (spatial work x lanes <= 65536) and the output
+    at the end. Two rows fused must be cut into vectors that cover whole rows or divide a row: a
+    vector across a row boundary loads by gathering (a 3x3 conv's weight gradient over 24-wide
+    maps ran at 7 GFLOP/s so, at 99 with the channel-vectorized rule that takes it instead). Used when the partial sums stay small (spatial work x lanes <= 65536) and the output
     has no full register tile (a vector of at least ``lanes`` outputs and a tile loop), which wins
     then (measured on MobileNetV2's weight gradients)."""
 
@@ -31,7 +33,7 @@ class VectorizedReduction(CPURule):
             return False  # the input's contiguous run must follow this reduction loop
         rows = nest.extents[r] < 64 and r - 1 in reduce and r - 1 in varying(1)
         lanes = cpu.vector_lanes(nest.extents[r] * (nest.extents[r - 1] if rows else 1))
-        if not lanes or lanes < 4:
+        if not lanes or lanes < 4 or (rows and not aligned(lanes, nest.extents[r])):
             return False
         loops = list(nest.loops)
         if rows:
