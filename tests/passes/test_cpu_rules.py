@@ -16,7 +16,8 @@ from pock_tvm.passes.cpu_rules import CPU, FALLBACK_REDUCTION_RULES, ISAS, REDUC
 def test_the_vector_registers_come_from_the_targets_isa(target, feature):
     isa = next(i for i in ISAS if i.feature == feature)
     cpu = CPU.of(tvm.target.Target(target))
-    assert (cpu.lanes, cpu.vector_bytes, cpu.registers) == (isa.lanes, isa.vector_bytes, isa.registers)
+    assert (cpu.lanes, cpu.vector_bytes, cpu.registers, cpu.tile_vectors) == \
+        (isa.lanes, isa.vector_bytes, isa.registers, isa.tile_vectors)
 
 
 def test_the_current_target_is_read_and_overrides_win():
@@ -33,6 +34,8 @@ def test_the_current_target_is_read_and_overrides_win():
     (32, 16, 16, 6),  # AVX2: two registers a row, (16 - 4) / 2
     (32, 16, 8, 8),
     (16, 32, 16, 7),  # NEON: four registers a row, (32 - 4) / 4
+    (64, 32, 48, 8),  # AVX-512, a row of 3 vectors: (32 - 4) / 3 = 9, the limit 8 (24 accumulators)
+    (64, 32, 32, 8),  # 2 vectors: 14, the limit
 ])
 def test_register_tile_rows_leave_room_for_a_loaded_vector_and_a_broadcast(vector_bytes, registers, width, rows):
     assert CPU(vector_bytes=vector_bytes, registers=registers).tile_rows(width) == rows

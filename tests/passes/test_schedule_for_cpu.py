@@ -79,25 +79,45 @@ def _matmul(a, b):
 def test_reduction_gets_a_register_tile_over_a_loop_the_primary_input_does_not_use():
     # a1 (256x96) is the primary input (the largest, following j) and does not depend on i: 8 rows of i share each vector of a1
     before = _kernel(_matmul, (64, 256), (256, 96))
-    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _wide_tile))
 
 
-def _register_tiled_matmul(sch, name="matmul", lanes=16, rows=8):
-    """The register-tile rule on a matmul-shaped block; returns the parallel loop."""
+def _wide_tile(sch, name="matmul"):
+    return _register_tiled_matmul(sch, name, vectors=3, unroll_k=True)
+
+
+def _register_tiled_matmul(sch, name="matmul", lanes=16, rows=8, vectors=1, unroll_k=False):
+    """The register-tile rule on a matmul-shaped block (rows x ``vectors`` vectors of ``lanes``; the
+    reduction unrolled by 2 when ``unroll_k``); returns the parallel loop."""
     block = sch.get_sblock(name)
     i, j, k = sch.get_loops(block)
     io, ii = sch.split(i, [None, rows])
-    jo, ji = sch.split(j, [None, lanes])
-    sch.reorder(io, jo, k, ii, ji)
+    jo, ji, jv, ks = *_vector_row(sch, j, lanes, vectors), _reduction(sch, k, unroll_k)
+    sch.reorder(io, jo, *ks, ii, *jv, ji)
     write_back = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(write_back, jo)
     sch.vectorize(sch.get_loops(write_back)[-1])
     parallel = sch.fuse(io, jo)
     sch.parallel(parallel)
-    sch.unroll(ii)
+    for loop in (ii, *jv, *ks[1:]):
+        sch.unroll(loop)
     sch.vectorize(ji)
-    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, ks[0]))[-1])
     return parallel
+
+
+def _vector_row(sch, j, lanes, vectors):
+    """``(outer, vector loop, [loop over the vectors of a tile row] or [])``."""
+    jo, ji = sch.split(j, [None, lanes * vectors])
+    if vectors == 1:
+        return jo, ji, []
+    jv, ji = sch.split(ji, [vectors, lanes])
+    return jo, ji, [jv]
+
+
+def _reduction(sch, k, unroll_k):
+    """``[k]``, or ``[outer, inner of 2]`` when the tile unrolls the reduction by two."""
+    return list(sch.split(k, [None, 2])) if unroll_k else [k]
 
 
 def _pointwise_weight_gradient(x, dy):
@@ -117,7 +137,8 @@ def test_reduction_shorter_than_a_window_gets_the_register_tile_where_inputs_are
     # a 1x1 conv of 8 input channels (MobileNetV2's first expansion) as a matmul: a reduction of 8;
     # 8 rows of i share each vector of b (a depthwise window, with no such reuse, keeps its order)
     before = _kernel(_matmul, (64, 8), (8, 96))
-    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _register_tiled_matmul))
+    expected = _expected(before, lambda sch: _register_tiled_matmul(sch, vectors=3))  # (8: no unrolled reduction)
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), expected)
 
 
 def _channel_weight_gradient(x, dy):
@@ -149,14 +170,15 @@ def _matmul_relu(a, b):
 
 def test_elementwise_epilogue_runs_inside_its_producers_parallel_loop():
     # the fused tail (ReLU here; an optimizer update after a weight gradient) works on the tile each
-    # parallel iteration just wrote, vectorized along the output's contiguous run (16 of a 96 row)
+    # parallel iteration just wrote, vectorized along the output's contiguous run (a tile row of 48
+    # of a 96 row, in vectors of 16)
     before = _kernel(_matmul_relu, (64, 256), (256, 96))
 
     def schedule(sch):
-        parallel = _register_tiled_matmul(sch)
+        parallel = _wide_tile(sch)
         relu = sch.get_sblock("relu")
         sch.reverse_compute_at(relu, parallel)
-        sch.vectorize(sch.get_loops(relu)[-1])
+        sch.vectorize(sch.split(sch.get_loops(relu)[-1], [None, 16])[1])
 
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
 
@@ -502,25 +524,28 @@ def test_a_kernel_written_as_plain_loops_keeps_them():
     tvm.ir.assert_structural_equal(ScheduleForCPU()(mod), mod)
 
 
-def _packed(sch, name="matmul", rows=8, lanes=16, streamed=False):
-    """The register tile with the right operand copied into panels ``[N / lanes, K, lanes]``: the
-    whole operand before the kernel, or (``streamed``) each panel inside the loop over panels, with
-    that loop outermost and parallel and the rows' loop inside it."""
+def _packed(sch, name="matmul", rows=8, lanes=16, vectors=2, streamed=False):
+    """The register tile (rows x ``vectors`` vectors, the reduction unrolled by 2) with the right
+    operand copied into panels ``[N / width, K, width]`` of a tile row's width: the whole operand
+    before the kernel, or (``streamed``) each panel inside the loop over panels, with that loop
+    outermost and parallel and the rows' loop inside it."""
     block = sch.get_sblock(name)
     i, j, k = sch.get_loops(block)
+    width = lanes * vectors
     io, ii = sch.split(i, [None, rows])
-    jo, ji = sch.split(j, [None, lanes])
+    jo, ji, jv = _vector_row(sch, j, lanes, vectors)
+    ks = _reduction(sch, k, True)
     outer = [jo, io] if streamed else [io, jo]
-    sch.reorder(*outer, k, ii, ji)
+    sch.reorder(*outer, *ks, ii, *jv, ji)
     copy = sch.cache_read(block, 1, "global")
     sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
-        lambda a, b: [b // lanes, a, b % lanes], ndim=2))
+        lambda a, b: [b // width, a, b % width], ndim=2))
     if streamed:
         sch.compute_at(copy, jo)
         sch.vectorize(sch.get_loops(copy)[-1])
     else:
         ck, cn = sch.get_loops(copy)
-        head, lane = sch.split(cn, [None, lanes])
+        head, lane = sch.split(cn, [None, width])
         sch.reorder(head, ck, lane)
         sch.parallel(head)
         sch.vectorize(lane)
@@ -528,13 +553,15 @@ def _packed(sch, name="matmul", rows=8, lanes=16, streamed=False):
     sch.reverse_compute_at(write_back, outer[-1])
     sch.vectorize(sch.get_loops(write_back)[-1])
     sch.parallel(jo if streamed else sch.fuse(io, jo))
-    sch.unroll(ii)
+    for loop in (ii, *jv, ks[1]):
+        sch.unroll(loop)
     sch.vectorize(ji)
-    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, k))[-1])
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(block, ks[0]))[-1])
 
 
 def test_right_operand_with_long_rows_is_packed_into_panels_first():
     # b's rows are 4 KiB: each step of k would jump a page; packed, a tile walks one contiguous panel
+    # (1024 = 32 x 32: rows of 2 vectors, 48 does not divide it)
     before = _kernel(_matmul, (64, 128), (128, 1024))
     tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, _packed))
 
@@ -547,13 +574,15 @@ def test_streamed_right_operand_is_packed_one_panel_at_a_time_under_the_loop_ove
                                    _expected(before, lambda sch: _packed(sch, streamed=True)))
 
 
-@pytest.mark.parametrize("mcpu, rows", [("haswell", 4), ("skylake-avx512", 8)])
-def test_register_tile_rows_fit_the_targets_vector_registers(mcpu, rows):
-    # 16 lanes of float32: two AVX2 registers a row (16 registers: 4 rows), one AVX-512 register (32: 8)
+@pytest.mark.parametrize("mcpu, rows, vectors", [("haswell", 4, 1), ("skylake-avx512", 8, 3)])
+def test_register_tile_rows_fit_the_targets_vector_registers(mcpu, rows, vectors):
+    # 16 lanes of float32: two AVX2 registers a row (16 registers: 4 rows x 1 vector), one AVX-512
+    # register (32: 8 rows x 3 vectors = 24 accumulators, the reduction unrolled by 2)
     before = _kernel(_matmul, (64, 256), (256, 96))
     with tvm.target.Target({"kind": "llvm", "mcpu": mcpu}):
         scheduled = _prim(ScheduleForCPU()(before))
-    expected = _expected(before, lambda sch: _register_tiled_matmul(sch, rows=rows))
+    expected = _expected(before, lambda sch: _register_tiled_matmul(sch, rows=rows, vectors=vectors,
+                                                                    unroll_k=vectors > 1))
     tvm.ir.assert_structural_equal(scheduled, expected)
 
 

@@ -18,6 +18,7 @@ class ISA:
     lanes: int  # float32 lanes of a vector loop: one register, or more where measured faster
     channel_lanes: int  # lanes of the channel-vectorized rule's vector (its tile of accumulators)
     accumulators: int  # vectors of channel_lanes in that tile (and the reduction rule's window)
+    tile_vectors: int = 1  # vector loops side by side in a register tile's row (RegisterTiled)
 
 
 # by the first of these features a target has. AVX-512 (rocketlake, znver4): one register of 16 lanes,
@@ -25,10 +26,13 @@ class ISA:
 # a Sapphire Rapids-class CPU (benchmarks/results/vector_isa_haswell.md): 16-lane loops (two
 # registers; 8 lanes made a BERT-sized encoder step 23% slower), but convs' channel tiles of one
 # register and 12 accumulators (16 x 16 lanes spilled: ResNet-18@64 b8 full step 106 -> 75 ms,
-# MobileNetV2 unchanged). NEON and SSE2 keep the AVX-512 choices: not measured on a board (a NEON
-# tile of 16 accumulators x 16 lanes likely spills; measure with bench_vector_isa.py --mcpu on one).
+# MobileNetV2 unchanged). Matmul register tiles on AVX-512: 8 rows x 3 vectors (24 accumulators;
+# each broadcast feeds 3 FMAs): SmolLM2's 128x576x1536 115 -> 150-160 GFLOP/s, 8 rows x 1 vector was
+# load-bound; the other ISAs keep 1 vector until measured. NEON and SSE2 keep the AVX-512 choices but
+# that: not measured on a board (a NEON tile of 16 accumulators x 16 lanes likely spills; measure
+# with bench_vector_isa.py --mcpu on one).
 ISAS = (
-    ISA("avx512f", 64, 32, lanes=16, channel_lanes=16, accumulators=16),
+    ISA("avx512f", 64, 32, lanes=16, channel_lanes=16, accumulators=16, tile_vectors=3),
     ISA("avx", 32, 16, lanes=16, channel_lanes=8, accumulators=12),
     ISA("neon", 16, 32, lanes=16, channel_lanes=16, accumulators=16),
     ISA("sse2", 16, 16, lanes=16, channel_lanes=16, accumulators=16),
@@ -43,7 +47,8 @@ class CPU:
 
     ``lanes``: float32 lanes of a vector loop. ``registers``/``vector_bytes``: the register file a
     register tile must fit. ``channel_lanes``/``accumulators``: the channel-vectorized rule's vector
-    and how many of them its tile holds (also the vectorized-reduction rule's window tile); see
+    and how many of them its tile holds (also the vectorized-reduction rule's window tile);
+    ``tile_vectors``: vector loops of ``lanes`` side by side in a register tile's row; see
     :data:`ISAS` for what was measured. ``min_parallel_work``: iterations below which a block stays on one
     thread. ``short_reduction``: a reduction this short (a 3x3 window) is not worth a register tile
     without reuse.
@@ -54,6 +59,7 @@ class CPU:
     registers: int = DEFAULT_ISA.registers
     channel_lanes: int = DEFAULT_ISA.channel_lanes
     accumulators: int = DEFAULT_ISA.accumulators
+    tile_vectors: int = DEFAULT_ISA.tile_vectors
     min_parallel_work: int = 1 << 14
     short_reduction: int = 9
 
@@ -63,7 +69,7 @@ class CPU:
         ``overrides`` (fields of :class:`CPU`; None keeps the target's value)."""
         isa = _isa(target if target is not None else tvm.target.Target.current(allow_none=True))
         cpu = CPU(lanes=isa.lanes, vector_bytes=isa.vector_bytes, registers=isa.registers,
-                  channel_lanes=isa.channel_lanes, accumulators=isa.accumulators)
+                  channel_lanes=isa.channel_lanes, accumulators=isa.accumulators, tile_vectors=isa.tile_vectors)
         return replace(cpu, **{k: v for k, v in overrides.items() if v is not None})
 
     def vector_lanes(self, extent: int | None, align: int | None = None, limit: int | None = None) -> int | None:

@@ -24,7 +24,8 @@ class RegisterTiled(CPURule):
     loop (fused with the next when shorter than a vector) is the vector loop; a spatial loop that
     the primary input does not depend on (output channels of a conv) is tiled by as many rows as the
     target's registers hold (:meth:`CPU.tile_rows`) and unrolled, so each loaded input vector feeds
-    that many accumulators; the reduction runs between the outer loops and that register tile,
+    that many accumulators; with such a tile loop, a row of the tile is up to ``cpu.tile_vectors``
+    vectors that divide the output's row, unrolled, so each broadcast feeds that many; the reduction runs between the outer loops and that register tile,
     which accumulates in a local buffer written back once. A right operand whose rows are far apart
     is packed into panels (:func:`pack`)."""
 
@@ -39,22 +40,34 @@ class RegisterTiled(CPURule):
         if rows:  # short rows: one vector over two dims
             fuse_rows(sch, loops, extents, spatial, v)
         width = cpu.vector_lanes(extents[v], align=nest.extents[v] if rows else None)
-        factors = {v: width, **({u: tile(extents[u], cpu.tile_rows(width))} if u is not None else {})}
+        # a row of the tile: up to cpu.tile_vectors vectors side by side, so a broadcast feeds several
+        group = 1 if rows or u is None else \
+            next(g for g in range(cpu.tile_vectors, 0, -1) if extents[v] % (g * width) == 0)
+        span = group * width
+        factors = {v: span, **({u: tile(extents[u], cpu.tile_rows(span))} if u is not None else {})}
         outer, inner = split_spatial(sch, loops, spatial, extents, factors)
         outer, dims = reuse_streamed_read(nest, outer, [i for i in spatial if factors.get(i) != extents[i]])
         vector, tile_loop = inner[v], inner.get(u)
+        vectors = None
+        if group > 1:
+            vectors, vector = sch.split(vector, [group, width])
         reduce = [loops[i] for i in nest.reduce]
-        sch.reorder(*outer, *reduce, *([tile_loop] if tile_loop is not None else []), vector)
-        panel = panel_read(nest, v, width)
+        unrolled = None
+        if group > 1 and nest.extents[nest.reduce[-1]] % 2 == 0 and nest.extents[nest.reduce[-1]] >= 16:
+            reduce[-1], unrolled = sch.split(reduce[-1], [None, 2])
+            reduce.append(unrolled)
+        sch.reorder(*outer, *reduce, *([tile_loop] if tile_loop is not None else []),
+                    *([vectors] if vectors is not None else []), vector)
+        panel = panel_read(nest, v, span)
         # a panel per iteration of the loops above the innermost tile loop, when that loop does not
         # move the panel (packed once, used by every tile of the loop); else the whole read, if small
         per_tile = panel is not None and len(outer) >= 2 and dims[-1] not in set().union(*panel.dims)
         if per_tile:
             above = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
             outer = [above, outer[-1]]
-            pack(sch, nest, panel, width, cpu, at=above)
+            pack(sch, nest, panel, span, cpu, at=above)
         elif panel is not None and numel(panel.buffer) * 4 < STREAMED_BYTES:
-            pack(sch, nest, panel, width, cpu)
+            pack(sch, nest, panel, span, cpu)
         if tile_loop is not None and outer:  # the register tile accumulates locally, written back once
             accumulate_locally(sch, nest.block, outer[-1])
         if per_tile:
@@ -63,6 +76,10 @@ class RegisterTiled(CPURule):
             parallel(sch, outer, nest.work(), cpu)
         if tile_loop is not None:
             sch.unroll(tile_loop)
+        if vectors is not None:
+            sch.unroll(vectors)
+        if unrolled is not None:
+            sch.unroll(unrolled)
         sch.vectorize(vector)
         split_init(sch, nest.block, reduce[0])
         return True
