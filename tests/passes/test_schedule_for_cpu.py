@@ -574,6 +574,35 @@ def test_streamed_right_operand_is_packed_one_panel_at_a_time_under_the_loop_ove
                                    _expected(before, lambda sch: _packed(sch, streamed=True)))
 
 
+def test_a_long_streamed_panel_is_walked_in_blocks_that_stay_in_cache():
+    # b (9 MiB, rows of 576) is streamed panel by panel; a panel is 4096 x 48 floats (768 KiB):
+    # every row tile would read it from memory. Blocks of 256 rows (48 KiB) are copied and used by
+    # both row tiles, which accumulate in the output across blocks (an LM head's input gradient:
+    # 70 -> 120 GFLOP/s)
+    before = _kernel(_matmul, (16, 4096), (4096, 576))
+
+    def schedule(sch):
+        block = sch.get_sblock("matmul")
+        i, j, k = sch.get_loops(block)
+        io, ii = sch.split(i, [None, 8])
+        jo, ji, jv = _vector_row(sch, j, 16, 3)
+        kb, k = sch.split(k, [None, 256])
+        k, ku = sch.split(k, [None, 2])
+        sch.reorder(jo, kb, io, k, ku, ii, *jv, ji)
+        copy = sch.cache_read(block, 1, "global")
+        sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
+            lambda a, b: [b // 48, a, b % 48], ndim=2))
+        sch.compute_at(copy, kb)
+        sch.vectorize(sch.get_loops(copy)[-1])
+        sch.parallel(jo)
+        for loop in (ii, *jv, ku):
+            sch.unroll(loop)
+        sch.vectorize(ji)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, kb))[-1])
+
+    tvm.ir.assert_structural_equal(_prim(ScheduleForCPU()(before)), _expected(before, schedule))
+
+
 @pytest.mark.parametrize("mcpu, rows, vectors", [("haswell", 4, 1), ("skylake-avx512", 8, 3)])
 def test_register_tile_rows_fit_the_targets_vector_registers(mcpu, rows, vectors):
     # 16 lanes of float32: two AVX2 registers a row (16 registers: 4 rows x 1 vector), one AVX-512
@@ -586,7 +615,7 @@ def test_register_tile_rows_fit_the_targets_vector_registers(mcpu, rows, vectors
     tvm.ir.assert_structural_equal(scheduled, expected)
 
 
-@pytest.mark.parametrize("shape", [(64, 128, 1024), (64, 512, 1024)])
+@pytest.mark.parametrize("shape", [(64, 128, 1024), (64, 512, 1024), (16, 4096, 576)])
 def test_packed_matmuls_keep_their_numbers(shape):
     m, k, n = shape
     before = _kernel(_matmul, (m, k), (k, n))

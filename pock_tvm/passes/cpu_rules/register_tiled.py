@@ -16,6 +16,11 @@ STREAMED_BYTES = 1 << 20
 # bytes (one row of N). Measured on 128-row matmuls (znver3): rows of 576 and 1536 floats 38-61 ->
 # 56-69 GFLOP/s packed; rows of 96 and 192 the same either way
 PANEL_ROW_BYTES = 2048
+# a streamed panel (K x a tile row) longer than this is walked in blocks of K_BLOCK_BYTES: an LM
+# head's input gradient (K = 49152: a 9 MB panel, re-read from memory by each of 16 row tiles) ran
+# at 70 GFLOP/s, in blocks of 256 rows at 120 (Sapphire Rapids-class, 2 cores)
+K_BLOCK_PANEL_BYTES = 512 << 10
+K_BLOCK_BYTES = 64 << 10
 
 
 class RegisterTiled(CPURule):
@@ -52,23 +57,29 @@ class RegisterTiled(CPURule):
         if group > 1:
             vectors, vector = sch.split(vector, [group, width])
         reduce = [loops[i] for i in nest.reduce]
-        unrolled = None
-        if group > 1 and nest.extents[nest.reduce[-1]] % 2 == 0 and nest.extents[nest.reduce[-1]] >= 16:
-            reduce[-1], unrolled = sch.split(reduce[-1], [None, 2])
-            reduce.append(unrolled)
-        sch.reorder(*outer, *reduce, *([tile_loop] if tile_loop is not None else []),
-                    *([vectors] if vectors is not None else []), vector)
         panel = panel_read(nest, v, span)
         # a panel per iteration of the loops above the innermost tile loop, when that loop does not
         # move the panel (packed once, used by every tile of the loop); else the whole read, if small
         per_tile = panel is not None and len(outer) >= 2 and dims[-1] not in set().union(*panel.dims)
+        block = k_block(nest, panel, span) if per_tile else None
+        kblock = None
+        if block is not None:  # the panel by blocks of its rows: each block stays in cache for every tile
+            at = nest.reduce.index(next(iter(panel.dims[-2])))
+            kblock, reduce[at] = sch.split(reduce[at], [None, block])
+        unrolled = None
+        if group > 1 and nest.extents[nest.reduce[-1]] % 2 == 0 and nest.extents[nest.reduce[-1]] >= 16:
+            reduce[-1], unrolled = sch.split(reduce[-1], [None, 2])
+            reduce.append(unrolled)
+        sch.reorder(*outer[:-1], *([kblock] if kblock is not None else []), outer[-1], *reduce,
+                    *([tile_loop] if tile_loop is not None else []), *([vectors] if vectors is not None else []),
+                    vector)
         if per_tile:
             above = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
             outer = [above, outer[-1]]
-            pack(sch, nest, panel, span, cpu, at=above)
+            pack(sch, nest, panel, span, cpu, at=kblock if kblock is not None else above)
         elif panel is not None and numel(panel.buffer) * 4 < STREAMED_BYTES:
             pack(sch, nest, panel, span, cpu)
-        if tile_loop is not None and outer:  # the register tile accumulates locally, written back once
+        if tile_loop is not None and outer and kblock is None:  # the tile accumulates locally, written back once
             accumulate_locally(sch, nest.block, outer[-1])
         if per_tile:
             sch.parallel(outer[0])
@@ -81,8 +92,20 @@ class RegisterTiled(CPURule):
         if unrolled is not None:
             sch.unroll(unrolled)
         sch.vectorize(vector)
-        split_init(sch, nest.block, reduce[0])
+        split_init(sch, nest.block, kblock if kblock is not None else reduce[0])
         return True
+
+
+def k_block(nest: Nest, panel: Read, span: int) -> int | None:
+    """Rows of a streamed panel (``K x span``) per block when the whole panel passes
+    :data:`K_BLOCK_PANEL_BYTES`: the largest power of two dividing K whose block fits
+    :data:`K_BLOCK_BYTES`; None when the panel is small or K has no such divisor. Each tile then
+    accumulates in the output across blocks (partial sums cannot stay in registers between them)."""
+    k = nest.extents[next(iter(panel.dims[-2]))]
+    row = span * panel.buffer.dtype.bits // 8
+    if k * row <= K_BLOCK_PANEL_BYTES:
+        return None
+    return next((b for b in (1024, 512, 256, 128, 64, 32) if k % b == 0 and b * row <= K_BLOCK_BYTES and b < k), None)
 
 
 def tile_axes(nest: Nest, cpu) -> tuple[int, int | None, bool] | None:
