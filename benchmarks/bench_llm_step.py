@@ -151,7 +151,8 @@ def main() -> None:
     write_json(args.out / "llm_step_host.json", {"machine": platform.machine(), "command": command, "rows": rows})
     from pock_tvm.tuning import host_isa
 
-    text = (f"# SmolLM2-135M training step on the host CPU ({host_isa()}, {os.cpu_count()} cores; Adam)\n\n"
+    text = (f"# SmolLM2-135M training step on the host CPU ({host_isa()}, {os.cpu_count()} cores; Adam; "
+            f"{time.strftime('%Y-%m-%d')})\n\n"
             f"`{command}`\n\n"
             + table(rows, full) + "\n\n'vs torch full': pock_tvm's training memory over PyTorch's for full "
             "fine-tuning. Memory counts what a step adds to the weights (see the script's docstring).\n")

@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                                            args.kernels, args.trials, args.target, device)
             print(f"{sum(r.status == 'tuned' for r in rows)} kernels tuned into {db}")
         elif args.command == "profile":
-            from ..runtime.profile import format_profile, profile
+            from ..runtime.profile import format_profile, profile, sgemm_peak
 
-            print(format_profile(*profile(args.bundle, args.steps), args.top))
+            print(format_profile(*profile(args.bundle, args.steps), args.top, peak=sgemm_peak()))
         elif args.command == "search":
             from .search import search_command
 
