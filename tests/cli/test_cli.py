@@ -108,11 +108,16 @@ def test_profile_names_the_kernels_that_take_the_time(tmp_path, capsys):
     capsys.readouterr()
     assert main(["profile", str(tmp_path / "p"), "--steps", "2", "--top", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("step ") and "kernel" in out and "GFLOP/s" in out
-    rows = [line.split() for line in out.splitlines()[3:7]]
-    assert len(rows) == 4 and all(r[-2].endswith("%") for r in rows)
-    shares = [float(r[-2].rstrip("%")) for r in rows]
+    assert out.startswith("step ") and "GFLOP/s" in out and "SGEMM on this machine, same run" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
+    assert lines[header].split()[-2:] == ["of", "SGEMM"]  # each rate also as its share of the peak
+    rows = [line.split() for line in lines[header + 1:header + 5]]
+    assert len(rows) == 4 and all(r[2].endswith("%") for r in rows)
+    shares = [float(r[2].rstrip("%")) for r in rows]
     assert shares == sorted(shares, reverse=True) and any("conv2d" in r[0] for r in rows)
+    classes = next(i for i, line in enumerate(lines) if line.startswith("kernel class "))
+    assert "conv2d" in {line.split()[0] for line in lines[classes + 1:] if line.strip()}
     from pock_tvm.runtime.bundle import read_manifest
 
     assert read_manifest(tmp_path / "p")["state_file"] == "params.bin"  # profiling saves nothing
