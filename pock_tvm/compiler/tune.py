@@ -86,6 +86,7 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     # the kernels as the tuning database sees them: before any schedule
     options = replace(PipelineOptions.load(compile_args.pop("options", None)), schedule_kernels=False)
     plain = compile(model, example_inputs, options=options, **compile_args).ir
+    rows = _keep_ranking(database, plain, target, rows)
     builder, runner = device.builder(preset), device.runner()
     db = ms.database.JSONDatabase(work_dir=str(database))
     results, spent_per_trial = [], None
@@ -120,6 +121,36 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
                f"{'%.3f ms tuned' % best if best is not None else 'no valid schedule'}; "
                f"{trials} trials in {seconds:.0f} s, about {left / 60:.1f} min left")
     return results
+
+
+RANKING_FILE = "pock_tvm_ranking.json"
+
+
+def _keep_ranking(database: Path, plain: tvm.IRModule, target, rows: list) -> list:
+    """``rows`` in the order the first run over the same kernels and target ranked them (kept in
+    :data:`RANKING_FILE` beside the database): kernels of similar time swap places between two
+    profiles, and a second run must pick the kernels the first one tuned, not tune a neighbour."""
+    import hashlib
+    import json
+
+    import tvm_ffi
+
+    from ..runtime.files import write_json
+
+    digest = hashlib.sha256(str(target).encode())
+    for gvar, func in sorted(plain.functions.items(), key=lambda kv: kv[0].name_hint):
+        if isinstance(func, tvm.tirx.PrimFunc):
+            digest.update(f"{gvar.name_hint}:{tvm_ffi.structural_hash(func)};".encode())
+    key, path = digest.hexdigest()[:24], database / RANKING_FILE
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # a damaged file is ranked again, not trusted
+        stored = {}
+    order = stored.get(key)
+    if isinstance(order, list) and {r.name for r in rows} <= set(order):
+        return sorted(rows, key=lambda r: order.index(r.name))
+    write_json(path, {**stored, key: [r.name for r in rows]})
+    return rows
 
 
 def refresh_defaults(database: str | Path, *, target: str = "host", device: TuningDevice | None = None,
