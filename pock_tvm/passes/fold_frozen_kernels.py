@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections import OrderedDict
 
@@ -29,10 +30,11 @@ class FoldMemo:
 
     def __init__(self, result_bytes: int = RESULT_BYTES, kernels: int = BUILT_KERNELS):
         self.result_bytes, self.kernel_limit = result_bytes, kernels
-        self.kernels: OrderedDict[int, list] = OrderedDict()  # structural hash -> [(func, callable)]
+        self.kernels: OrderedDict[int, list] = OrderedDict()  # structural hash -> [(func, callable, serial)]
         self.results: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.held = 0
         self.hits = self.misses = 0
+        self.serials = itertools.count()
 
     def clear(self) -> None:
         self.kernels.clear()
@@ -40,24 +42,27 @@ class FoldMemo:
         self.held = self.hits = self.misses = 0
 
     def kernel(self, func: tvm.tirx.PrimFunc):
-        """``(structural hash, callable)`` of ``func`` built for the plain ``llvm`` target (what
-        ``relax.transform.FoldConstant`` evaluates with); the callable is None where it cannot build."""
+        """``(serial, callable)`` of ``func`` built for the plain ``llvm`` target (what
+        ``relax.transform.FoldConstant`` evaluates with); the callable is None where it cannot build.
+        The serial names this kernel alone (structurally equal ones share it; two kernels of one
+        hash do not), and is never given again after the kernel leaves the memo: results are keyed by it."""
         digest = tvm_ffi.structural_hash(func)
         bucket = self.kernels.setdefault(digest, [])
         self.kernels.move_to_end(digest)
-        for known, built in bucket:
+        for known, built, serial in bucket:
             if tvm_ffi.structural_equal(known, func):
-                return digest, built
+                return serial, built
         try:
             module = tvm.tirx.build(func.with_attr("global_symbol", "fold"), target="llvm")
             built = module["fold"]
         except (RuntimeError, ValueError, TypeError) as err:  # TVM errors; e.g. a GPU kernel: left to run in the step
             logger.debug("FoldFrozenKernels: cannot build a kernel on the host (%s); not folded", err)
             built = None
-        bucket.append((func, built))
+        serial = next(self.serials)
+        bucket.append((func, built, serial))
         while len(self.kernels) > self.kernel_limit:
             self.kernels.popitem(last=False)
-        return digest, built
+        return serial, built
 
     def result(self, key: tuple) -> np.ndarray | None:
         found = self.results.get(key)
@@ -141,10 +146,10 @@ class _Folder(PyExprMutator):
                 not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
             return None
         shape = tuple(int(d) for d in shape.values)
-        digest, built = self.memo.kernel(func)
+        serial, built = self.memo.kernel(func)
         if built is None:
             return None
-        key = (digest, str(out.dtype), shape, *(self._digest(a.value) for a in args))
+        key = (serial, str(out.dtype), shape, *(self._digest(a.value) for a in args))
         value = self.memo.result(key)
         if value is None:
             result = tvm.runtime.empty(shape, str(out.dtype), tvm.cpu())
