@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 import warnings
 
@@ -220,9 +222,6 @@ def build_many(plans: list[PlannedStep], workers: int | None = None) -> list[Pro
     4), in the order given. Code generation runs in TVM's C++ with Python's lock released, so the
     builds of a scheme search or of a demo's schemes overlap; planning cannot (it runs Python
     passes and TVM's process-wide pass state), so plans are made first, one by one."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     workers = workers or min(4, os.cpu_count() or 1)
     if workers <= 1 or len(plans) <= 1:
         return [build(p) for p in plans]

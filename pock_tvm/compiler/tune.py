@@ -10,6 +10,8 @@ structure, so one database serves every model, scheme and batch that contains th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+import tvm_ffi
 
 from ..analysis.kernel_check import check_record, compare, host_target
 from ..options import PipelineOptions
 from ..targets.presets import load_target
 from .step import compile
+from ..runtime.files import write_json
 from ..runtime.profile import profile_program
 from ..tvmscript import import_tensor_intrinsics
 from .tuning_device import TuningDevice
@@ -130,13 +134,6 @@ def _keep_ranking(database: Path, plain: tvm.IRModule, target, rows: list) -> li
     """``rows`` in the order the first run over the same kernels and target ranked them (kept in
     :data:`RANKING_FILE` beside the database): kernels of similar time swap places between two
     profiles, and a second run must pick the kernels the first one tuned, not tune a neighbour."""
-    import hashlib
-    import json
-
-    import tvm_ffi
-
-    from ..runtime.files import write_json
-
     digest = hashlib.sha256(str(target).encode())
     for gvar, func in sorted(plain.functions.items(), key=lambda kv: kv[0].name_hint):
         if isinstance(func, tvm.tirx.PrimFunc):
