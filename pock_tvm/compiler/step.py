@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import tvm
 
+from .. import calling
 from ..analysis.cost import kernel_flops, nbytes, training_cost
 from ..analysis.memory import kernel_workspace, planned_bytes
 from ..cache import compile_cache_enabled, lookup, step_key, store
@@ -24,6 +25,7 @@ from ..options import NONE, PipelineOptions
 from ..quantization.post_training import describe, runtime_units, train_quantized
 from ..passes.pipeline import pock_tvm_pipeline
 from ..passes.verify_schedules import FINDINGS_ATTR
+from ..passes.split_frozen_prefix import DECLINED_ATTR
 from ..passes.split_partial_channels import FROZEN, UPDATED
 from ..runtime.layout import Layout, RuntimeParam
 from ..runtime.program import Program
@@ -89,14 +91,16 @@ def _layer_rows(imported: ImportedModel, updates: dict[str, Update]) -> list[Lay
 
 def build_training_graph(imported, trainable, partial, loss, optimizer,
                          options: PipelineOptions = NONE, frozen_values: dict | None = None,
-                         units: dict | None = None) -> tvm.IRModule:
+                         units: dict | None = None, prefix: bool = False) -> tvm.IRModule:
     """Phases 1-2 of the pipeline (the training graph, not lowered). ``options`` default to no
-    optimization: analysis sees every frozen tensor as an input."""
+    optimization: analysis sees every frozen tensor as an input. ``prefix``: add the frozen-prefix
+    functions (``passes.SplitFrozenPrefix``)."""
     by_source = {p.name: p.var_name for p in imported.params}
     padding = {by_source[name]: row for name, row in imported.padding_rows.items() if by_source.get(name) in trainable}
     return pock_tvm_pipeline(trainable=trainable, partial=partial, origins=imported.origins, padding_rows=padding,
                              loss_function=loss.relax_function(imported.output), optimizer=optimizer,
-                             frozen_values=frozen_values, options=options, lower=False, units=units)(imported.mod)
+                             frozen_values=frozen_values, options=options, lower=False, units=units,
+                             prefix_inputs=len(imported.inputs) if prefix else None)(imported.mod)
 
 
 def _user_names(imported: ImportedModel) -> dict[str, str]:
@@ -123,7 +127,7 @@ class PlannedStep:
 def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
               target="host", input_shapes: dict | None = None, memory_phases: bool = False,
               options: PipelineOptions | str | None = None, tuning_database=None,
-              baseline: bool = True, verify: bool = False) -> PlannedStep:
+              baseline: bool = True, verify: bool = False, prefix_cache: bool = False) -> PlannedStep:
     """The first half of :func:`compile` (same arguments): import, training graph, lowering and the
     static memory plan, without code generation. ``model`` may also be an :class:`ImportedModel`
     (import once, plan many schemes). ``baseline=False`` skips the full-backprop column of the
@@ -151,7 +155,9 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     if options.fold_frozen:
         params = [replace(p, folded=not p.trainable) for p in params]
     frozen = {p.var: values[p.var] for p in params if p.folded}
-    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen, units)
+    train_mod = build_training_graph(imported, trainable, partial, loss, optimizer, options, frozen, units,
+                                     prefix=prefix_cache)
+    prefix = _prefix_extra(train_mod) if prefix_cache else {}
     report = _report(imported, scheme, updates, train_mod, trainable, loss, optimizer, baseline)
     report.quantization = quantization
     if memory_phases:
@@ -169,6 +175,12 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
                           "kernel_scratch": kernel_workspace(lowered)["peak"],
                           "folded_bytes": sum(int(v.nbytes) for v in frozen.values())}
         report.kernel_flops = kernel_flops(lowered)
+        if prefix.get("prefix"):
+            report.planned[calling.TRAIN_STEP_CACHED] = planned_bytes(lowered, calling.TRAIN_STEP_CACHED)["storage"]
+            report.planned[calling.PREFIX] = planned_bytes(lowered, calling.PREFIX)["storage"]
+            batch = int(imported.inputs[0].shape[0])
+            report.planned["cached_bytes_per_sample"] = sum(
+                int(np.prod(c["shape"])) * np.dtype(c["dtype"]).itemsize for c in prefix["prefix"]) // batch
     if tuning_database:
         report.notes.append(f"kernel schedules: tuned ones from {tuning_database}, defaults for the rest")
     if verify and not gpu:
@@ -177,9 +189,12 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
                             + (f"{len(findings)} computed wrong and fell back" if findings else "all agree"))
         report.notes += [f"  {f}" for f in findings]
     report.notes.append(f"convs compiled in {preset.conv_layout} (target '{preset.name}')")
+    if prefix.get("prefix_declined"):
+        report.notes.append(f"no frozen-prefix function: {prefix['prefix_declined']}")
     layout = Layout(list(imported.inputs), loss.target_spec(imported.output), imported.output,
                     params, list(optimizer.state_names()), _optimizer_json(optimizer), loss.name,
-                    scheme.to_dict(), preset.name, {"quantization": quantization} if quantization else {})
+                    scheme.to_dict(), preset.name,
+                    {**({"quantization": quantization} if quantization else {}), **prefix})
     expected = layout.signatures()["train_step"]["args"]
     if [p.name for p in train_mod["train_step"].params] != expected:  # a pipeline bug, not user input
         raise RuntimeError(f"compile: train_step takes {[p.name for p in train_mod['train_step'].params]}, "
@@ -187,6 +202,16 @@ def plan_step(model, example_inputs=None, *, scheme=None, loss="cross_entropy", 
     logger.info("planned %d trainable tensors of %d (%d frozen folded into the step)",
                 len(trainable), len(params), len(frozen))
     return PlannedStep(lowered, report, layout, values, preset, tgt)
+
+
+def _prefix_extra(train_mod: tvm.IRModule) -> dict:
+    """The layout's entry for a step compiled with ``prefix_cache=True``: ``{"prefix": [{"shape",
+    "dtype"}, ...]}`` of the cached activations, or ``{"prefix_declined": why}``."""
+    if not any(g.name_hint == calling.PREFIX for g in train_mod.get_global_vars()):
+        why = (train_mod.attrs or {}).get(DECLINED_ATTR, "the pipeline made no prefix function")
+        return {"prefix_declined": str(why)}
+    fields = train_mod[calling.PREFIX].ret_ty.fields
+    return {"prefix": [{"shape": [int(d) for d in f.shape], "dtype": str(f.dtype)} for f in fields]}
 
 
 def build(planned: PlannedStep) -> Program:
@@ -245,7 +270,7 @@ def _load_library(path, built):
 def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", optimizer="sgd",
             target="host", input_shapes: dict | None = None, memory_phases: bool = False,
             options: PipelineOptions | str | None = None, tuning_database=None, verify: bool = False,
-            baseline: bool = True) -> Program:
+            baseline: bool = True, prefix_cache: bool = False) -> Program:
     """Compile ``model`` into a training :class:`Program` (:func:`plan_step`, then :func:`build`).
 
     ``target`` is a preset name (``pock_tvm.targets.PRESETS``: host, rpi4, rpi5, apple-m1,
@@ -269,10 +294,16 @@ def compile(model, example_inputs=None, *, scheme=None, loss="cross_entropy", op
     the log and the report and falls back to the plain schedule (``passes.VerifySchedules``).
     ``baseline=False`` leaves the full-backprop column out of the report (one training graph less
     to build), for callers that never show it.
+    ``prefix_cache=True`` also compiles the frozen prefix of the step as a function of its own
+    (``Program.prefix``) and a step that starts from its cached activations
+    (``Program.step_cached``), so that ``fit(..., prefix_cache="float32")`` computes the frozen
+    layers once per sample instead of once per epoch (``passes.SplitFrozenPrefix``; the report
+    says why when the scheme leaves nothing to cache).
     """
     return build(plan_step(model, example_inputs, scheme=scheme, loss=loss, optimizer=optimizer,
                            target=target, input_shapes=input_shapes, memory_phases=memory_phases,
-                           options=options, tuning_database=tuning_database, verify=verify, baseline=baseline))
+                           options=options, tuning_database=tuning_database, verify=verify, baseline=baseline,
+                           prefix_cache=prefix_cache))
 
 
 def _initial_values(imported: ImportedModel, params: list[RuntimeParam]) -> dict[str, np.ndarray]:

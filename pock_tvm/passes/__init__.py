@@ -26,6 +26,7 @@ from .reorder_updates import ReorderUpdates
 from .schedule_for_cpu import ScheduleForCPU
 from .schedule_for_gpu import ScheduleForGPU
 from .sparse_gradient import SparseGradient
+from .split_frozen_prefix import SplitFrozenPrefix
 from .split_partial_channels import SplitPartialChannels
 from .train_quantized_params import TrainQuantizedParams
 from .unbroadcast_linear import UnbroadcastLinear
@@ -35,7 +36,7 @@ __all__ = [
     "AccurateSums", "AddLoRA", "AppendLoss", "AppendOptimizer", "ApplyTuningDatabase", "BindFrozenParams",
     "CheckGradientRules", "CheckIndices", "FastExp", "FoldBatchNorm", "FoldFrozenKernels", "FreezeBatchNorm", "GRADIENT_OVERRIDES",
     "GRADIENT_RULES", "InPlaceUpdates", "InlineKernelIntermediates", "IntegerKernels", "QuantizeForward",
-    "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitPartialChannels",
+    "ReorderUpdates", "ScheduleForCPU", "ScheduleForGPU", "SparseGradient", "SplitFrozenPrefix", "SplitPartialChannels",
     "TrainQuantizedParams", "UnbroadcastLinear", "VerifySchedules", "gradient_rules_installed",
     "pock_tvm_pipeline",
 ]

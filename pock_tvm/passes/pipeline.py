@@ -24,15 +24,17 @@ from .in_place_updates import InPlaceUpdates
 from .inline_kernel_intermediates import InlineKernelIntermediates
 from .integer_kernels import IntegerKernels
 from .gradient_rules import gradient_rules_installed, padding_rows as embedding_padding_rows
+from .. import calling
 from ..options import PipelineOptions
 from .reorder_updates import ReorderUpdates
 from .schedule_for_cpu import ScheduleForCPU
 from .schedule_for_gpu import ScheduleForGPU
 from .sparse_gradient import SparseGradient
+from .split_frozen_prefix import SplitFrozenPrefix
 from .split_partial_channels import SplitPartialChannels
 from .verify_schedules import VerifySchedules
 
-ENTRY_FUNCTIONS = ["forward", "loss", "train_step"]
+ENTRY_FUNCTIONS = [calling.FORWARD, "loss", calling.TRAIN_STEP, calling.PREFIX, calling.TRAIN_STEP_CACHED]
 
 
 @relax.register_pipeline("pock_tvm")
@@ -54,6 +56,7 @@ def pock_tvm_pipeline(
     verify: bool = False,
     padding_rows: dict[str, int] | None = None,
     names: dict[str, str] | None = None,
+    prefix_inputs: int | None = None,
 ) -> tvm.transform.Pass:
     """``trainable``: Relax names of the updated tensors (split halves as ``W__upd``);
     ``partial``: ``{weight: (axis, k)}``; ``frozen_values``: ``{name: array}`` of the frozen
@@ -70,6 +73,8 @@ def pock_tvm_pipeline(
     ``padding_rows``: ``{trainable name: row}``, embedding rows that get no gradient (``padding_idx``).
     ``names``: ``{Relax variable name: the user's name}`` of inputs and parameters, for the run-time
     index checks' messages (``CheckIndices``).
+    ``prefix_inputs``: the number of model inputs, to add the frozen-prefix functions ``prefix`` and
+    ``train_step_cached`` (``SplitFrozenPrefix``; None: ``train_step`` alone).
     ``verify=True`` (CPU targets) runs every kernel that got a schedule (default rule, tuned record,
     fast math) once against its unscheduled form and falls back where the numbers differ
     (``VerifySchedules``; what it found is the module attribute ``pock_tvm.kernel_checks``)."""
@@ -89,6 +94,7 @@ def pock_tvm_pipeline(
             _with_padding_rows(padding_rows, SparseGradient(trainable)),  # adjoints for what the scheme updates
             AppendOptimizer(optimizer, trainable, units=units),  # train_step = loss_adjoint + update (QAS)
             *([ReorderUpdates()] if opt.reorder_updates else []),  # update right after its gradient
+            *([SplitFrozenPrefix(prefix_inputs)] if prefix_inputs else []),  # frozen prefix on its own (cached)
         ]
         # pock_tvm's gradient rules are installed for these passes only (TVM's own outside them)
         passes = [_within(gradient_rules_installed, tvm.transform.Sequential(passes, name="pock_tvm.TrainingGraph"),
@@ -96,7 +102,7 @@ def pock_tvm_pipeline(
     if lower:
         passes += [
             # Phase 3: lower to TIR and plan memory (TVM's default build)
-            relax.transform.DeadCodeElimination(ENTRY_FUNCTIONS),  # inlined adjoints, dead bindings
+            _dead_code_elimination(),  # inlined adjoints, dead bindings
             *([CheckIndices(names)] if not gpu else []),  # an index outside its table raises where it is used
             # (CPU: device code cannot raise, so CUDA steps check only the inputs and labels)
             *([IntegerKernels()] if opt.integer_kernels else []),  # int8 convs/linears; keep int8 for backward
@@ -144,6 +150,17 @@ def default_build(in_place: bool = True) -> list:
         relax.transform.VMShapeLower(),
         relax.transform.AttachGlobalSymbol(),
     ]
+
+
+def _dead_code_elimination():
+    """TVM's ``DeadCodeElimination`` kept to the ``ENTRY_FUNCTIONS`` the module has (it rejects a
+    name the module lacks; the frozen-prefix functions exist only when asked for)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="pock_tvm.DeadCodeElimination")
+    def run(mod, _ctx):
+        present = {g.name_hint for g in mod.get_global_vars()}
+        return relax.transform.DeadCodeElimination([f for f in ENTRY_FUNCTIONS if f in present])(mod)
+    return run
 
 
 def _within(context, inner, name: str):

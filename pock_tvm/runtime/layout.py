@@ -56,10 +56,18 @@ class Layout:
     def state_keys(self) -> list[str]:
         return calling.state_keys([p.var for p in self.trainable], self.state_names)
 
+    def cached(self) -> list[TensorSpec]:
+        """The activations a step with a frozen-prefix function caches, in order (``extra["prefix"]``;
+        none without one): ``prefix`` returns them, ``train_step_cached`` takes them."""
+        found = self.extra.get("prefix", [])
+        return [TensorSpec(name, tuple(c["shape"]), c["dtype"])
+                for name, c in zip(calling.cached_names(len(found)), found)]
+
     def signatures(self) -> dict[str, dict[str, list[str]]]:
-        """Argument and output names of ``train_step`` and ``forward`` (:mod:`pock_tvm.calling`)."""
+        """Argument and output names of ``train_step`` and ``forward`` (and of ``prefix`` and
+        ``train_step_cached`` when the step has them; :mod:`pock_tvm.calling`)."""
         return calling.signatures([s.name for s in self.inputs], [p.var for p in self.passed], self.target.name,
-                                  [p.var for p in self.trainable], self.state_names)
+                                  [p.var for p in self.trainable], self.state_names, len(self.cached()))
 
     def check_target(self, target: np.ndarray, where: str = "target") -> None:
         """Class labels of a cross-entropy step lie in ``[0, classes)`` (a causal LM's next-token

@@ -53,16 +53,44 @@ class Program:
     def step(self, *args, lr: float | None = None) -> float:
         """One training step on ``(*inputs, target)``; returns the loss of this batch."""
         self._check_runs_here("step")
-        specs = [*self.layout.inputs, self.layout.target]
+        return self._train(calling.TRAIN_STEP, [*self.layout.inputs, self.layout.target], args, lr, "step")
+
+    @property
+    def has_prefix(self) -> bool:
+        """Whether the step was compiled with a frozen-prefix function (``compile(...,
+        prefix_cache=True)``): :meth:`prefix` and :meth:`step_cached`."""
+        return calling.PREFIX in self._calls
+
+    def prefix(self, *inputs) -> list[np.ndarray]:
+        """The frozen prefix's activations for one batch of ``inputs`` (what :meth:`step_cached`
+        takes instead of the inputs; ``layout.cached()`` names them). They depend only on the
+        inputs and frozen tensors, so a fine-tune on fixed data computes them once per sample."""
+        self._require_prefix("prefix")
+        if len(inputs) != len(self.layout.inputs):
+            raise ValueError(f"prefix: expected {len(self.layout.inputs)} inputs, got {len(inputs)}")
+        given = {s.name: self._checked(_array(a), s) for a, s in zip(inputs, self.layout.inputs)}
+        call = self._calls[calling.PREFIX]
+        out = _run(self._vm[calling.PREFIX], [given[n] if n in given else self._live[n] for n in call["args"]],
+                   "prefix")
+        return [out[i].numpy() for i in range(len(call["outputs"]))]
+
+    def step_cached(self, *args, lr: float | None = None) -> float:
+        """One training step on ``(*cached, target)``, the cached activations of :meth:`prefix`
+        for this batch in place of the inputs; the same update and loss as :meth:`step`."""
+        self._require_prefix("step_cached")
+        return self._train(calling.TRAIN_STEP_CACHED, [*self.layout.cached(), self.layout.target], args, lr,
+                           "step_cached")
+
+    def _train(self, func: str, specs: list, args: tuple, lr: float | None, what: str) -> float:
         if len(args) != len(specs):
-            raise ValueError(f"step: expected {len(specs)} arguments "
+            raise ValueError(f"{what}: expected {len(specs)} arguments "
                              f"({', '.join(s.name for s in specs)}), got {len(args)}")
         arrays = [_array(a) for a in args]
-        self.layout.check_target(arrays[-1], "step")
+        self.layout.check_target(arrays[-1], what)
         given = {s.name: self._checked(a, s) for a, s in zip(arrays, specs)}
         given[calling.LR] = self._put(np.asarray(check_lr(self.lr if lr is None else lr), "float32"))
-        call = self._calls["train_step"]
-        out = _run(self._vm["train_step"], [given[n] if n in given else self._live[n] for n in call["args"]], "step")
+        call = self._calls[func]
+        out = _run(self._vm[func], [given[n] if n in given else self._live[n] for n in call["args"]], what)
         loss = None
         for name, value in zip(call["outputs"], out):
             if name == calling.LOSS:
@@ -70,6 +98,14 @@ class Program:
             else:
                 self._live[name] = value
         return loss
+
+    def _require_prefix(self, what: str) -> None:
+        self._check_runs_here(what)
+        if not self.has_prefix:
+            why = self.layout.extra.get("prefix_declined")
+            raise ValueError(f"{what}: this program has no frozen-prefix function; " + (
+                f"the compiler made none: {why}" if why else
+                "compile with prefix_cache=True (`pock-tvm compile --prefix-cache`)"))
 
     def predict(self, *inputs) -> np.ndarray:
         self._check_runs_here("predict")
