@@ -43,23 +43,40 @@ def step_key(lowered, target) -> str | None:
     from tvm import relax
 
     from . import __version__
+    from .passes.utils import byte_view, host_array
 
     constants = []
     for func in lowered.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, lambda e: constants.append(e)
                                             if isinstance(e, tvm.ir.expr.GenericConst) else None)
-    # tensor constants (other ones, dtypes and shapes, are written out in the script)
-    arrays = [np.ascontiguousarray(c.value.numpy()) for c in constants if hasattr(c.value, "numpy")]
-    if sum(a.nbytes for a in arrays) > MAX_CACHED_CONSTANT_BYTES:
-        return None
+    # tensor constants (other ones, dtypes and shapes, are written out in the script); a tensor
+    # that several functions share (a folded weight in forward and train_step) is hashed once
+    tensors, seen = [], {}
+    for c in constants:
+        value = c.value
+        if not hasattr(value, "numpy"):
+            continue
+        where = (value.data_ptr(), tuple(value.shape), str(value.dtype))
+        if where not in seen:
+            seen[where] = len(seen)
+            tensors.append(value)
+        else:
+            tensors.append(seen[where])
+    unique = [t for t in tensors if not isinstance(t, int)]
+    if sum(int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize for t in unique) > MAX_CACHED_CONSTANT_BYTES:
+        return None  # decided from the shapes: the bytes of a large model are never read here
     digest = hashlib.sha256()
     for part in (lowered.script(show_meta=False), str(target), tvm.__version__, __version__):
         digest.update(part.encode())
         digest.update(b"\0")
-    for array in arrays:
+    for tensor in tensors:
+        if isinstance(tensor, int):
+            digest.update(f"same as constant {tensor}".encode())
+            continue
+        array = host_array(tensor)
         digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
+        digest.update(byte_view(array))
     return digest.hexdigest()
 
 

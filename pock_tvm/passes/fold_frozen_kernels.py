@@ -13,7 +13,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .utils import with_functions
+from .utils import byte_view, host_array, with_functions
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class FoldMemo:
     def __init__(self, result_bytes: int = RESULT_BYTES, kernels: int = BUILT_KERNELS):
         self.result_bytes, self.kernel_limit = result_bytes, kernels
         self.kernels: OrderedDict[int, list] = OrderedDict()  # structural hash -> [(func, callable, serial)]
-        self.results: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.results: OrderedDict[tuple, tvm.runtime.Tensor] = OrderedDict()  # never written after
         self.held = 0
         self.hits = self.misses = 0
         self.serials = itertools.count()
@@ -64,22 +64,26 @@ class FoldMemo:
             self.kernels.popitem(last=False)
         return serial, built
 
-    def result(self, key: tuple) -> np.ndarray | None:
+    def result(self, key: tuple) -> tvm.runtime.Tensor | None:
         found = self.results.get(key)
         if found is not None:
             self.results.move_to_end(key)
             self.hits += 1
         return found
 
-    def keep(self, key: tuple, value: np.ndarray) -> None:
+    def keep(self, key: tuple, value: tvm.runtime.Tensor) -> None:
         self.misses += 1
-        if value.nbytes > self.result_bytes:
+        if _nbytes(value) > self.result_bytes:
             return
         self.results[key] = value
-        self.held += value.nbytes
+        self.held += _nbytes(value)
         while self.held > self.result_bytes:
             _, dropped = self.results.popitem(last=False)
-            self.held -= dropped.nbytes
+            self.held -= _nbytes(dropped)
+
+
+def _nbytes(tensor: tvm.runtime.Tensor) -> int:
+    return int(np.prod(tensor.shape)) * np.dtype(str(tensor.dtype)).itemsize
 
 
 MEMO = FoldMemo()
@@ -102,10 +106,12 @@ class FoldFrozenKernels:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
+        digests: dict[tuple, str] = {}  # (data pointer, shape, dtype) -> bytes digest, this run
+        made: dict[tuple, relax.Constant] = {}  # result key -> its constant, shared by the functions
         for gvar, func in list(mod.functions.items()):
             if not isinstance(func, relax.Function):
                 continue
-            folder = _Folder(mod, self.memo)
+            folder = _Folder(mod, self.memo, digests, made)
             new = folder.visit_expr(func)
             if folder.folded:
                 updates[gvar] = relax.analysis.remove_all_unused(new)
@@ -115,11 +121,11 @@ class FoldFrozenKernels:
 
 @mutator
 class _Folder(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, memo: FoldMemo):
+    def __init__(self, mod: tvm.IRModule, memo: FoldMemo, digests: dict, made: dict):
         super().__init__(mod)
         self.mod, self.memo = mod, memo
         self.folded = 0
-        self.digests: dict[tuple, str] = {}  # (data pointer, shape, dtype) -> bytes digest, this run
+        self.digests, self.made = digests, made
 
     def visit_var_(self, var):
         bound = self.lookup_binding(var)
@@ -150,19 +156,26 @@ class _Folder(PyExprMutator):
         if built is None:
             return None
         key = (serial, str(out.dtype), shape, *(self._digest(a.value) for a in args))
+        self.folded += 1
+        if key in self.made:  # the same fold in another function of this module: one constant
+            return self.made[key]
         value = self.memo.result(key)
         if value is None:
-            result = tvm.runtime.empty(shape, str(out.dtype), tvm.cpu())
-            built(*(a.value for a in args), result)
-            value = result.numpy()
+            value = tvm.runtime.empty(shape, str(out.dtype), tvm.cpu())
+            built(*(a.value for a in args), value)
             self.memo.keep(key, value)
-        self.folded += 1
-        return relax.const(value, str(out.dtype))
+        self.made[key] = relax.const(value, str(out.dtype))  # wraps the tensor, no copy
+        return self.made[key]
 
     def _digest(self, array) -> str:
         where = (array.data_ptr(), tuple(array.shape), str(array.dtype))
         if where not in self.digests:
-            data = np.ascontiguousarray(array.numpy())
-            self.digests[where] = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest() + \
-                f"{data.dtype}{data.shape}"
+            self.digests[where] = tensor_digest(array)
         return self.digests[where]
+
+
+def tensor_digest(tensor) -> str:
+    """A digest of a host tensor's dtype, shape and bytes, read in place (no copy)."""
+    data = host_array(tensor)
+    digest = hashlib.blake2b(byte_view(data), digest_size=16).hexdigest()
+    return digest + f"{data.dtype}{data.shape}"

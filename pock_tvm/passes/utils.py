@@ -48,3 +48,17 @@ SCHEDULED = "tirx.is_scheduled"
 
 def is_scheduled(func) -> bool:
     return bool(func.attrs) and SCHEDULED in func.attrs and bool(func.attrs[SCHEDULED])
+
+
+def host_array(tensor):
+    """A host TVM tensor as a C-contiguous numpy array over the same memory (no copy, for reading:
+    hashing the bytes of large frozen weights), or a copy where it cannot be shared."""
+    import numpy as np
+
+    data = np.from_dlpack(tensor) if tensor.device.dlpack_device_type() == 1 else tensor.numpy()
+    return data if data.flags.c_contiguous else np.ascontiguousarray(data)
+
+
+def byte_view(array) -> memoryview:
+    """The bytes of a C-contiguous numpy array, without copying them."""
+    return memoryview(array.reshape(-1)).cast("B")

@@ -5,7 +5,9 @@ activations the trained layers read) and a ``train_step_cached`` that starts fro
 data are fixed (no augmentation), a fine-tune of many epochs then runs the frozen layers once per
 sample. The activations are stored per sample in float32 (exact), float16 or int8 (symmetric,
 one scale per row of the last axis); the two smaller ones change the numbers the trained layers
-see by their rounding.
+see by their rounding. A cached tensor holding infinities (an attention mask's -inf) is kept in
+float32 by int8 storage (a scale cannot represent it) and in float16 (which has infinities) by
+float16 storage.
 """
 
 from __future__ import annotations
@@ -60,21 +62,27 @@ def build_cache(program, xs: tuple[np.ndarray, ...], storage: str = "float32") -
     if batch > 1:
         _check_batch_major(program, xs, batch)
     per_sample = [(s.shape[0] // batch, *s.shape[1:]) for s in specs]
-    tensors = [np.empty((count, *shape), dtype=np.float32 if storage == "float32" else
-                        np.float16 if storage == "float16" else np.int8) for shape in per_sample]
-    scales = [np.empty((count, *shape[:-1]), np.float32) if storage == "int8" else None for shape in per_sample]
+    tensors: list = [None] * len(specs)
+    scales: list = [None] * len(specs)
     for i in range(0, count, batch):
         rows = np.arange(i, min(i + batch, count))
         padded = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows))])
         outs = program.prefix(*(a[padded] for a in xs))
         for k, (value, shape) in enumerate(zip(outs, per_sample)):
             value = value.reshape(batch, *shape)[:len(rows)]
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"prefix cache: the frozen prefix computed a non-finite activation for sample "
-                                 f"{i + int(np.flatnonzero(~np.isfinite(value).reshape(len(rows), -1).all(1))[0])}; "
-                                 "check the inputs (and the model without a cache)")
-            _store(storage, value, tensors[k], scales[k], rows)
+            if np.isnan(value).any():
+                sample = i + int(np.flatnonzero(np.isnan(value).reshape(len(rows), -1).any(1))[0])
+                raise ValueError(f"prefix cache: the frozen prefix computed NaN for sample {sample}; check the "
+                                 "inputs (and the model without a cache)")
+            if tensors[k] is None:  # the first batch decides each tensor's storage
+                kind = storage if storage != "int8" or np.isfinite(value).all() else "float32"
+                tensors[k] = np.empty((count, *shape), dtype=kind)
+                scales[k] = np.empty((count, *shape[:-1]), np.float32) if kind == "int8" else None
+            _store(str(tensors[k].dtype), value, tensors[k], scales[k], rows)
     cache = PrefixCache(storage, tensors, scales, [s.shape for s in specs], time.perf_counter() - start)
+    kept = [k for k, t in enumerate(tensors) if storage == "int8" and t.dtype != np.int8]
+    if kept:
+        cache.notes.append(f"cached tensors {kept} hold infinities (a mask) and stay float32")
     return cache
 
 
@@ -82,12 +90,16 @@ def _store(storage: str, value: np.ndarray, tensor: np.ndarray, scale: np.ndarra
     if storage == "float32":
         tensor[rows] = value
     elif storage == "float16":
-        big = float(np.abs(value).max()) if value.size else 0.0
+        finite = np.abs(value[np.isfinite(value)])
+        big = float(finite.max()) if finite.size else 0.0
         if big > _FP16_MAX:
             raise ValueError(f"prefix cache: an activation of {big:.4g} does not fit float16 (largest "
                              f"{_FP16_MAX:.0f}); cache in float32 or int8")
         tensor[rows] = value.astype(np.float16)
     else:
+        if not np.isfinite(value).all():
+            raise ValueError("prefix cache: an activation stored as int8 became infinite in a later batch; "
+                             "cache in float32 or float16")
         peak = np.abs(value).max(axis=-1)
         s = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
         tensor[rows] = np.clip(np.rint(value / s[..., None]), -127, 127).astype(np.int8)
