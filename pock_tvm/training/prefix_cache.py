@@ -107,17 +107,19 @@ def _store(storage: str, value: np.ndarray, tensor: np.ndarray, scale: np.ndarra
 
 
 def _check_batch_major(program, xs, batch: int) -> None:
-    """Each sample's activations must not depend on the other samples of its batch and must lie
-    in its own slice of the first axis (the compiler checked only the shapes): the prefix of a
-    batch in reverse order must give the same slices, reversed."""
+    """Each sample's activations must lie in its own slice of the first axis and must not depend
+    on the other samples of its batch (the compiler checked only the shapes): the prefix of a
+    batch in reverse order must give the same slices reversed, and the first sample's slice must
+    be the same beside other samples as beside copies of itself (a batch mean would differ)."""
     rows = np.arange(min(batch, len(xs[0])))
     rows = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows))])
-    forward = program.prefix(*(a[rows] for a in xs))
+    mixed = program.prefix(*(a[rows] for a in xs))
     backward = program.prefix(*(a[rows[::-1]] for a in xs))
-    for k, (f, b) in enumerate(zip(forward, backward)):
-        f = f.reshape(batch, -1)
-        b = b.reshape(batch, -1)[::-1]
-        if not np.allclose(f, b, rtol=1e-4, atol=1e-5 * (1 + float(np.abs(f).max()))):
+    alone = program.prefix(*(a[np.zeros(batch, dtype=np.int64)] for a in xs))
+    for k, (f, b, one) in enumerate(zip(mixed, backward, alone)):
+        f, b, one = f.reshape(batch, -1), b.reshape(batch, -1)[::-1], one.reshape(batch, -1)
+        tol = dict(rtol=1e-4, atol=1e-5 * (1 + float(np.abs(f[np.isfinite(f)]).max(initial=0))))
+        if not (np.allclose(f, b, **tol) and np.allclose(f[0], one[0], **tol)):
             raise ValueError(f"prefix cache: cached activation {k} of shape {program.layout.cached()[k].shape} "
                              "mixes the samples of a batch (a batch statistic in the frozen layers?), so it "
                              "cannot be cached per sample; fine-tune without prefix_cache")
