@@ -53,14 +53,14 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None):
 def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str = "host",
                    input_shape: tuple[int, ...] | None = None, loss: str = "cross_entropy",
                    optimizer=None, options=None, force: bool = False, tuning_database=None,
-                   verify: bool = False) -> Program:
+                   verify: bool = False, prefix_cache: bool = False) -> Program:
     from ..runtime.bundle import check_replaceable
 
     check_replaceable(Path(out), force)  # before minutes of compiling
     model_obj, example, shapes = _model_and_shapes(model, input_shape)
     program = compile(model_obj, example, scheme=scheme, loss=loss, optimizer=optimizer or "sgd",
                       target=target, input_shapes=shapes, options=options, tuning_database=tuning_database,
-                      verify=verify)
+                      verify=verify, prefix_cache=prefix_cache)
     # what `pock-tvm tune BUNDLE` needs to compile the same step again (the bundle holds machine code)
     program.extra["source"] = {"model": model, "scheme": scheme if isinstance(scheme, str) or scheme is None
                                else None, "input_shape": list(input_shape) if input_shape else None,
@@ -243,9 +243,12 @@ def _converted(array: np.ndarray, dtype: str, where: str) -> np.ndarray:
     return array.astype(dtype, copy=False)
 
 
-def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: bool = True) -> list[float]:
+def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: bool = True,
+          prefix_cache: str | None = None) -> list[float]:
     """Run training steps over ``data`` in batches of the compiled batch size, holding the
-    bundle's lock; the state is saved back only if every loss and every value is finite."""
+    bundle's lock; the state is saved back only if every loss and every value is finite.
+    ``prefix_cache`` (float32, float16, int8; a bundle compiled with ``--prefix-cache``): the
+    frozen prefix runs once per sample and the steps start from its cached activations."""
     from ..optim import check_lr
     from ..runtime.bundle import clean_state_leftovers, read_manifest
     from ..runtime.files import locked
@@ -263,12 +266,22 @@ def train(path: str, data: str, epochs: int = 1, lr: float | None = None, save: 
         if count == 0:
             raise ValueError(f"data has {len(target)} samples, fewer than one batch of {batch}")
         program.layout.check_target(target[:count * batch], f"data file '{data}'")
+        cache = None
+        if prefix_cache:
+            from ..training.prefix_cache import build_cache
+
+            cache = build_cache(program, tuple(x[:count * batch] for x in inputs), prefix_cache)
+            logger.info("prefix cache: %d samples, %.1f MiB (%s), filled in %.1f s", count * batch,
+                        cache.nbytes / 2**20, prefix_cache, cache.seconds)
         losses = []
         for epoch in range(epochs):
             for i in range(count):
                 sl = slice(i * batch, (i + 1) * batch)
                 start = time.perf_counter()
-                loss = program.step(*[x[sl] for x in inputs], target[sl], lr=lr)
+                if cache is not None:
+                    loss = program.step_cached(*cache.batch(np.arange(sl.start, sl.stop)), target[sl], lr=lr)
+                else:
+                    loss = program.step(*[x[sl] for x in inputs], target[sl], lr=lr)
                 losses.append(loss)
                 logger.info("epoch %d step %d loss %.5f time %.1f ms", epoch, i, loss,
                             1e3 * (time.perf_counter() - start))

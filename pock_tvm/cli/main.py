@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tuning-db", metavar="DIR", help="tuned kernel schedules (`pock-tvm tune --db`)")
     c.add_argument("--verify", action="store_true", help="run every scheduled kernel once against its unscheduled "
                    "form; a kernel that computes other numbers is reported and falls back to the plain schedule")
+    c.add_argument("--prefix-cache", action="store_true", help="also compile the frozen prefix as a function of "
+                   "its own, so that `train --prefix-cache` runs it once per sample (sparse schemes, fixed data)")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--force", action="store_true", help="replace OUTPUT even if it is not a pock_tvm bundle")
 
@@ -104,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_at_least(1), default=1)
     t.add_argument("--lr", type=_LR)
     t.add_argument("--no-save", action="store_true", help="do not write the updated state back")
+    t.add_argument("--prefix-cache", choices=["float32", "float16", "int8"], help="run the frozen prefix once per "
+                   "sample and train from its activations stored in this type (a bundle compiled with "
+                   "--prefix-cache; not for augmented data)")
 
     b = sub.add_parser("build-runner", help="build the C++ device runner (cross-builds for ARM targets)")
     b.add_argument("--target", default="host")
@@ -190,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             options = PipelineOptions.preset(args.opt).without(*args.disable)
             program = commands.compile_to_dir(args.model, args.output, args.scheme, args.target,
                                               args.input_shape, args.loss, _optimizer(args), options, args.force,
-                                              args.tuning_db, args.verify)
+                                              args.tuning_db, args.verify, args.prefix_cache)
             print(program.report())
             print(f"\nwrote {args.output}")
         elif args.command == "info":
             print(commands.info(args.program))
         elif args.command == "train":
-            losses = commands.train(args.program, args.data, args.epochs, args.lr, not args.no_save)
+            losses = commands.train(args.program, args.data, args.epochs, args.lr, not args.no_save,
+                                    args.prefix_cache)
             print(f"{len(losses)} steps, loss {losses[0]:.5f} -> {losses[-1]:.5f}")
         elif args.command == "build-runner":
             from ..targets.runner_build import build_runner

@@ -181,3 +181,25 @@ def test_the_cli_starts_without_importing_torch_or_tvm():
     code = "import sys, pock_tvm.cli.main; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # `pock-tvm --help` answers in a fraction of a second
+
+
+def test_train_with_a_prefix_cache_ends_where_the_plain_training_ends(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((12, 32)).astype("float32"), y=rng.integers(0, 10, 12))
+    import shutil
+
+    assert main(["compile", "mlp", "--scheme", "last-1", "--input-shape", "4,32", "--prefix-cache",
+                 "-o", str(tmp_path / "plain")]) == 0
+    shutil.copytree(tmp_path / "plain", tmp_path / "cached")  # the same initial weights
+    states = []
+    for name, flags in (("plain", []), ("cached", ["--prefix-cache", "float32"])):
+        bundle = tmp_path / name
+        assert main(["train", str(bundle), "--data", str(tmp_path / "data.npz"), "--epochs", "2", *flags]) == 0
+        states.append(pock_tvm.load(bundle).state_dict())
+    for key, value in states[0].items():
+        np.testing.assert_allclose(states[1][key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    plain = tmp_path / "no-prefix"
+    assert main(["compile", "mlp", "--scheme", "last-1", "--input-shape", "4,32", "-o", str(plain)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(plain), "--data", str(tmp_path / "data.npz"), "--prefix-cache", "int8"]) == 2
+    assert "compile with prefix_cache=True" in capsys.readouterr().err
