@@ -169,6 +169,12 @@ class Program:
                 continue
             self._live[p.var] = self._put(value.astype(p.dtype))
 
+    def reset_optimizer(self) -> None:
+        """Step counter and optimizer state (momenta) back to zero: a new fine-tune from the
+        current parameters, as a freshly compiled program starts."""
+        for key in [calling.STEP, *self.layout.state_keys()]:
+            self._live[key] = self._put(np.zeros_like(_numpy(self._live[key])))
+
     def optimizer_state(self) -> dict[str, np.ndarray]:
         keys = [calling.STEP, *self.layout.state_keys()]
         return {k: _numpy(self._live[k]) for k in keys}

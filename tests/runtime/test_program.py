@@ -94,3 +94,14 @@ def test_step_rejects_wrong_shape_dtype_and_count(setup):
     with pytest.raises(ValueError, match=r"expected 2 arguments \(x, target\), got 1"):
         program.step(x)
 
+
+
+def test_reset_optimizer_starts_a_new_fine_tune(setup):
+    _, program, x, y = setup
+    start = program.state_dict()
+    first = [program.step(x, y) for _ in range(2)]
+    program.load_state_dict(start)
+    program.reset_optimizer()
+    assert program.steps_done == 0
+    assert all(not v.any() for v in program.optimizer_state().values())
+    assert [program.step(x, y) for _ in range(2)] == first
