@@ -23,6 +23,7 @@ from .freeze_batch_norm import FreezeBatchNorm
 from .in_place_updates import InPlaceUpdates
 from .inline_kernel_intermediates import InlineKernelIntermediates
 from .integer_kernels import IntegerKernels
+from .legalize_overrides import LEGALIZE_OVERRIDES
 from .gradient_rules import gradient_rules_installed, padding_rows as embedding_padding_rows
 from .. import calling
 from ..options import PipelineOptions
@@ -108,7 +109,7 @@ def pock_tvm_pipeline(
             *([IntegerKernels()] if opt.integer_kernels else []),  # int8 convs/linears; keep int8 for backward
             *([relax.transform.ConvertLayout(conv_layouts)] if conv_layouts else []),  # the target's layout
             AccurateSums(),  # long float32 sums (bias gradients) accumulate in float64, inside the kernel
-            relax.transform.LegalizeOps(),  # every op to a TIR kernel
+            relax.transform.LegalizeOps(LEGALIZE_OVERRIDES),  # every op to a TIR kernel (a few our way)
             relax.transform.AnnotateTIROpPattern(),  # elementwise/injective/reduction tags
             FoldFrozenKernels(),  # what depends only on frozen tensors, once per process (memo)
             relax.transform.FoldConstant(),  # and what remains constant (shapes, tuples)
