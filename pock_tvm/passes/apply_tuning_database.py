@@ -14,6 +14,8 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from .utils import with_functions
+
 
 @functools.lru_cache(maxsize=8)
 def _database(work_dir: str, stamp: tuple):
@@ -33,5 +35,15 @@ class ApplyTuningDatabase:
         self.work_dir = str(work_dir)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        # the database holds kernels as `pock-tvm tune` saw them, without the frozen-operand
+        # attribute (MarkFrozenOperands): looked up without it, given it back after
+        marks = {gv: f.attrs[_LAYOUT_FREE] for gv, f in mod.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and _LAYOUT_FREE in f.attrs}
+        if marks:
+            mod = with_functions(mod, {gv: mod[gv].without_attr(_LAYOUT_FREE) for gv in marks})
         with _database(self.work_dir, _stamp(self.work_dir)):
-            return relax.transform.MetaScheduleApplyDatabase()(mod)
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        return with_functions(mod, {gv: mod[gv].with_attr(_LAYOUT_FREE, marks[gv]) for gv in marks})
+
+
+_LAYOUT_FREE = "layout_free_buffers"

@@ -107,7 +107,7 @@ class FoldFrozenKernels:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
         digests: dict[tuple, str] = {}  # (data pointer, shape, dtype) -> bytes digest, this run
-        made: dict[tuple, relax.Constant] = {}  # result key -> its constant, shared by the functions
+        made: dict[tuple, tvm.ir.GenericConst] = {}  # result key -> its constant, shared by the functions
         for gvar, func in list(mod.functions.items()):
             if not isinstance(func, relax.Function):
                 continue

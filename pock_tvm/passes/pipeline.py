@@ -21,6 +21,7 @@ from .fold_batch_norm import FoldBatchNorm
 from .fold_frozen_kernels import FoldFrozenKernels
 from .freeze_batch_norm import FreezeBatchNorm
 from .in_place_updates import InPlaceUpdates
+from .prepack_frozen_weights import MarkFrozenOperands, PrepackFrozenWeights
 from .inline_kernel_intermediates import InlineKernelIntermediates
 from .integer_kernels import IntegerKernels
 from .legalize_overrides import LEGALIZE_OVERRIDES
@@ -117,12 +118,14 @@ def pock_tvm_pipeline(
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
+            *([MarkFrozenOperands()] if opt.schedule_kernels and not gpu else []),  # constant operands
             *_verified(verify and not gpu, [
                 *([ApplyTuningDatabase(tuning_database)] if tuning_database else []),  # tuned kernels (read once)
                 *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
                 *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
                 *([FastExp()] if opt.fast_math and not gpu else []),  # exp/sigmoid as vector arithmetic
             ]),  # verify=True: each scheduled kernel against its unscheduled form, wrong ones fall back
+            *([PrepackFrozenWeights()] if opt.schedule_kernels and not gpu else []),  # packed at compile time
             # Phase 4: TVM's default build, with in-place updates before memory planning
             *default_build(in_place=opt.in_place),
         ]

@@ -21,6 +21,9 @@ PANEL_ROW_BYTES = 2048
 # at 70 GFLOP/s, in blocks of 256 rows at 120 (Sapphire Rapids-class, 2 cores)
 K_BLOCK_PANEL_BYTES = 512 << 10
 K_BLOCK_BYTES = 64 << 10
+# the annotation of a packing stage of a constant operand: TVM's SplitLayoutRewritePreproc moves
+# such a stage into a kernel of its own (folded at compile time: passes.PrepackFrozenWeights)
+PREPROC = "meta_schedule.layout_rewrite_preproc"
 
 
 class RegisterTiled(CPURule):
@@ -60,6 +63,9 @@ class RegisterTiled(CPURule):
         panel = panel_read(nest, v, span)
         # a panel per iteration of the loops above the innermost tile loop, when that loop does not
         # move the panel (packed once, used by every tile of the loop); else the whole read, if small
+        # a constant right operand (a frozen weight: the kernel's ``layout_free_buffers``) is packed by a
+        # stage of its own, split off and folded at compile time (passes.PrepackFrozenWeights)
+        prepacked = panel is not None and layout_free(sch, panel)
         per_tile = panel is not None and len(outer) >= 2 and dims[-1] not in set().union(*panel.dims)
         block = k_block(nest, panel, span) if per_tile else None
         kblock = None
@@ -76,9 +82,10 @@ class RegisterTiled(CPURule):
         if per_tile:
             above = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
             outer = [above, outer[-1]]
-            pack(sch, nest, panel, span, cpu, at=kblock if kblock is not None else above)
-        elif panel is not None and numel(panel.buffer) * 4 < STREAMED_BYTES:
-            pack(sch, nest, panel, span, cpu)
+            pack(sch, nest, panel, span, cpu, at=None if prepacked else kblock if kblock is not None else above,
+                 preproc=prepacked)
+        elif prepacked or (panel is not None and numel(panel.buffer) * 4 < STREAMED_BYTES):
+            pack(sch, nest, panel, span, cpu, preproc=prepacked)
         if tile_loop is not None and outer and kblock is None:  # the tile accumulates locally, written back once
             accumulate_locally(sch, nest.block, outer[-1])
         if per_tile:
@@ -155,11 +162,22 @@ def panel_read(nest: Nest, v: int, width: int) -> Read | None:
     return None
 
 
-def pack(sch, nest: Nest, read: Read, width: int, cpu, at=None) -> None:
+def layout_free(sch, read: Read) -> bool:
+    """Whether ``read`` is of a parameter the kernel's callers always pass a constant for (TVM's
+    ``AttachAttrLayoutFreeBuffers`` lists them as ``layout_free_buffers``)."""
+    func = sch.mod["main"]
+    free = (func.attrs or {}).get("layout_free_buffers", [])
+    # (a TIR function's parameters and buffers share their names; 0.27 does not expose its buffer map)
+    return any(func.params[int(i)].name == read.buffer.name for i in free)
+
+
+def pack(sch, nest: Nest, read: Read, width: int, cpu, at=None, preproc: bool = False) -> None:
     """Copy ``read`` (``[..., K, N]``) into panels ``[..., N / width, K, width]``, so a tile's walk
     over K reads one contiguous panel instead of one cache line per row of N (page-sized strides
     defeat the prefetcher: an LM head's weight ran at 8 GFLOP/s). With ``at`` (a loop over panels),
-    only that loop's panel is copied, inside it: ``K x width`` of scratch."""
+    only that loop's panel is copied, inside it: ``K x width`` of scratch. ``preproc``: the copy is
+    marked as a layout-rewrite stage (``meta_schedule.layout_rewrite_preproc``), which
+    ``relax.transform.SplitLayoutRewritePreproc`` moves into a kernel of its own."""
     copy = sch.cache_read(nest.block, read.index, "global")
     sch.transform_layout(copy, ("write", 0), tvm.tirx.IndexMap.from_func(
         lambda *i: [*i[:-2], i[-1] // width, i[-2], i[-1] % width], ndim=len(read.dims)))
@@ -167,6 +185,8 @@ def pack(sch, nest: Nest, read: Read, width: int, cpu, at=None) -> None:
         sch.compute_at(copy, at)
         sch.vectorize(sch.get_loops(copy)[-1])
         return
+    if preproc:
+        sch.annotate(copy, PREPROC, True)
     loops = sch.get_loops(copy)
     head, lane = sch.split(loops[-1], [None, width])
     sch.reorder(*loops[:-2], head, loops[-2], lane)
