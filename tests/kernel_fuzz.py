@@ -19,7 +19,7 @@ from pock_tvm.passes import gradient_rules_installed
 from pock_tvm.passes.inline_kernel_intermediates import InlineKernelIntermediates
 from pock_tvm.passes.reorder_updates import ReorderUpdates
 
-KINDS = ("conv2d", "matmul", "pool", "reduction", "norm")
+KINDS = ("conv2d", "matmul", "wide_matmul", "pool", "reduction", "norm")
 
 
 @dataclass
@@ -89,7 +89,17 @@ def _norm(rng: random.Random) -> Case:
                              shape=(rows, rng.choice([3, 16, 30, 64, 129]))))
 
 
-MAKERS = {"conv2d": _conv2d, "matmul": _matmul, "pool": _pool, "reduction": _reduction, "norm": _norm}
+def _wide_matmul(rng: random.Random) -> Case:
+    """Transformer-sized matmuls: rows of the right operand long enough to be packed into panels
+    (register_tiled.PANEL_ROW_BYTES), long reductions that are walked in blocks."""
+    k = rng.choice([16, 64, 96, 100, 576, 1000, 3000, 4096])
+    n = rng.choice([512, 528, 576, 768, 1000, 1536])
+    m = rng.choice([1, 7, 8, 16] if k >= 1000 else [1, 7, 8, 16, 33, 64, 128])  # (the reference runs unscheduled)
+    return Case("matmul", dict(batch=rng.choice([(), (), (2,)]), m=m, k=k, n=n, transpose_b=rng.random() < 0.5,
+                               bias=rng.random() < 0.5, relu=rng.random() < 0.3))
+
+
+MAKERS = {"conv2d": _conv2d, "matmul": _matmul, "wide_matmul": _wide_matmul, "pool": _pool, "reduction": _reduction, "norm": _norm}
 
 
 def cases(seed: int, count: int, kinds=KINDS) -> list[Case]:

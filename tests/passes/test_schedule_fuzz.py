@@ -21,7 +21,7 @@ from pock_tvm.targets.toolchain import tvm_target
 
 # cases per kind in make test (~1 s each): convs get the most, they have the most rules; make
 # test-all (CI) also runs a second seed with twice as many (test_a_second_seed_...)
-CI_CASES = {"conv2d": 16, "matmul": 6, "pool": 8, "reduction": 8, "norm": 4}
+CI_CASES = {"conv2d": 16, "matmul": 6, "wide_matmul": 4, "pool": 8, "reduction": 8, "norm": 4}
 # every rule of the ordered lists: a new rule is held to the fuzz suite by being listed there
 RULES = tuple(rule.name for rule in (*REDUCTION_RULES, *SPATIAL_RULES))
 
@@ -31,10 +31,14 @@ def target():
     return tvm_target(load_target("host"))
 
 
-def check_case(case, target, rules_seen: Counter) -> list[str]:
-    """What is wrong with the kernels of ``case`` (empty: nothing), counting the rules used."""
+def check_case(case, target, rules_seen: Counter, frozen: bool = False) -> list[str]:
+    """What is wrong with the kernels of ``case`` (empty: nothing), counting the rules used.
+    ``frozen``: every input of a kernel is marked as a constant (``layout_free_buffers``, as
+    ``MarkFrozenOperands`` marks frozen weights), so the rules take their prepacking branch."""
     wrong = []
     for name, func in fused_kernels(training_module(case)).items():
+        if frozen:
+            func = func.with_attr("layout_free_buffers", list(range(len(func.params) - 1)))
         with target:
             scheduled = ScheduleForCPU().schedule(func)
         if scheduled is None:
@@ -63,6 +67,17 @@ def test_scheduled_kernels_compute_what_unscheduled_ones_do(kind, target, rules_
             unsupported.append(f"{case}: {str(err).splitlines()[-1][:160]}")
     assert not wrong, f"seed {seed}: {len(wrong)} kernels compute wrong numbers:\n" + "\n".join(wrong)
     assert not unsupported, f"seed {seed}: cases that do not build:\n" + "\n".join(unsupported)
+
+
+@pytest.mark.parametrize("kind", ["matmul", "wide_matmul", "conv2d"])
+def test_schedules_of_frozen_operands_compute_what_unscheduled_kernels_do(kind, target, rules_seen, request):
+    """The branch that packs a constant operand in a stage of its own (split off and folded at
+    compile time by PrepackFrozenWeights) computes the same numbers."""
+    seed = request.config.getoption("--fuzz-seed")
+    wrong = []
+    for case in cases(seed + 7, request.config.getoption("--fuzz-cases") or 4, [kind]):
+        wrong += check_case(case, target, rules_seen, frozen=True)
+    assert not wrong, f"seed {seed + 7}: {len(wrong)} kernels compute wrong numbers:\n" + "\n".join(wrong)
 
 
 @pytest.mark.slow  # make test-all (CI): more shapes than make test's slice
