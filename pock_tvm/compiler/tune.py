@@ -24,6 +24,7 @@ import tvm
 import tvm_ffi
 
 from ..analysis.kernel_check import check_record, compare, host_target
+from ..passes.prepack_frozen_weights import LAYOUT_FREE
 from ..options import PipelineOptions
 from ..targets.presets import load_target
 from .step import compile
@@ -96,7 +97,8 @@ def tune(model, example_inputs=None, *, database: str | Path, kernels: int = 10,
     results, spent_per_trial = [], None
     chosen = [r for r in rows if r.name in {g.name_hint for g in plain.functions}][:kernels]
     for index, row in enumerate(chosen):
-        mod = tvm.IRModule({"main": plain[row.name].with_attr("global_symbol", "main")})
+        # as ApplyTuningDatabase looks kernels up: without the frozen-operand mark
+        mod = tvm.IRModule({"main": plain[row.name].without_attr(LAYOUT_FREE).with_attr("global_symbol", "main")})
         if db.has_workload(mod):
             default_ms = _commit_default(db, mod, target, device, builder, runner)
             results.append(TunedKernel(row.name, row.share, default_ms, _best_ms(db, mod), 0, 0.0,

@@ -118,14 +118,14 @@ def pock_tvm_pipeline(
             relax.transform.FuseTIR(),  # one kernel per fused group
             *([InlineKernelIntermediates()] if opt.inline_intermediates else []),  # no scratch per stage
             relax.transform.AnnotateTIROpPattern(),  # patterns of the fused kernels (InPlaceUpdates)
-            *([MarkFrozenOperands()] if opt.schedule_kernels and not gpu else []),  # constant operands
+            *([MarkFrozenOperands()] if not gpu else []),  # constant operands (kernel names as `tune` sees them)
             *_verified(verify and not gpu, [
                 *([ApplyTuningDatabase(tuning_database)] if tuning_database else []),  # tuned kernels (read once)
                 *([ScheduleForGPU()] if gpu else []),  # GPU kernels need thread bindings (DLight rules)
                 *([ScheduleForCPU()] if opt.schedule_kernels and not gpu else []),  # parallel + vector loops
                 *([FastExp()] if opt.fast_math and not gpu else []),  # exp/sigmoid as vector arithmetic
             ]),  # verify=True: each scheduled kernel against its unscheduled form, wrong ones fall back
-            *([PrepackFrozenWeights()] if opt.schedule_kernels and not gpu else []),  # packed at compile time
+            *([PrepackFrozenWeights()] if not gpu else []),  # packed at compile time
             # Phase 4: TVM's default build, with in-place updates before memory planning
             *default_build(in_place=opt.in_place),
         ]

@@ -12,6 +12,7 @@ into the constant: the step reads the packed weight and copies nothing.
 from __future__ import annotations
 
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir
 
 from .cpu_rules.register_tiled import PREPROC
@@ -59,13 +60,15 @@ class PrepackFrozenWeights:
 
 
 def _packed_arguments(func: tvm.tirx.PrimFunc) -> list[int]:
-    """Indices of the arguments a root-level packing stage (``PREPROC``) of ``func`` reads."""
-    if PREPROC not in func.script():
-        return []
-    sch = s_tir.Schedule(func)
+    """Indices of the arguments a packing stage (``PREPROC``) of ``func`` reads."""
+    if not len(func.attrs[LAYOUT_FREE]):
+        return []  # no constant argument: nothing can have been packed
     read = set()
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        stmt = sch.get(block)
-        if PREPROC in stmt.annotations:
-            read.update(r.source.name for r in stmt.reads)
+
+    def visit(block):
+        if PREPROC in block.annotations:
+            read.update(r.source.name for r in block.reads)
+        return block
+
+    tvm_ffi.structural_map(func.body, (s_tir.SBlock, visit))
     return [i for i, p in enumerate(func.params) if p.name in read]

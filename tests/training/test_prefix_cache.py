@@ -19,22 +19,27 @@ def _data(n=18, features=32, classes=10, seed=0):
     return rng.standard_normal((n, features)).astype("float32"), rng.integers(0, classes, n)
 
 
-def _mlp_runs(storages, scheme=LAST, model=None):
+@pytest.fixture(scope="module")
+def mlp_runs():
+    """One program (compiled with its prefix function), fine-tuned from the same start without a
+    cache and with each storage: ``{storage: (fit result, state dict)}``, and the program."""
     torch.manual_seed(0)
-    model = model or MLP()
     x, y = _data()
+    program = pock_tvm.compile(MLP(), (torch.from_numpy(x[:4]),), scheme=LAST, optimizer=pock_tvm.Adam(lr=1e-2),
+                               prefix_cache=True)
+    start = program.state_dict()
     out = {}
-    for storage in storages:
-        program = pock_tvm.compile(model, (torch.from_numpy(x[:4]),), scheme=scheme, optimizer=pock_tvm.Adam(lr=1e-2),
-                                   prefix_cache=storage is not None)
+    for storage in (None, "float32", "float16", "int8"):
+        program.load_state_dict(start)
+        program.reset_optimizer()
         result = fit(program, x, y, epochs=3, prefix_cache=storage)
-        out[storage] = (result, program.state_dict(), program)
-    return out
+        out[storage] = (result, program.state_dict())
+    return out, program
 
 
-def test_float32_cache_gives_the_numbers_of_the_plain_fine_tune():
-    runs = _mlp_runs([None, "float32"])
-    (plain, plain_state, _), (cached, cached_state, program) = runs[None], runs["float32"]
+def test_float32_cache_gives_the_numbers_of_the_plain_fine_tune(mlp_runs):
+    runs, program = mlp_runs
+    (plain, plain_state), (cached, cached_state) = runs[None], runs["float32"]
     assert program.has_prefix and len(cached.losses) == len(plain.losses) == 12
     np.testing.assert_allclose(cached.losses, plain.losses, rtol=1e-5)
     for name, value in plain_state.items():
@@ -43,18 +48,19 @@ def test_float32_cache_gives_the_numbers_of_the_plain_fine_tune():
     assert program.report().planned["train_step_cached"] < program.report().planned["train_step"]
 
 
-def test_smaller_storage_rounds_within_its_precision_and_holds_less():
-    runs = _mlp_runs([None, "float16", "int8"])
+def test_smaller_storage_rounds_within_its_precision_and_holds_less(mlp_runs):
+    runs, program = mlp_runs
     plain = np.array(runs[None][0].losses)
     f16, i8 = runs["float16"][0], runs["int8"][0]
     np.testing.assert_allclose(f16.losses, plain, rtol=2e-3)
     np.testing.assert_allclose(i8.losses, plain, rtol=3e-2)
     assert not np.allclose(i8.losses, plain, rtol=1e-6)  # the int8 rounding is really there
-    per_sample = runs["float16"][2].report().planned["cached_bytes_per_sample"]
+    per_sample = program.report().planned["cached_bytes_per_sample"]
     assert f16.cache_bytes == 18 * per_sample // 2
     assert i8.cache_bytes < 18 * per_sample // 3  # one byte per value plus a scale per row
 
 
+@pytest.mark.slow  # make test-all: three compiles of a tiny Llama (the MLP tests cover the feature)
 def test_causal_lm_with_its_mask_in_the_cache():
     """A tiny Llama, last block trained, next-token loss: the cached activations include the
     attention mask (-inf above the diagonal), which float32 keeps and int8 keeps in float32."""
