@@ -24,11 +24,33 @@ from .utils import with_functions
 LAYOUT_FREE = "layout_free_buffers"
 
 
-def MarkFrozenOperands() -> tvm.transform.Pass:  # noqa: N802 -- a pass constructor, named like TVM's
-    """TVM's ``AttachAttrLayoutFreeBuffers``: every kernel gets the attribute ``layout_free_buffers``,
-    the arguments its callers always pass a constant for (a kernel called with a constant in one
-    place and a variable in another is duplicated). Before the schedules."""
-    return relax.transform.AttachAttrLayoutFreeBuffers()
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+@tvm.transform.module_pass(opt_level=0, name="pock_tvm.MarkFrozenOperands")
+class MarkFrozenOperands:
+    """Before the schedules: a kernel gets the attribute ``layout_free_buffers`` (TVM's name, read
+    by ``SplitLayoutRewritePreproc``), the indices of the arguments that every one of its calls
+    passes a constant for. Unlike TVM's ``AttachAttrLayoutFreeBuffers`` no kernel is duplicated (a
+    kernel called with a constant in one place and a variable in another gets no mark for that
+    argument): the kernels keep their names and number, and kernels without a constant argument
+    are left as they are."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        constant: dict = {}  # kernel -> per argument: constant in every call so far
+
+        def visit(expr):
+            if isinstance(expr, relax.Call) and expr.op.same_as(_CALL_TIR) and isinstance(expr.args[1], relax.Tuple):
+                flags = [isinstance(a, tvm.ir.GenericConst) for a in expr.args[1].fields]
+                known = constant.get(expr.args[0])
+                constant[expr.args[0]] = flags if known is None else [a and b for a, b in zip(known, flags)]
+
+        for func in mod.functions.values():
+            if isinstance(func, relax.Function):
+                relax.analysis.post_order_visit(func, visit)
+        marks = {gv: [i for i, c in enumerate(flags) if c] for gv, flags in constant.items()}
+        return with_functions(mod, {gv: mod[gv].with_attr(LAYOUT_FREE, idx) for gv, idx in marks.items()
+                                    if idx and isinstance(mod[gv], tvm.tirx.PrimFunc)})
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.PrepackFrozenWeights")
