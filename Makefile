@@ -32,11 +32,12 @@ tools:
 	fi
 
 # `make test`: what a user runs: the import layers (.importlinter), then every feature once (tests
-# marked slow, the large models, the whole architecture zoo and the long tuning runs, are left out);
+# marked slow, the large models, the whole architecture zoo and the long tuning runs, are left out),
+# one pytest worker per core (pytest-xdist, at most 4: most tests compile on one core);
 # `make test-all`: everything (CI). Both list the slowest tests.
 test: $(STAMP) tools
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow" --durations=15
+	$(PY) -m pytest -q -m "not slow" -n auto --maxprocesses 4 --durations=15
 
 test-all: $(STAMP) tools
 	$(VENV)/bin/lint-imports
