@@ -67,6 +67,25 @@ def evaluate(model, split, word_start, batch: int = 8) -> dict:
             "next_word_top1": round(word_hits / words, 4), "tokens": count}
 
 
+def load_task(args):
+    """``(model, train, test, word_start)``: SmolLM2 as a causal LM returning logits, the writer's
+    training and held-out sequences (``args``: category, length, seed, train/test_sequences) and
+    which token ids start a word."""
+    import numpy as np
+
+    from pock_tvm.models.hf import CausalLMLogits, smollm2
+    from pock_tvm.tasks import bbc_news
+
+    lm, tokenizer = smollm2()
+    train, test = bbc_news.writer_sequences(tokenizer, args.category, args.length, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    train = subset(train, rng.permutation(len(train.ids))[:args.train_sequences])
+    test = subset(test, rng.permutation(len(test.ids))[:args.test_sequences])
+    vocab = tokenizer.convert_ids_to_tokens(list(range(lm.config.vocab_size)))
+    word_start = np.array([t.startswith(("Ġ", " ", "▁")) for t in vocab])
+    return CausalLMLogits(lm).eval(), train, test, word_start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
@@ -86,18 +105,9 @@ def main() -> None:
     from pock_tvm.adapters import merge_lora
     from pock_tvm.frontend import import_model
     from pock_tvm.training.finetune import fit
-    from pock_tvm.models.hf import CausalLMLogits, smollm2
     from pock_tvm.runtime.files import write_json
-    from pock_tvm.tasks import bbc_news
 
-    lm, tokenizer = smollm2()
-    train, test = bbc_news.writer_sequences(tokenizer, args.category, args.length, seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    train = subset(train, rng.permutation(len(train.ids))[:args.train_sequences])
-    test = subset(test, rng.permutation(len(test.ids))[:args.test_sequences])
-    vocab = tokenizer.convert_ids_to_tokens(list(range(lm.config.vocab_size)))
-    word_start = np.array([t.startswith(("Ġ", " ", "▁")) for t in vocab])
-    model = CausalLMLogits(lm).eval()
+    model, train, test, word_start = load_task(args)
     before = evaluate(model, test, word_start)
     print("before", before, flush=True)
     imported = import_model(model, (torch.from_numpy(train.ids[:1]), torch.from_numpy(train.mask[:1])))

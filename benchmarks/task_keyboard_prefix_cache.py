@@ -65,22 +65,13 @@ def main() -> None:
 
     import pock_tvm
     from pock_tvm.frontend import import_model
-    from pock_tvm.models.hf import CausalLMLogits, smollm2
     from pock_tvm.runtime.files import write_json
     from pock_tvm.scheme import Scheme
-    from pock_tvm.tasks import bbc_news
     from pock_tvm.training.finetune import fit
     from pock_tvm.tuning import host_isa
-    from task_keyboard import evaluate, subset
+    from task_keyboard import evaluate, load_task
 
-    lm, tokenizer = smollm2()
-    train, test = bbc_news.writer_sequences(tokenizer, args.category, args.length, seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    train = subset(train, rng.permutation(len(train.ids))[:args.train_sequences])
-    test = subset(test, rng.permutation(len(test.ids))[:args.test_sequences])
-    vocab = tokenizer.convert_ids_to_tokens(list(range(lm.config.vocab_size)))
-    word_start = np.array([t.startswith(("Ġ", " ", "▁")) for t in vocab])
-    model = CausalLMLogits(lm).eval()
+    model, train, test, word_start = load_task(args)
     before = evaluate(model, test, word_start)
     print("before", before, flush=True)
     scheme = Scheme.preset("last-2")
