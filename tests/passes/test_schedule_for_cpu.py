@@ -624,3 +624,30 @@ def test_packed_matmuls_keep_their_numbers(shape):
     exe = tvm.compile(ScheduleForCPU()(before), target=tvm.target.Target({"kind": "llvm"}))
     out = relax.VirtualMachine(exe, tvm.cpu())["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
     np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_a_register_tile_that_covers_the_whole_output_needs_no_outer_loop():
+    """A 10-wide column sum over 32 rows (a bias gradient): one register tile is the whole output.
+    The rule raised IndexError on it (and the kernel fell back to the plain rule)."""
+    from tvm.script import tirx as T
+
+    from pock_tvm.analysis.kernel_check import compare
+    from pock_tvm.passes import ScheduleForCPU
+    from pock_tvm.targets import load_target
+    from pock_tvm.targets.toolchain import tvm_target
+
+    @T.prim_func(private=True, s_tir=True)
+    def column_sum(a: T.Buffer((32, 10), "float32"), out: T.Buffer((10,), "float32")):
+        for j, k in T.grid(10, 32):
+            with T.sblock("red"):
+                vj, vk = T.axis.remap("SR", [j, k])
+                with T.init():
+                    out[vj] = T.float32(0)
+                out[vj] = out[vj] + a[vk, vj]
+
+    target = tvm_target(load_target("host"))
+    with target:
+        scheduled = ScheduleForCPU().schedule(column_sum)
+    assert scheduled is not None and "register_tiled" in str(scheduled.attrs["pock_tvm.schedule_rules"])
+    check = compare("column_sum", column_sum, scheduled, target)
+    assert check is not None and check.ok, check.describe() if check else "not run"

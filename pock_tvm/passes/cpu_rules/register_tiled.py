@@ -76,7 +76,8 @@ class RegisterTiled(CPURule):
         if group > 1 and nest.extents[nest.reduce[-1]] % 2 == 0 and nest.extents[nest.reduce[-1]] >= 16:
             reduce[-1], unrolled = sch.split(reduce[-1], [None, 2])
             reduce.append(unrolled)
-        sch.reorder(*outer[:-1], *([kblock] if kblock is not None else []), outer[-1], *reduce,
+        # (no outer loop when one register tile covers the whole output, e.g. a 10-wide bias gradient)
+        sch.reorder(*outer[:-1], *([kblock] if kblock is not None else []), *outer[-1:], *reduce,
                     *([tile_loop] if tile_loop is not None else []), *([vectors] if vectors is not None else []),
                     vector)
         if per_tile:
