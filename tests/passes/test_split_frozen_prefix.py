@@ -33,24 +33,7 @@ class Before:
 
 
 @I.ir_module
-class Expected:
-    @R.function
-    def train_step(x: R.Tensor((2, 4), F32), w: R.Tensor((4, 4), F32), target: R.Tensor((2, 4), F32),
-                   lr: R.Tensor((), F32), step: R.Tensor((), F32)):
-        R.func_attr(ATTRS)
-        with R.dataflow():
-            h = R.nn.relu(x)
-            t = R.permute_dims(h, axes=[1, 0])
-            y = R.matmul(h, w)
-            d = R.subtract(y, target)
-            loss = R.sum(R.multiply(d, d))
-            g = R.matmul(t, d)
-            new_w = R.subtract(w, R.multiply(lr, g))
-            next_step = R.add(step, R.const(1, F32))
-            out = (loss, new_w, next_step)
-            R.output(out)
-        return out
-
+class Expected:  # added beside train_step, which stays as it was
     @R.function
     def prefix(x: R.Tensor((2, 4), F32), w: R.Tensor((4, 4), F32)):
         R.func_attr({"global_symbol": "prefix"})
@@ -80,7 +63,8 @@ class Expected:
 
 def test_before_expected():
     after = SplitFrozenPrefix(1)(Before)
-    for name in ("train_step", "prefix", "train_step_cached"):
+    tvm.ir.assert_structural_equal(after["train_step"], Before["train_step"])
+    for name in ("prefix", "train_step_cached"):
         tvm.ir.assert_structural_equal(after[name], Expected[name], map_free_vars=True)
 
 
