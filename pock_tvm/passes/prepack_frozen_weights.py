@@ -14,6 +14,7 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import relax, s_tir
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .cpu_rules.register_tiled import PREPROC
 from .fold_frozen_kernels import FoldFrozenKernels
@@ -31,26 +32,74 @@ _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 class MarkFrozenOperands:
     """Before the schedules: a kernel gets the attribute ``layout_free_buffers`` (TVM's name, read
     by ``SplitLayoutRewritePreproc``), the indices of the arguments that every one of its calls
-    passes a constant for. Unlike TVM's ``AttachAttrLayoutFreeBuffers`` no kernel is duplicated (a
-    kernel called with a constant in one place and a variable in another gets no mark for that
-    argument): the kernels keep their names and number, and kernels without a constant argument
-    are left as they are."""
+    passes a constant for. A kernel called with a constant in some calls and a variable in others
+    (one matmul shape in 28 frozen layers and 2 trained ones) is copied: the calls of each pattern of
+    constant arguments get a kernel of their own, named ``<kernel>_frozen`` (numbered when there are several), with
+    its mark; the calls that pass no constant keep the original kernel, unmarked. Kernels without a
+    constant argument are left as they are."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        constant: dict = {}  # kernel -> per argument: constant in every call so far
+        patterns: dict = {}  # kernel -> the patterns of constant arguments its calls have, in call order
 
         def visit(expr):
-            if isinstance(expr, relax.Call) and expr.op.same_as(_CALL_TIR) and isinstance(expr.args[1], relax.Tuple):
-                flags = [isinstance(a, tvm.ir.GenericConst) for a in expr.args[1].fields]
-                known = constant.get(expr.args[0])
-                constant[expr.args[0]] = flags if known is None else [a and b for a, b in zip(known, flags)]
+            if _is_kernel_call(expr, mod):
+                seen = patterns.setdefault(expr.args[0], [])
+                if _constant_flags(expr) not in seen:
+                    seen.append(_constant_flags(expr))
 
         for func in mod.functions.values():
             if isinstance(func, relax.Function):
                 relax.analysis.post_order_visit(func, visit)
-        marks = {gv: [i for i, c in enumerate(flags) if c] for gv, flags in constant.items()}
-        return with_functions(mod, {gv: mod[gv].with_attr(LAYOUT_FREE, idx) for gv, idx in marks.items()
-                                    if idx and isinstance(mod[gv], tvm.tirx.PrimFunc)})
+        kernels, copies, route = {}, [], {}  # route: (kernel, pattern) -> the copy those calls use
+        for gv, seen in patterns.items():
+            marked = [p for p in seen if any(p)]
+            if len(seen) == 1 and marked:  # every call agrees: the kernel itself is marked
+                kernels[gv] = mod[gv].with_attr(LAYOUT_FREE, _indices(seen[0]))
+            elif marked:
+                copies += [(gv, p) for p in marked]
+        mod = with_functions(mod, kernels)
+        if copies:  # added by the block builder: a typed, unique GlobalVar each (``<kernel>_frozen``...)
+            bb = relax.BlockBuilder(mod)
+            for gv, pattern in copies:
+                route[(gv, pattern)] = bb.add_func(mod[gv].with_attr(LAYOUT_FREE, _indices(pattern)),
+                                                   f"{gv.name_hint}_frozen")
+            mod = bb.get()
+        if not route:
+            return mod
+        mod = _redirect(mod, route)
+        entries = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+        return relax.transform.DeadCodeElimination(entries)(mod)  # an original no call is left to
+
+
+def _is_kernel_call(expr, mod) -> bool:
+    return isinstance(expr, relax.Call) and expr.op.same_as(_CALL_TIR) and isinstance(expr.args[1], relax.Tuple) \
+        and isinstance(mod[expr.args[0]], tvm.tirx.PrimFunc)
+
+
+def _constant_flags(call) -> tuple[bool, ...]:
+    """Per argument of a kernel call: whether it is a constant."""
+    return tuple(isinstance(a, tvm.ir.GenericConst) for a in call.args[1].fields)
+
+
+def _indices(flags) -> list[int]:
+    return [i for i, c in enumerate(flags) if c]
+
+
+def _redirect(mod: tvm.IRModule, route: dict) -> tvm.IRModule:
+    """``mod`` with the kernel calls of ``route`` (``(kernel, constant pattern) -> kernel``)
+    calling the kernel it names."""
+
+    @mutator
+    class _Redirect(PyExprMutator):
+        def visit_call_(self, call):
+            new = super().visit_call_(call)
+            if _is_kernel_call(new, mod) and (new.args[0], _constant_flags(new)) in route:
+                new = relax.Call(new.op, [route[(new.args[0], _constant_flags(new))], *new.args[1:]],
+                                 new.attrs, new.ty_args)
+            return new
+
+    return with_functions(mod, {gv: _Redirect(mod).visit_expr(f) for gv, f in mod.functions.items()
+                                if isinstance(f, relax.Function)})
 
 
 @tvm.transform.module_pass(opt_level=0, name="pock_tvm.PrepackFrozenWeights")
