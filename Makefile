@@ -4,19 +4,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-all bench bench-all bench-int8 bench-llm bench-zoo llm-assets tune-host setup clean tools runner
+.PHONY: demo fleet test test-all bench bench-all bench-int8 bench-llm bench-zoo llm-assets tune-host setup clean tools runner
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[torch,tune,test,demo]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[torch,tune,test,demo,fleet]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 demo: $(STAMP) tools
 	$(PY) -m pock_tvm.cli.main demo
+
+# federated sparse fine-tuning on Flower: 8 SuperNodes on loopback (README, "Many devices")
+fleet: $(STAMP)
+	$(PY) -m pock_tvm.cli.main fleet
 
 # Cross tools for the emulated-board tests (aarch64 runner under qemu, M1 dylib): installed with
 # apt when missing and running as root; otherwise those tests are skipped with the reason.

@@ -170,6 +170,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--budget-fraction", type=_number(1e-6, 1.0), default=0.25,
                    help="memory budget as a fraction of full fine-tuning's planned training memory")
     d.add_argument("--no-board", action="store_true", help="skip the emulated rpi4 run")
+
+    f = sub.add_parser("fleet", help="federated sparse fine-tuning on Flower: the demo's digits task on N devices "
+                       "(SuperNodes on loopback), against centralized training of the same scheme")
+    f.add_argument("--out", default="out/fleet")
+    f.add_argument("--nodes", type=_at_least(2), default=8)
+    f.add_argument("--rounds", type=_at_least(1), default=8)
+    f.add_argument("--local-epochs", type=_at_least(1), default=6)
     return parser
 
 
@@ -241,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                                     args.input_shape, args.seed, args.epochs, args.cache)
             print(result.table())
             print(f"\nwrote {args.output}")
+        elif args.command == "fleet":
+            from .fleet import FleetSettings, fleet
+
+            fleet(args.out, FleetSettings(nodes=args.nodes, rounds=args.rounds, local_epochs=args.local_epochs,
+                                          min_nodes=max(2, args.nodes // 2)))
         elif args.command == "demo":
             demo.demo(args.out, demo.DemoSettings(epochs=args.epochs, budget_fraction=args.budget_fraction),
                       board=not args.no_board)

@@ -169,6 +169,47 @@ class Program:
                 continue
             self._live[p.var] = self._put(value.astype(p.dtype))
 
+    def trained_tensors(self) -> dict[str, np.ndarray]:
+        """The tensors the step updates, under their runtime names (a partially trained weight's
+        trained slice alone, ``W__upd``): what a federated round exchanges."""
+        return {p.var: self._value(p) for p in self.layout.trainable}
+
+    def load_trained_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        """Set every trained tensor from ``tensors`` (as :meth:`trained_tensors` names them).
+        Refused, naming the tensor, when one is missing or extra, has another shape, or holds a
+        non-finite value; nothing is changed then."""
+        expected = {p.var: p for p in self.layout.trainable}
+        unknown, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        if unknown or missing:
+            raise ValueError(f"load_trained_tensors: unknown tensors {unknown[:5]}, missing tensors {missing[:5]}; "
+                             "they must be the trained tensors of this bundle's scheme (trained_tensors())")
+        values = {}
+        for var, p in expected.items():
+            value = np.asarray(tensors[var])
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"load_trained_tensors: '{var}' has shape {value.shape}, expected {p.shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"load_trained_tensors: '{var}' holds non-finite values (NaN or inf)")
+            values[var] = value.astype(p.dtype, copy=False)
+        for var, value in values.items():
+            self._live[var] = self._put(value)
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`optimizer_state` returned (the step counter and the momenta), as a
+        node keeps it between federated rounds. Every key and shape must match."""
+        keys = [calling.STEP, *self.layout.state_keys()]
+        if sorted(state) != sorted(keys):
+            raise ValueError(f"load_optimizer_state: keys {sorted(state)[:5]} are not this program's "
+                             f"{sorted(keys)[:5]}; pass what optimizer_state() returned")
+        values = {}
+        for k in keys:
+            value, shape = np.asarray(state[k], "float32"), _numpy(self._live[k]).shape
+            if value.shape != shape and not (value.size == 1 and shape == ()):  # a scalar sent as (1,)
+                raise ValueError(f"load_optimizer_state: '{k}' has shape {value.shape}, expected {shape}")
+            values[k] = value.reshape(shape)
+        for k, value in values.items():
+            self._live[k] = self._put(value)
+
     def reset_optimizer(self) -> None:
         """Step counter and optimizer state (momenta) back to zero: a new fine-tune from the
         current parameters, as a freshly compiled program starts."""

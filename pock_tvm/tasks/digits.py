@@ -124,6 +124,44 @@ def load_task(sensor: Sensor = Sensor(), split_seed: int = 0) -> Task:
                 (target[LABELLED:], t_labels[LABELLED:]), sensor)
 
 
+@dataclass
+class NodeTask:
+    """One device of a fleet: its own variant of the new sensor and its own digits through it."""
+
+    sensor: Sensor
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+
+def node_sensor(index: int, nodes: int) -> Sensor:
+    """Device ``index`` of ``nodes``: the new sensor as that device sees it (non-IID across the
+    fleet): rotation spread over 15-45 degrees, contrast 0.4-0.6, noise sigma 0.05-0.2."""
+    t = index / max(1, nodes - 1)
+    return Sensor(rotation_deg=15.0 + 30.0 * t, contrast=0.4 + 0.2 * ((index * 3) % nodes) / max(1, nodes - 1),
+                  noise_sigma=0.05 + 0.15 * ((index * 5) % nodes) / max(1, nodes - 1))
+
+
+def fleet_split(nodes: int, test_fraction: float = 0.3, split_seed: int = 0) -> list[NodeTask]:
+    """The target-domain digits (the 900 the source never saw) dealt into ``nodes`` disjoint
+    shares, each seen through its device's sensor (:func:`node_sensor`) and split into training
+    and test samples."""
+    from sklearn.datasets import load_digits
+
+    if not 1 <= nodes <= 64:
+        raise ValueError(f"fleet_split: {nodes} nodes; use 1 to 64 (900 digits to share)")
+    digits = load_digits()
+    order = np.random.default_rng(split_seed).permutation(len(digits.target))
+    images, labels = _torch_images(digits.images[order][SOURCE:]), digits.target[order][SOURCE:].astype("int64")
+    shares = np.array_split(np.random.default_rng(split_seed + 1).permutation(len(labels)), nodes)
+    tasks = []
+    for i, share in enumerate(shares):
+        sensor = node_sensor(i, nodes)
+        x, y = through_sensor(images[share], sensor, seed=i + 1).numpy(), labels[share]
+        cut = len(share) - int(round(test_fraction * len(share)))
+        tasks.append(NodeTask(sensor, (x[:cut], y[:cut]), (x[cut:], y[cut:])))
+    return tasks
+
+
 def _augment(x, generator):
     import torch
 
