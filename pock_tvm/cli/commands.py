@@ -69,6 +69,31 @@ def compile_to_dir(model: str, out: str, scheme: str | None = None, target: str 
     return program
 
 
+def export_onnx(bundle: str, output: str, model: str | None = None, force: bool = False) -> tuple[Path, float]:
+    """``pock-tvm export``: the bundle's fine-tuned parameters in its source model as ONNX, checked
+    with ONNX Runtime against the bundle before it is written. Returns the path and the largest
+    difference."""
+    import torch
+
+    from ..export.onnx_export import (check_with_onnxruntime, fine_tuned_state, torch_onnx, with_trained_initializers,
+                                      write_onnx)
+
+    program = Program.load(bundle)
+    source = model or (program.extra.get("source") or {}).get("model")
+    if not source:
+        raise ValueError(f"'{bundle}' does not record its source model (compiled from Python): pass --model, or "
+                         "from Python use pock_tvm.export.onnx_export.torch_onnx with your torch model")
+    state = fine_tuned_state(program)
+    if str(source).endswith(".onnx"):
+        proto = with_trained_initializers(source, state)
+    else:
+        torch_model, _ = load_model(source, tuple(program.layout.inputs[0].shape))
+        example = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in program.layout.inputs)
+        proto = torch_onnx(torch_model, example, state)
+    diff = check_with_onnxruntime(proto, program)
+    return write_onnx(proto, output, force), diff
+
+
 def _model_and_shapes(model: str, input_shape):
     model_obj, example = load_model(model, input_shape)
     shapes = None

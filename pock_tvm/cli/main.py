@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show what a program updates and what its step costs")
     i.add_argument("program")
 
+    e = sub.add_parser("export", help="write a fine-tuned bundle as ONNX: the source model with the trained "
+                       "parameters (LoRA merged), checked against the bundle with ONNX Runtime")
+    e.add_argument("bundle")
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--model", help="the source model (.onnx, a reference model name or module.py:factory); "
+                   "default: the one the bundle was compiled from (pock-tvm compile records it)")
+    e.add_argument("--force", action="store_true", help="replace an existing output file")
+
     t = sub.add_parser("train", help="run training steps over an .npz data file")
     t.add_argument("program")
     t.add_argument("--data", required=True, help=".npz with 'x' (or one array per input) and 'y'")
@@ -176,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="out/fleet")
     f.add_argument("--nodes", type=_at_least(2), default=8)
     f.add_argument("--rounds", type=_at_least(1), default=8)
-    f.add_argument("--local-epochs", type=_at_least(1), default=6)
+    f.add_argument("--local-epochs", type=_at_least(1), default=10)
     return parser
 
 
@@ -205,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                                               args.tuning_db, args.verify, args.prefix_cache)
             print(program.report())
             print(f"\nwrote {args.output}")
+        elif args.command == "export":
+            path, diff = commands.export_onnx(args.bundle, args.output, args.model, args.force)
+            print(f"wrote {path} (ONNX Runtime agrees with the bundle: largest difference {diff:.2g})")
         elif args.command == "info":
             print(commands.info(args.program))
         elif args.command == "train":

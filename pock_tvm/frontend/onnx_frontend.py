@@ -358,6 +358,18 @@ def _opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def _relax_names(initializers: dict) -> dict:
+    """Initializers by the name their Relax variable gets when TVM's importer shortens it: torch's
+    exporter names folded constants ``onnx::Conv_16`` (a conv with its BatchNorm folded in), the
+    variable is ``Conv_16``. Shortened names that two initializers share are left out."""
+    found: dict = {}
+    for name, init in initializers.items():
+        short = name.rsplit("::", 1)[-1]
+        if short != name:
+            found[short] = None if short in found else init
+    return {k: v for k, v in found.items() if v is not None and k not in initializers}
+
+
 def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = None) -> ImportedModel:
     """Import ``model``; ``input_shapes`` overrides dynamic input dimensions."""
     model = normalize(to_qdq(load(model)))
@@ -375,12 +387,13 @@ def from_onnx(model: str | Path | onnx.ModelProto, input_shapes: dict | None = N
         raise ValueError(f"from_onnx: {err}; pock_tvm imports the ONNX ops TVM's importer knows") from None
     func = mod["main"]
     params = []
+    by_relax_name = _relax_names(initializers)
     for var in func.params[len(inputs):]:
-        init = initializers.get(var.name)
+        init = initializers.get(var.name) or by_relax_name.get(var.name)
         if init is None:
             raise ValueError(f"from_onnx: Relax input '{var.name}' is not an ONNX initializer")
         value = np.require(numpy_helper.to_array(init), requirements="C")
-        params.append(ParamInfo(var.name, var.name, value, var.name in buffers))
+        params.append(ParamInfo(init.name, var.name, value, init.name in buffers))
     ret = func.ret_ty
     output = TensorSpec("output", tuple(int(d) for d in ret.shape), str(ret.dtype))
     out_mod = type(mod)({})

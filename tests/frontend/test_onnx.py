@@ -1,5 +1,6 @@
 """ONNX: a small CNN exported from torch, imported back, trained with each scheme."""
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -71,3 +72,18 @@ def test_a_file_listing_its_initializers_as_inputs_imports_each_weight_once():
     assert len(names) == len(set(names)) and [s.name for s in imported.inputs] == ["image"]
     program = pock_tvm.compile(proto, scheme="full", optimizer=SGD)
     assert_matches_torch(model, program, SGD, (torch.randn(2, 3, 16, 16),), labels(2))
+
+
+def test_a_conv_with_its_batchnorm_folded_by_the_exporter_imports(tmp_path):
+    """torch's exporter (constant folding on, its default) folds an eval BatchNorm into the conv and
+    names the result ``onnx::Conv_N``; TVM's importer shortens that variable to ``Conv_N``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()).eval()
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 5, 5),), str(path), dynamo=False, input_names=["x"])
+    imported = from_onnx(path)
+    names = [p.name for p in imported.params]
+    assert any(n.startswith("onnx::Conv_") for n in names), names
+    program = pock_tvm.compile(str(path), None)
+    x = np.random.default_rng(0).standard_normal((1, 3, 5, 5)).astype("float32")
+    np.testing.assert_allclose(program.predict(x), model(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,61 @@
+"""`pock-tvm export`: a fine-tuned bundle back into ONNX, read by ONNX Runtime."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from pock_tvm.cli.main import main
+from pock_tvm.runtime.program import Program
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = Net().eval()
+    torch.onnx.export(model, (torch.randn(4, 3, 8, 8),), str(root / "net.onnx"), dynamo=False, opset_version=13,
+                      input_names=["x"])
+    assert main(["compile", str(root / "net.onnx"), "-o", str(root / "bundle"), "--scheme", "last-1", "--lr", "0.5"]) == 0
+    program = Program.load(root / "bundle")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        program.step(rng.standard_normal((4, 3, 8, 8)).astype("float32"), rng.integers(0, 5, 4))
+    program.save(root / "bundle", force=True)
+    return root, program
+
+
+def test_export_writes_the_trained_initializers_and_runtime_agrees(trained, capsys):
+    import onnxruntime as ort
+
+    root, program = trained
+    assert main(["export", str(root / "bundle"), "-o", str(root / "tuned.onnx")]) == 0
+    assert "ONNX Runtime agrees with the bundle" in capsys.readouterr().out
+    tuned = onnx.load(str(root / "tuned.onnx"))
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(root / "net.onnx")).graph.initializer}
+    values = {i.name: numpy_helper.to_array(i) for i in tuned.graph.initializer}
+    changed = [k for k in program.state_dict() if k in original and not np.array_equal(values[k], original[k])]
+    assert changed, "the fine-tuned initializers are in the file"
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype("float32")
+    got = ort.InferenceSession(str(root / "tuned.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, program.predict(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_to_overwrite_and_names_the_fix(trained, capsys):
+    root, _ = trained
+    (root / "exists.onnx").write_bytes(b"mine")
+    assert main(["export", str(root / "bundle"), "-o", str(root / "exists.onnx")]) == 2
+    assert "exists; choose another path or pass --force" in capsys.readouterr().err
+    assert (root / "exists.onnx").read_bytes() == b"mine"
