@@ -3,7 +3,7 @@
 1. :func:`pock_tvm.tasks.digits.fleet_split`: the new-sensor digits dealt to ``nodes`` devices,
    each seeing them through its own variant of the sensor (rotation, contrast, noise: non-IID).
 2. The scheme: :func:`~pock_tvm.search.scheme_search.search_scheme` within ``budget_fraction`` of
-   full fine-tuning's planned memory, on a pilot device's data: the demo's 300 labelled digits
+   full fine-tuning's planned memory and ``upload_fraction`` of the model's bytes sent per round, on a pilot device's data: the demo's 300 labelled digits
    through the reference sensor (the same search as ``make demo``, so its cache is shared). The
    fleet's own devices hold 79 digits each, too few for the contribution analysis to see a gain.
 3. Centralized reference: the same scheme and bundle fine-tuned on the pooled training data for as
@@ -33,15 +33,16 @@ from ..runtime.files import write_json
 class FleetSettings:
     nodes: int = 8
     rounds: int = 8
-    local_epochs: int = 6
+    local_epochs: int = 10
     batch: int = 16
-    # FedAvg moves the model by the mean of the nodes' few local steps (6 epochs of 79 digits: 24
+    # FedAvg moves the model by the mean of the nodes' few local steps (10 epochs of 79 digits: 40
     # steps) per round: at the demo's 1e-3 it reached 46% in 8 rounds (centralized: 88%); 1e-2
     # for both the nodes and the centralized reference (a sweep of lr and local epochs: README, Many devices)
     optimizer: Adam = field(default_factory=lambda: Adam(lr=1e-2))
     analysis_epochs: int = 6
     analysis_optimizer: Adam = field(default_factory=lambda: Adam(lr=1e-3))  # the demo's: one search cache
     budget_fraction: float = 0.25
+    upload_fraction: float = 0.1  # of the full model's bytes: what a node may send per round
     min_nodes: int = 4  # a round starts with this many connected nodes and goes on with those that answer
     round_timeout: float = 120.0
     seed: int = 0
@@ -74,17 +75,20 @@ def fleet(out: str | Path = "out/fleet", settings: FleetSettings = FleetSettings
 
     full = plan("full")
     budget = int(settings.budget_fraction * full.report.training_bytes())
+    model_bytes = int(sum(np.asarray(p.value).nbytes for p in imported.params))  # what full-model FedAvg sends
+    upload = int(settings.upload_fraction * model_bytes)
     print(f"fleet: {settings.nodes} devices, each with its own sensor variant and "
           f"{len(tasks[0].train[1])} labelled digits; budget {format_bytes(budget)} "
-          f"({settings.budget_fraction:g} of full fine-tuning's {format_bytes(full.report.training_bytes())})")
+          f"({settings.budget_fraction:g} of full fine-tuning's {format_bytes(full.report.training_bytes())}), "
+          f"upload {format_bytes(upload)} per node and round ({settings.upload_fraction:g} of the model's "
+          f"{format_bytes(model_bytes)})")
     found = search_scheme(imported, *load_task(split_seed=settings.seed).labelled, batch=settings.batch, budget=budget, seed=settings.seed,
                           settings=AnalysisSettings(epochs=settings.analysis_epochs, optimizer=settings.analysis_optimizer,
                                                     seed=settings.seed),
-                          cache_dir=cache_dir() / "search", progress=progress_bar())
+                          cache_dir=cache_dir() / "search", progress=progress_bar(), upload_bytes=upload)
     print(found.table() + "\n")
     (program,) = build_many([plan(found.scheme)])
     program.save(out / "bundle", force=True)
-    full_model_bytes = int(sum(np.asarray(v).nbytes for v in program.state_dict().values()))
     nodes = [write_node_data(out / "nodes" / f"node{i}.npz", NodeData(*t.train, *t.test)) for i, t in enumerate(tasks)]
 
     pooled_train = tuple(np.concatenate([t.train[k] for t in tasks]) for k in (0, 1))
@@ -112,7 +116,7 @@ def fleet(out: str | Path = "out/fleet", settings: FleetSettings = FleetSettings
         "rounds": len(rounds),
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "bytes_up_per_round": [r["bytes_up"] for r in rounds],
-        "full_model_bytes": full_model_bytes * settings.nodes,
+        "full_model_bytes": model_bytes * settings.nodes,
         "centralized_accuracy": centralized,
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
         "initial_accuracy": initial_accuracy,
@@ -120,7 +124,8 @@ def fleet(out: str | Path = "out/fleet", settings: FleetSettings = FleetSettings
         "nodes_per_round": [r["nodes"] for r in rounds],
         "rejected_per_round": [r["rejected"] for r in rounds],
         "scheme": {"options": [o.key for o in found.choice.options], "planned_bytes": found.planned_bytes,
-                   "budget_bytes": budget, "full_planned_bytes": full.report.training_bytes()},
+                   "budget_bytes": budget, "upload_budget_bytes": upload,
+                   "full_planned_bytes": full.report.training_bytes()},
         "sensors": [asdict(t.sensor) for t in tasks],
         "settings": {**asdict(settings), "optimizer": asdict(settings.optimizer),
                      "analysis_optimizer": asdict(settings.analysis_optimizer)},

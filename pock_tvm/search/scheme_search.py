@@ -79,8 +79,10 @@ def progress_bar(stream=sys.stderr):
 def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget: int,
                   latency_ms: float | None = None, seed: int = 0,
                   settings: AnalysisSettings = AnalysisSettings(), cache_dir=None, progress=None,
-                  target: str = "host") -> SearchResult:
+                  target: str = "host", upload_bytes: int | None = None) -> SearchResult:
     """Analyze (cached), search, and check the choice with the compiler's plan of the whole scheme;
+    ``upload_bytes``: at most this many bytes of trained tensors (what a federated node sends
+    each round, :func:`trained_bytes`);
     when the plan exceeds the budget, search again with the budget tightened by the excess. With
     ``cache_dir`` the checked choice is cached too (per analysis, budget, latency, seed and target), so
     a second search plans nothing."""
@@ -89,7 +91,9 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
     analysis = analyze(imported, x, y, batch=batch, settings=settings, budget=budget, cache_dir=cache_dir,
                        progress=progress, target=target)
     check_budget(analysis, budget, latency_ms)
-    path = _choice_path(cache_dir, analysis, budget, latency_ms, seed, target)
+    path = _choice_path(cache_dir, analysis, budget, latency_ms, seed, target, upload_bytes)
+    uploads = {row.option.key: trained_bytes(imported, [row.option]) for row in analysis.rows} \
+        if upload_bytes is not None else None
     cached = _load_choice(path, analysis)
     if cached is not None:
         return SearchResult(analysis, cached[0], scheme_of(cached[0].options), cached[1], budget, cached[2])
@@ -102,7 +106,7 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
 
     limit = budget
     for tries in range(1, RETRIES + 1):
-        choice = search(analysis, limit, latency_ms, seed)
+        choice = search(analysis, limit, latency_ms, seed, upload_bytes=upload_bytes, uploads=uploads)
         memory = planned(choice.options)
         if memory <= budget:
             break
@@ -110,7 +114,8 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
     else:
         raise ValueError(f"search: the compiler plans more than {format_bytes(budget)} for every choice tried "
                          f"({RETRIES} tries); raise the budget")
-    choice, memory = _fill(analysis, choice, memory, budget, latency_ms, planned)
+    choice, memory = _fill(analysis, choice, memory, budget, latency_ms, planned,
+                           None if upload_bytes is None else lambda options: trained_bytes(imported, options) <= upload_bytes)
     if path is not None:
         write_json(path, {"version": CHOICE_VERSION, "options": [o.key for o in choice.options], "gain": choice.gain,
                           "memory": choice.memory, "latency_ms": choice.latency_ms, "method": choice.method,
@@ -118,13 +123,29 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
     return SearchResult(analysis, choice, scheme_of(choice.options), memory, budget, tries)
 
 
-def _choice_path(cache_dir, analysis: Analysis, budget: int, latency_ms, seed: int, target) -> Path | None:
+def trained_bytes(imported, options) -> int:
+    """Bytes of the tensors the scheme of ``options`` trains (a partial weight: its trained
+    channels): what a federated node sends back each round."""
+    updates = scheme_of(options).resolve(imported)
+    total = 0
+    for p in imported.params:
+        update = updates.get(p.name)
+        if update is None or update.mode == "frozen":
+            continue
+        value = np.asarray(p.value)
+        share = update.channels / value.shape[update.axis] if update.mode == "partial" and update.channels else 1.0
+        total += int(round(value.nbytes * share))
+    return total
+
+
+def _choice_path(cache_dir, analysis: Analysis, budget: int, latency_ms, seed: int, target,
+                 upload_bytes: int | None = None) -> Path | None:
     if cache_dir is None:
         return None
     from .. import __version__
 
     what = json.dumps([CHOICE_VERSION, __version__, analysis.key, budget, latency_ms, seed, str(target), FILL_TRIES,
-                       RETRIES])
+                       RETRIES, *([upload_bytes] if upload_bytes is not None else [])])
     return Path(cache_dir) / f"choice-{hashlib.sha256(what.encode()).hexdigest()[:20]}.json"
 
 
@@ -144,7 +165,7 @@ def _load_choice(path: Path | None, analysis: Analysis) -> tuple[Choice, int, in
         return None
 
 
-def _fill(analysis: Analysis, choice: Choice, memory: int, budget: int, latency_ms, planned):
+def _fill(analysis: Analysis, choice: Choice, memory: int, budget: int, latency_ms, planned, fits=None):
     """Add options the additive estimate left out while the compiler's plan of the whole scheme stays
     within the budget: options sharing a backward path cost less together than their sum. Tries the
     groups not yet chosen, best gain first (at most ``FILL_TRIES`` plans); skipped with a latency
@@ -160,6 +181,8 @@ def _fill(analysis: Analysis, choice: Choice, memory: int, budget: int, latency_
             continue
         tried += 1
         options = (*choice.options, item.option)
+        if fits is not None and not fits(options):
+            continue
         total = planned(options)
         if total <= budget:
             taken.add(item.option.group)

@@ -29,6 +29,7 @@ class Item:
     gain: float
     memory: int  # increment over no update, bytes
     latency: float  # increment over the forward, ms
+    upload: int = 0  # bytes of the tensors it trains (what a federated node sends per round)
 
 
 @dataclass
@@ -40,8 +41,9 @@ class Choice:
     method: str  # "exact" or "evolutionary"
 
 
-def items(analysis: Analysis, latency: bool) -> dict[str, list[Item]]:
-    """Groups of the options that were measured and gain something."""
+def items(analysis: Analysis, latency: bool, uploads: dict[str, int] | None = None) -> dict[str, list[Item]]:
+    """Groups of the options that were measured and gain something (``uploads``: trained bytes by
+    option key, for an upload budget)."""
     base = analysis.baseline_accuracy
     groups: dict[str, list[Item]] = {}
     for row in analysis.rows:
@@ -50,27 +52,34 @@ def items(analysis: Analysis, latency: bool) -> dict[str, list[Item]]:
             continue
         lat = max(0.0, row.step_ms - (analysis.forward_ms or 0.0)) if latency else 0.0
         groups.setdefault(row.option.group, []).append(
-            Item(row.option, gain, max(0, row.memory - analysis.inference_bytes), lat))
+            Item(row.option, gain, max(0, row.memory - analysis.inference_bytes), lat,
+                 (uploads or {}).get(row.option.key, 0)))
     return groups
 
 
 def search(analysis: Analysis, budget: int, latency_ms: float | None = None, seed: int = 0,
-           method: str = "auto", max_states: int = MAX_STATES) -> Choice:
-    """The best choice within ``budget`` planned training bytes (and ``latency_ms`` per step).
+           method: str = "auto", max_states: int = MAX_STATES, upload_bytes: int | None = None,
+           uploads: dict[str, int] | None = None) -> Choice:
+    """The best choice within ``budget`` planned training bytes (and ``latency_ms`` per step, and
+    ``upload_bytes`` of trained tensors, with ``uploads`` the trained bytes of each option key).
     ``method``: ``auto`` (exact unless too large), ``exact`` or ``evolutionary``."""
     check_budget(analysis, budget, latency_ms)
-    groups = list(items(analysis, latency_ms is not None).values())
+    if upload_bytes is not None and uploads is None:
+        raise ValueError("search: an upload budget needs the trained bytes of each option (uploads=)")
+    groups = list(items(analysis, latency_ms is not None, uploads if upload_bytes is not None else None).values())
+    if upload_bytes is not None:  # an option that alone sends too much can never be chosen
+        groups = [kept for g in groups if (kept := [i for i in g if i.upload <= upload_bytes])]
     mem_left = budget - analysis.inference_bytes
     lat_left = None if latency_ms is None else latency_ms - (analysis.forward_ms or 0.0)
     picked, used = None, method
     if method in ("auto", "exact"):
-        picked = exact(groups, mem_left, lat_left, max_states)
+        picked = exact(groups, mem_left, lat_left, max_states, upload_bytes)
         used = "exact"
         if picked is None and method == "exact":
             raise ValueError(f"search: the exact search needs more than {max_states} partial choices; "
                              "use method='evolutionary' (or 'auto')")
     if picked is None:
-        picked, used = evolutionary(groups, mem_left, lat_left, seed), "evolutionary"
+        picked, used = evolutionary(groups, mem_left, lat_left, seed, upload_left=upload_bytes), "evolutionary"
     return _choice(analysis, picked, latency_ms, used)
 
 
@@ -83,36 +92,37 @@ def _choice(analysis: Analysis, picked: list[Item], latency_ms, method: str) -> 
 
 
 def exact(groups: list[list[Item]], mem_left: int, lat_left: float | None,
-          max_states: int = MAX_STATES) -> list[Item] | None:
+          max_states: int = MAX_STATES, upload_left: int | None = None) -> list[Item] | None:
     """Knapsack over groups; ``None`` when the Pareto set grows past ``max_states``."""
-    # a state: (memory, latency, -gain, items); keep the ones no other state beats on all three
-    states = [(0, 0.0, 0.0, ())]
+    # a state: (memory, latency, upload, -gain, items); keep the ones no other state beats on all four
+    states = [(0, 0.0, 0, 0.0, ())]
     for group in groups:
         grown = list(states)
-        for memory, lat, neg_gain, chosen in states:
+        for memory, lat, up, neg_gain, chosen in states:
             for item in group:
-                m, t = memory + item.memory, lat + item.latency
-                if m <= mem_left and (lat_left is None or t <= lat_left):
-                    grown.append((m, t, neg_gain - item.gain, chosen + (item,)))
+                m, t, u = memory + item.memory, lat + item.latency, up + item.upload
+                if m <= mem_left and (lat_left is None or t <= lat_left) and (upload_left is None or u <= upload_left):
+                    grown.append((m, t, u, neg_gain - item.gain, chosen + (item,)))
         states = _pareto(grown)
         if len(states) > max_states:
             return None
-    best = min(states, key=lambda s: (s[2], s[0], s[1], [i.option.key for i in s[3]]))
-    return list(best[3])
+    best = min(states, key=lambda s: (s[3], s[0], s[1], s[2], [i.option.key for i in s[4]]))
+    return list(best[4])
 
 
 def _pareto(states):
-    """The states not dominated in (memory, latency, -gain), in a deterministic order."""
-    states = sorted(states, key=lambda s: (s[0], s[1], s[2], [i.option.key for i in s[3]]))
+    """The states not dominated in (memory, latency, upload, -gain), in a deterministic order."""
+    states = sorted(states, key=lambda s: (s[0], s[1], s[2], s[3], [i.option.key for i in s[4]]))
     kept = []
     for s in states:
-        if not any(k[0] <= s[0] and k[1] <= s[1] and k[2] <= s[2] for k in kept):
+        if not any(k[0] <= s[0] and k[1] <= s[1] and k[2] <= s[2] and k[3] <= s[3] for k in kept):
             kept.append(s)
     return kept
 
 
 def evolutionary(groups: list[list[Item]], mem_left: int, lat_left: float | None, seed: int = 0,
-                 population: int = 64, generations: int = 150, mutation: float = 0.1) -> list[Item]:
+                 population: int = 64, generations: int = 150, mutation: float = 0.1,
+                 upload_left: int | None = None) -> list[Item]:
     """A genetic search: a genome picks one item (or none, -1) per group; infeasible genomes are
     repaired by dropping the items with the least gain per byte. Elitist; seeded."""
     rng = np.random.default_rng(seed)
@@ -124,7 +134,8 @@ def evolutionary(groups: list[list[Item]], mem_left: int, lat_left: float | None
             chosen = [(g, genome[g]) for g in range(len(groups)) if genome[g] >= 0]
             memory = sum(groups[g][k].memory for g, k in chosen)
             lat = sum(groups[g][k].latency for g, k in chosen)
-            if memory <= mem_left and (lat_left is None or lat <= lat_left):
+            up = sum(groups[g][k].upload for g, k in chosen)
+            if memory <= mem_left and (lat_left is None or lat <= lat_left) and (upload_left is None or up <= upload_left):
                 return genome
             g, _ = min(chosen, key=lambda c: (groups[c[0]][c[1]].gain / max(groups[c[0]][c[1]].memory, 1), c[0]))
             genome[g] = -1

@@ -53,6 +53,35 @@ def test_latency_budget_is_respected_and_optimal():
     assert search(analysis, 4000).gain > choice.gain  # the latency budget binds
 
 
+def _uploads(analysis: Analysis) -> dict[str, int]:
+    """Fake trained bytes: biases small, a weight option by its ratio."""
+    return {r.option.key: 40 * r.option.blocks if r.option.group == "bias" else int(1000 * r.option.ratio)
+            for r in analysis.rows}
+
+
+def brute_force_upload(analysis: Analysis, budget: int, upload: int) -> float:
+    groups = list(items(analysis, False, _uploads(analysis)).values())
+    best = 0.0
+    for pick in itertools.product(*[[None, *g] for g in groups]):
+        chosen = [i for i in pick if i is not None]
+        if BASE + sum(i.memory for i in chosen) <= budget and sum(i.upload for i in chosen) <= upload:
+            best = max(best, sum(i.gain for i in chosen))
+    return best
+
+
+@pytest.mark.parametrize("method", ["exact", "evolutionary"])
+def test_upload_budget_is_respected_and_optimal(method):
+    analysis = fake_analysis(2)
+    uploads = _uploads(analysis)
+    choice = search(analysis, 4000, upload_bytes=600, uploads=uploads, method=method)
+    assert sum(uploads[o.key] for o in choice.options) <= 600
+    best = brute_force_upload(analysis, 4000, 600)
+    assert choice.gain == pytest.approx(best) if method == "exact" else choice.gain >= 0.98 * best
+    assert search(analysis, 4000).gain > choice.gain  # the upload budget binds
+    with pytest.raises(ValueError, match="needs the trained bytes of each option"):
+        search(analysis, 4000, upload_bytes=600)
+
+
 def test_evolutionary_search_is_deterministic_with_a_seed_and_near_optimal():
     analysis = fake_analysis(3)
     runs = [search(analysis, 2500, seed=s, method="evolutionary") for s in (5, 5, 6)]
