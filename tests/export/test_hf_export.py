@@ -77,3 +77,20 @@ def test_errors_name_the_fix(tmp_path, last_1):
     with pytest.raises(ValueError, match="exists and is not a saved model"):
         save_pretrained(program, wrapped.lm, tmp_path / "c")
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def test_gguf_is_read_back_by_the_transformers_gguf_loader(tmp_path, last_1):
+    pytest.importorskip("gguf")
+    from pock_tvm.export.gguf_export import save_gguf
+
+    wrapped, program, ids, mask = last_1
+    save_gguf(program, wrapped.lm, tmp_path / "tuned.gguf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tuned.gguf").eval()
+    expected = program.predict(ids.numpy(), mask.numpy())
+    np.testing.assert_allclose(_logits(loaded, ids, mask), expected, rtol=1e-4, atol=1e-4)
+    # written again with that file as the template: its metadata carried over, the same model
+    save_gguf(program, wrapped.lm, tmp_path / "again.gguf", template=tmp_path / "tuned.gguf", dtype="f16")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="again.gguf").eval()
+    np.testing.assert_allclose(_logits(again, ids, mask), expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="exists; choose another path"):
+        save_gguf(program, wrapped.lm, tmp_path / "tuned.gguf")
