@@ -108,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
                    "default: the one the bundle was compiled from (pock-tvm compile records it)")
     e.add_argument("--force", action="store_true", help="replace an existing output file")
 
+    q = sub.add_parser("quantize", help="quantize a float ONNX model to QDQ int8 (the form pock-tvm trains with "
+                       "integer kernels and QAS), calibrated on your samples")
+    q.add_argument("model", help="a float .onnx model")
+    q.add_argument("--calibration", required=True, help=".npz of input samples (keys: the model's input names)")
+    q.add_argument("-o", "--output", required=True, help="the QDQ .onnx file to write")
+    q.add_argument("--force", action="store_true", help="replace an existing output file")
+
     t = sub.add_parser("train", help="run training steps over an .npz data file")
     t.add_argument("program")
     t.add_argument("--data", required=True, help=".npz with 'x' (or one array per input) and 'y'")
@@ -216,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             path, diff = commands.export_onnx(args.bundle, args.output, args.model, args.force)
             print(f"wrote {path} (ONNX Runtime agrees with the bundle: largest difference {diff:.2g})")
+        elif args.command == "quantize":
+            from ..export.quantize_onnx import quantize_onnx
+
+            found = quantize_onnx(args.model, args.calibration, args.output, args.force)
+            agree = found["top1_agreement"]
+            print(f"wrote {args.output}: {found['quantized_nodes']} quantized tensors; on the calibration samples "
+                  + (f"the int8 model's top-1 agrees with the float model's on {100 * agree:.1f}%, " if agree is not None
+                     else "") + f"largest output difference {found['max_abs_diff']:.3g}")
         elif args.command == "info":
             print(commands.info(args.program))
         elif args.command == "train":

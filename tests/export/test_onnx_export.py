@@ -6,6 +6,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+import pock_tvm
 from pock_tvm.cli.main import main
 from pock_tvm.runtime.program import Program
 
@@ -59,3 +60,33 @@ def test_export_refuses_to_overwrite_and_names_the_fix(trained, capsys):
     assert main(["export", str(root / "bundle"), "-o", str(root / "exists.onnx")]) == 2
     assert "exists; choose another path or pass --force" in capsys.readouterr().err
     assert (root / "exists.onnx").read_bytes() == b"mine"
+
+
+def test_quantize_writes_a_qdq_model_that_pock_tvm_trains(trained, capsys):
+    root, _ = trained
+    rng = np.random.default_rng(2)
+    np.savez(root / "calib.npz", x=rng.standard_normal((32, 3, 8, 8)).astype("float32"))
+    assert main(["quantize", str(root / "net.onnx"), "--calibration", str(root / "calib.npz"),
+                 "-o", str(root / "int8.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "quantized tensors" in out and "agrees with the float model's" in out
+    proto = onnx.load(str(root / "int8.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert weights, "the conv weight is stored as int8"
+    program = pock_tvm.compile(str(root / "int8.onnx"), None, scheme="last-1")
+    import onnxruntime as ort
+
+    x = rng.standard_normal((4, 3, 8, 8)).astype("float32")
+    expected = ort.InferenceSession(str(root / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(program.predict(x), expected, rtol=1e-2, atol=2e-2)
+
+
+def test_quantize_names_missing_calibration_inputs(trained, capsys):
+    root, _ = trained
+    np.savez(root / "bad.npz", a=np.zeros((4, 3, 8, 8), "float32"), b=np.zeros(4, "float32"))
+    assert main(["quantize", str(root / "net.onnx"), "--calibration", str(root / "bad.npz"),
+                 "-o", str(root / "never.onnx")]) == 2
+    assert "lacks inputs ['x']" in capsys.readouterr().err
+    assert not (root / "never.onnx").exists()
