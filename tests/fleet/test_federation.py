@@ -171,7 +171,8 @@ def _when_logged(path: Path, text: str, action, timeout: float = 120.0) -> threa
 @pytest.mark.slow  # about 45 s, mostly waiting out a round's timeout
 def test_a_node_killed_mid_round_does_not_stop_it_and_rejoins_after_a_restart(fleet, tmp_path):
     """Node 2 dies (SIGKILL) as its first training message arrives: round 1 goes on with the two
-    others once its timeout passes; node 2 is started again and trains in round 2."""
+    others once its timeout passes; node 2 is started again and trains in a later round (round 2,
+    or round 3 when a loaded machine registers it after round 2 has picked its nodes)."""
     root, nodes = fleet
     with Federation(tmp_path / "fed") as fed:
         for i in range(3):
@@ -183,10 +184,10 @@ def test_a_node_killed_mid_round_does_not_stop_it_and_rejoins_after_a_restart(fl
 
         watcher = _when_logged(tmp_path / "fed" / "logs" / "node2.log", "Receiving: train message", kill_and_restart)
         start = time.monotonic()
-        result = fed.run(root / "bundle", tmp_path / "out", rounds=2, min_nodes=2, expected_nodes=3,
+        result = fed.run(root / "bundle", tmp_path / "out", rounds=3, min_nodes=2, expected_nodes=3,
                          evaluate_on_nodes=False, round_timeout=15.0, timeout=240)
         watcher.join(timeout=5)
-    first, second = result["rounds"]
+    first, *later = result["rounds"]
     assert first["nodes"] == 2, first  # the round was not stopped by the dead node
-    assert second["nodes"] == 3, second  # the restarted node trained again
-    assert time.monotonic() - start < 180
+    assert max(r["nodes"] for r in later) == 3, later  # the restarted node trained again
+    assert time.monotonic() - start < 240
