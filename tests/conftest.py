@@ -23,3 +23,11 @@ def pytest_addoption(parser):
                      help="seed of the kernel schedule fuzz tests (tests/passes/test_schedule_fuzz.py); CI uses 0")
     parser.addoption("--fuzz-cases", type=int, default=None,
                      help="random cases per op kind in the kernel schedule fuzz tests (default: the CI slice)")
+
+
+@pytest.fixture(scope="session")
+def host_runner(tmp_path_factory):
+    """``pock_runner`` built for this machine (tests/targets, tests/fleet)."""
+    from pock_tvm.targets.runner_build import build_runner
+
+    return build_runner("host", tmp_path_factory.mktemp("runner") / "host")

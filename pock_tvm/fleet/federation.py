@@ -140,10 +140,13 @@ class Federation:
         _wait_port(self.host, self.port, timeout, self._superlink, log)
         return self
 
-    def add_node(self, index: int, data: Path, bundle: Path | None = None, timeout: float = 60.0) -> None:
-        """Start SuperNode ``index`` holding ``data`` (its ``.npz``); ``bundle``: its own bundle."""
+    def add_node(self, index: int, data: Path, bundle: Path | None = None, runner: Path | None = None,
+                 timeout: float = 60.0) -> None:
+        """Start SuperNode ``index`` holding ``data`` (its ``.npz``); ``bundle``: its own bundle;
+        ``runner``: train and evaluate with this ``pock_runner`` on that bundle (a device node)."""
         config = {"partition-id": index, "data": str(Path(data).resolve()),
-                  **({"bundle": str(Path(bundle).resolve())} if bundle else {})}
+                  **({"bundle": str(Path(bundle).resolve())} if bundle else {}),
+                  **({"runner": str(Path(runner).resolve())} if runner else {})}
         self.node_settings[index] = {"config": config, "port": free_port("127.0.0.1"), "timeout": timeout}
         self._start_node(index)
 

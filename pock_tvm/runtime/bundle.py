@@ -150,6 +150,42 @@ def check_replaceable(dest: Path, force: bool) -> None:
     dest.unlink()
 
 
+def update_state(path: Path, values: dict[str, np.ndarray]) -> None:
+    """Replace tensors of bundle ``path``'s state (by manifest name: a parameter's runtime name, the
+    step counter, optimizer state), committed as the runner commits its steps: a new state file,
+    then ``manifest.json`` (atomic), then the old state file removed; under the bundle's lock.
+    Unknown names, other shapes and non-finite values are refused before anything is written."""
+    path = Path(path)
+    with locked(path, "update"):
+        manifest = read_manifest(path)
+        state = read_state(path, manifest)
+        unknown = sorted(set(values) - set(state))
+        if unknown:
+            raise ValueError(f"update: bundle '{path}' has no tensors {unknown[:5]}")
+        entries = []
+        for e in manifest["tensors"]:
+            value = np.asarray(values[e["name"]]) if e["name"] in values else state[e["name"]]
+            if tuple(value.shape) != tuple(e["shape"]):
+                raise ValueError(f"update: '{e['name']}' has shape {tuple(value.shape)}, the bundle {tuple(e['shape'])}")
+            entries.append((e, value.astype(e["dtype"], copy=False)))
+        check_finite(entries, "update")
+        old = manifest["state_file"]
+        new = f"params.{os.getpid()}.{sha256_bytes(repr(sorted(values)).encode())[:8]}.bin"
+        if new == old:
+            new = f"params.{os.getpid()}.next.bin"
+        write_state_file(path / new, entries)
+        files = {k: v for k, v in manifest["files"].items() if k != old}
+        files[new] = sha256(path / new)
+        with atomic_file(path / MANIFEST) as f:
+            f.write(json.dumps({**manifest, "state_file": new, "files": files}, indent=1).encode())
+        if old != new:
+            (path / old).unlink(missing_ok=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _is_bundle(path: Path) -> bool:
     try:
         return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT

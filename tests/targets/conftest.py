@@ -7,7 +7,3 @@ from pock_tvm.targets.runner_build import build_runner
 def rpi4_runner(tmp_path_factory):
     return build_runner("rpi4", tmp_path_factory.mktemp("runner") / "rpi4")
 
-
-@pytest.fixture(scope="session")
-def host_runner(tmp_path_factory):
-    return build_runner("host", tmp_path_factory.mktemp("runner") / "host")
