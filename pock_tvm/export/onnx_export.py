@@ -57,12 +57,12 @@ def torch_onnx(torch_model, example_inputs: tuple, state: dict[str, np.ndarray])
     import torch
 
     model = copy.deepcopy(torch_model).eval()
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    result = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()
-                                    if k in own}, strict=False)
-    if result.missing_keys and not set(result.missing_keys) <= set(missing):
-        raise ValueError(f"the bundle lacks the model's tensors {result.missing_keys[:4]}")
+    unknown = sorted(set(state) - set(model.state_dict()))
+    if unknown:  # they would be dropped, and the export would not hold the fine-tune
+        raise ValueError(f"the bundle's tensors {unknown[:4]} are not in the torch model: export with the model the "
+                         "bundle was compiled from")
+    # tensors the bundle does not hold (a tied copy, num_batches_tracked) keep the model's values
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=False)
     buffer = io.BytesIO()
     torch.onnx.export(model, example_inputs, buffer, dynamo=False, opset_version=17)
     return onnx.load_from_string(buffer.getvalue())

@@ -90,3 +90,20 @@ def test_quantize_names_missing_calibration_inputs(trained, capsys):
                  "-o", str(root / "never.onnx")]) == 2
     assert "lacks inputs ['x']" in capsys.readouterr().err
     assert not (root / "never.onnx").exists()
+
+
+def test_a_torch_model_exports_with_its_fine_tuned_parameters():
+    from pock_tvm.export.onnx_export import check_with_onnxruntime, fine_tuned_state, torch_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    program = pock_tvm.compile(model, (torch.randn(4, 6),), scheme="last-1", optimizer=pock_tvm.SGD(lr=0.5))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        program.step(rng.standard_normal((4, 6)).astype("float32"), rng.integers(0, 3, 4))
+    proto = torch_onnx(model, (torch.zeros(4, 6),), fine_tuned_state(program))
+    assert check_with_onnxruntime(proto, program) < 1e-5
+    x = torch.from_numpy(rng.standard_normal((4, 6)).astype("float32"))
+    assert np.abs(program.predict(x.numpy()) - model(x).detach().numpy()).max() > 1e-3, "the user's model is unchanged"
+    with pytest.raises(ValueError, match=r"are not in the torch model: export with the model the bundle"):
+        torch_onnx(torch.nn.Linear(6, 3), (torch.zeros(4, 6),), fine_tuned_state(program))
