@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters import merge_lora
+from ..runtime.files import replace_dir, sibling
 from ..runtime.program import Program
 from ..scheme import Scheme
 
@@ -110,22 +110,16 @@ def save_peft_adapter(program: Program, hf_model, path: str | Path, force: bool 
 
 
 def _write_dir(path: Path, force: bool, write) -> Path:
-    """``write(tmp)`` into a new directory beside ``path``, then put it at ``path`` (an existing
-    ``path`` must be empty, a previous save, or ``force``)."""
+    """``write(tmp)`` into a new directory beside ``path``, then swapped in for ``path``
+    (``runtime.files.replace_dir``); an existing ``path`` must be empty, a previous save, or ``force``."""
     if path.exists() and any(path.iterdir()) and not force and not (path / "config.json").exists() \
             and not (path / "adapter_config.json").exists():
         raise ValueError(f"'{path}' exists and is not a saved model; choose a new directory or pass force=True")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=sibling(path, "tmp"), dir=path.parent))
     try:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -51,8 +51,9 @@ def train_round_on_device(runner: Path, bundle: Path, data: NodeData, tensors: d
         out = _run([str(runner), "train", str(bundle), str(Path(tmp) / "data.bin"), "--steps", str(batches)], timeout)
     losses = [float(v) for v in _STEP.findall(out)]
     values = read_state(bundle, read_manifest(bundle))
-    state_names = [calling_name for calling_name in values if calling_name not in {p.var for p in layout.params}]
-    return TrainResult({p.var: values[p.var] for p in layout.trainable}, {k: values[k] for k in state_names},
+    params = {p.var for p in layout.params}
+    return TrainResult({p.var: values[p.var] for p in layout.trainable},
+                       {k: v for k, v in values.items() if k not in params},  # the step counter and moments
                        len(data.y_train), float(np.mean(losses)) if losses else float("nan"))
 
 

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,9 +171,7 @@ def update_state(path: Path, values: dict[str, np.ndarray]) -> None:
             entries.append((e, value.astype(e["dtype"], copy=False)))
         check_finite(entries, "update")
         old = manifest["state_file"]
-        new = f"params.{os.getpid()}.{sha256_bytes(repr(sorted(values)).encode())[:8]}.bin"
-        if new == old:
-            new = f"params.{os.getpid()}.next.bin"
+        new = f"params.{os.getpid()}.{uuid.uuid4().hex[:8]}.bin"  # a runner leftover's name if this dies
         write_state_file(path / new, entries)
         files = {k: v for k, v in manifest["files"].items() if k != old}
         files[new] = sha256(path / new)
@@ -180,10 +179,6 @@ def update_state(path: Path, values: dict[str, np.ndarray]) -> None:
             f.write(json.dumps({**manifest, "state_file": new, "files": files}, indent=1).encode())
         if old != new:
             (path / old).unlink(missing_ok=True)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _is_bundle(path: Path) -> bool:
