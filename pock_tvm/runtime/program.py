@@ -254,7 +254,7 @@ class Program:
                              f"({target.get('arch')}, {target.get('os')}, {target.get('device')}); run it "
                              "there with the device runner (`pock-tvm build-runner`) or over RPC "
                              "(`pock-tvm run --rpc`)")
-        exe = tvm.runtime.load_module(str(path / manifest["library"]))
+        exe = _load_library(path / manifest["library"], manifest["files"][manifest["library"]])
         report = Report.from_json(manifest["report"]) if manifest.get("report") else None
         extra = {k: manifest[k] for k in ("target", "cuda", "source") if k in manifest}
         device = tvm.cuda() if target.get("device") == "cuda" else None
@@ -329,6 +329,29 @@ def _array(value) -> np.ndarray:
 
 def _numpy(value) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+# library path -> SHA-256 of the library this process loaded from it; the private directory of copies
+_loaded: dict[str, str] = {}
+_copies: list[Path] = []
+
+
+def _load_library(file: Path, digest: str):
+    """``tvm.runtime.load_module(file)``, except that a library replaced at a path this process
+    already loaded from (a bundle saved again with ``force``) is loaded from a copy named by its
+    hash, in a directory private to this process: the dynamic loader returns the first library
+    for a path it has seen, and the step would not be the one the manifest describes."""
+    key = str(Path(file).resolve())
+    if _loaded.setdefault(key, digest) != digest:
+        import tempfile
+
+        if not _copies:
+            _copies.append(Path(tempfile.mkdtemp(prefix="pock_tvm-libs-")))  # mode 0700
+        copy = _copies[0] / f"lib-{digest[:32]}{Path(file).suffix}"
+        if not copy.exists():
+            shutil.copyfile(file, copy)
+        file = copy
+    return tvm.runtime.load_module(str(file))
 
 
 def _runs_here(target: dict) -> bool:

@@ -105,3 +105,19 @@ def test_reset_optimizer_starts_a_new_fine_tune(setup):
     assert program.steps_done == 0
     assert all(not v.any() for v in program.optimizer_state().values())
     assert [program.step(x, y) for _ in range(2)] == first
+
+
+def test_a_bundle_saved_again_at_the_same_path_loads_its_new_library(tmp_path):
+    """The dynamic loader returns the library it first loaded for a path: a bundle replaced with
+    ``force`` (another scheme, another step) must still load the step its manifest describes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = np.random.default_rng(0).standard_normal((4, 6)).astype("float32")
+    pock_tvm.compile(model, (torch.randn(4, 6),), scheme="last-1").save(tmp_path / "b", force=True)
+    first = pock_tvm.load(tmp_path / "b")
+    pock_tvm.compile(model, (torch.randn(4, 6),), scheme="full").save(tmp_path / "b", force=True)
+    second = pock_tvm.load(tmp_path / "b")
+    assert len(second.layout.trainable) == 4 and len(first.layout.trainable) == 2
+    y = np.array([0, 1, 2, 0])
+    np.testing.assert_allclose(second.predict(x), first.predict(x), rtol=1e-6)
+    second.step(x, y)  # the full step runs: its library, not the first one's
