@@ -147,6 +147,7 @@ def test_one_round_on_two_nodes_is_fedavg_of_what_each_node_trains(fleet, tmp_pa
     assert row["accuracy"] == pytest.approx(weighted, abs=1e-6)
 
 
+@pytest.mark.slow  # about 30 s of Flower processes; the strategy's rejection is unit-tested above in make test
 def test_a_poisoned_node_is_rejected_with_its_reason(fleet, tmp_path):
     root, nodes = fleet
     with Federation(tmp_path / "fed") as fed:
