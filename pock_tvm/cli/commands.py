@@ -75,8 +75,8 @@ def export_onnx(bundle: str, output: str, model: str | None = None, force: bool 
     difference."""
     import torch
 
-    from ..export.onnx_export import (check_with_onnxruntime, fine_tuned_state, torch_onnx, with_trained_initializers,
-                                      write_onnx)
+    from ..export.onnx_export import check_with_onnxruntime, torch_onnx, with_trained_initializers, write_onnx
+    from ..export.state import fine_tuned_state
 
     program = Program.load(bundle)
     source = model or (program.extra.get("source") or {}).get("model")

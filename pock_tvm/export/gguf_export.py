@@ -77,7 +77,7 @@ def save_gguf(program: Program, hf_model, path: str | Path, template: str | Path
     if path.exists() and not force:
         raise ValueError(f"'{path}' exists; choose another path or pass force=True")
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    state.update(hf_state_dict(program, hf_model, merge=True))
+    state.update(hf_state_dict(program, hf_model))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

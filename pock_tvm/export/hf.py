@@ -9,16 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import merge_lora
 from ..runtime.files import replace_dir, sibling
 from ..runtime.program import Program
-from ..scheme import Scheme
-
-ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-def _lora(program: Program):
-    return Scheme.from_dict(program.layout.scheme).lora if program.layout.scheme else None
+from .state import ADAPTER_SUFFIXES, fine_tuned_state, lora_of
 
 
 def _prefix(state: dict, own: list[str]) -> str:
@@ -38,28 +31,26 @@ def _prefix(state: dict, own: list[str]) -> str:
     return best
 
 
-def hf_state_dict(program: Program, hf_model, merge: bool = True) -> dict[str, np.ndarray]:
-    """The program's parameters under ``hf_model``'s own names (LoRA adapters merged into their
-    weights when ``merge``). A trained tensor that is not part of ``hf_model`` (a classifier head
+def _merged_into(name: str) -> str:
+    """The weight an adapter tensor was merged into (``layer.lora_A.weight`` -> ``layer.weight``);
+    any other name itself."""
+    suffix = next((s for s in ADAPTER_SUFFIXES if name.endswith(s)), None)
+    return name[: -len(suffix)] + ".weight" if suffix else name
+
+
+def hf_state_dict(program: Program, hf_model) -> dict[str, np.ndarray]:
+    """The program's parameters (:func:`~.state.fine_tuned_state`: LoRA merged, finite) under
+    ``hf_model``'s own names. A trained tensor that is not part of ``hf_model`` (a classifier head
     outside the encoder) is an error that names it."""
-    state = program.state_dict()
-    lora = _lora(program)
-    if merge and lora is not None:
-        state = merge_lora(state, lora)
+    state = fine_tuned_state(program)
     own = list(hf_model.state_dict())
     prefix = _prefix(state, own)
     mapped = {name: state[prefix + name] for name in own if prefix + name in state}
-    trained = {p.source for p in program.layout.trainable}
-    if merge and lora is not None:  # the adapters live on in the weights they were merged into
-        trained = {t[: -len(s)] + ".weight" for t in trained for s in ADAPTER_SUFFIXES if t.endswith(s)} | \
-            {t for t in trained if not t.endswith(ADAPTER_SUFFIXES)}
+    trained = {_merged_into(p.source) for p in program.layout.trainable}
     outside = sorted(t for t in trained if not t.startswith(prefix) or t[len(prefix):] not in mapped)
     if outside:
         raise ValueError(f"trained tensors {outside[:4]} are not part of the Hugging Face model: save them "
                          "separately (program.state_dict()) or export the whole step (pock-tvm export)")
-    bad = sorted(k for k, v in mapped.items() if not np.all(np.isfinite(v)))
-    if bad:
-        raise ValueError(f"refusing to save non-finite parameters: {bad[:4]} (a diverged fine-tune)")
     return mapped
 
 
@@ -70,7 +61,7 @@ def save_pretrained(program: Program, hf_model, path: str | Path, force: bool = 
     import torch
 
     model = copy.deepcopy(hf_model)
-    state = hf_state_dict(program, model, merge=True)
+    state = hf_state_dict(program, model)
     tensors = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for name, value in state.items():
@@ -85,7 +76,7 @@ def save_peft_adapter(program: Program, hf_model, path: str | Path, force: bool 
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    lora = _lora(program)
+    lora = lora_of(program)
     if lora is None:
         raise ValueError("the step trains no LoRA adapters: use save_pretrained (the whole fine-tuned model)")
     state = program.state_dict()

@@ -8,23 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import merge_lora
 from ..runtime.files import atomic_file
 from ..runtime.program import Program
-from ..scheme import Scheme
-
-
-def fine_tuned_state(program: Program) -> dict[str, np.ndarray]:
-    """The program's parameters under their source names, LoRA adapters merged into their weights
-    (the original architecture); non-finite values are refused, naming the tensor."""
-    state = program.state_dict()
-    lora = Scheme.from_dict(program.layout.scheme).lora if program.layout.scheme else None
-    if lora is not None:
-        state = merge_lora(state, lora)
-    bad = sorted(k for k, v in state.items() if not np.all(np.isfinite(v)))
-    if bad:
-        raise ValueError(f"refusing to export non-finite parameters: {bad[:4]} (a diverged fine-tune)")
-    return state
 
 
 def with_trained_initializers(model, state: dict[str, np.ndarray]):

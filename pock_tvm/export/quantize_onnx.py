@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.files import atomic_file
+from .onnx_export import write_onnx
 
 
 def _inputs(model) -> list:
@@ -51,7 +51,7 @@ def quantize_onnx(model_path: str | Path, calibration: str | Path, output: str |
     from ..frontend.onnx_frontend import load
 
     output = Path(output)
-    if output.exists() and not force:
+    if output.exists() and not force:  # before the calibration, not after it
         raise ValueError(f"'{output}' exists; choose another path or pass --force")
     model = load(model_path)
     with np.load(calibration, allow_pickle=False) as f:
@@ -80,8 +80,6 @@ def quantize_onnx(model_path: str | Path, calibration: str | Path, output: str |
         if a.ndim == 2:
             agree += int((a.argmax(1) == b.argmax(1)).sum())
             total += len(a)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(output) as f:
-        f.write(proto.SerializeToString())
+    write_onnx(proto, output, force)
     return {"output": str(output), "top1_agreement": agree / total if total else None, "max_abs_diff": diff,
             "quantized_nodes": sum(n.op_type == "QuantizeLinear" for n in proto.graph.node)}

@@ -93,7 +93,8 @@ def test_quantize_names_missing_calibration_inputs(trained, capsys):
 
 
 def test_a_torch_model_exports_with_its_fine_tuned_parameters():
-    from pock_tvm.export.onnx_export import check_with_onnxruntime, fine_tuned_state, torch_onnx
+    from pock_tvm.export.onnx_export import check_with_onnxruntime, torch_onnx
+    from pock_tvm.export.state import fine_tuned_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
