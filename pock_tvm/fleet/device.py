@@ -4,7 +4,7 @@ own bundle: the bundle on the node's disk holds the model and the optimizer stat
 A round writes the received tensors into the bundle (:func:`~pock_tvm.runtime.bundle.update_state`),
 packs the node's samples for the epochs of the round (shuffled with the round's seed) as the
 runner's data file, runs ``pock_runner train``, and reads the trained tensors back from the bundle.
-Evaluation is ``pock_runner eval`` on the node's test split.
+Evaluation is ``pock_runner eval`` on the node's test split, with the received tensors.
 """
 
 from __future__ import annotations
@@ -59,17 +59,14 @@ def train_round_on_device(runner: Path, bundle: Path, data: NodeData, tensors: d
 
 def evaluate_round_on_device(runner: Path, bundle: Path, data: NodeData, tensors: dict[str, np.ndarray],
                              timeout: float = 600.0) -> tuple[float, int]:
-    """Accuracy of ``tensors`` on the node's test split, by ``pock_runner eval``. The bundle keeps
-    its own trained tensors: evaluation runs on a copy of its state."""
-    import shutil
-
+    """Accuracy of ``tensors`` on the node's test split, by ``pock_runner eval``. The tensors are
+    written into the node's bundle first, as the next training round writes them anyway (its
+    optimizer state is left as it is), so nothing is copied."""
     layout = _layout(bundle)
+    update_state(bundle, tensors)
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "bundle"
-        shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns(".lock"))
-        update_state(copy, tensors)
         batches = write_batches(Path(tmp) / "test.bin", layout, [data.x_test], data.y_test)
-        out = _run([str(runner), "eval", str(copy), str(Path(tmp) / "test.bin")], timeout)
+        out = _run([str(runner), "eval", str(bundle), str(Path(tmp) / "test.bin")], timeout)
     found = _EVAL.search(out)
     if not found or not batches:
         raise RuntimeError(f"pock_runner eval printed no accuracy: {out.strip()[-300:]}")
