@@ -179,11 +179,13 @@ def _when_logged(path: Path, text: str, action, timeout: float = 120.0) -> threa
     return thread
 
 
-@pytest.mark.slow  # about 45 s, mostly waiting out a round's timeout
+@pytest.mark.slow  # about 80 s, mostly waiting out a round's timeout
 def test_a_node_killed_mid_round_does_not_stop_it_and_rejoins_after_a_restart(fleet, tmp_path):
     """Node 2 dies (SIGKILL) as its first training message arrives: round 1 goes on with the two
     others once its timeout passes; node 2 is started again and trains in a later round (round 2,
-    or round 3 when a loaded machine registers it after round 2 has picked its nodes)."""
+    or round 3 when a loaded machine registers it after round 2 has picked its nodes). The round's
+    timeout leaves a live node room to answer on a loaded CI machine: at 15 s, one of them missed it
+    there (a ClientApp process starts, imports TVM and trains)."""
     root, nodes = fleet
     with Federation(tmp_path / "fed") as fed:
         for i in range(3):
@@ -196,12 +198,12 @@ def test_a_node_killed_mid_round_does_not_stop_it_and_rejoins_after_a_restart(fl
         watcher = _when_logged(tmp_path / "fed" / "logs" / "node2.log", "Receiving: train message", kill_and_restart)
         start = time.monotonic()
         result = fed.run(root / "bundle", tmp_path / "out", rounds=3, min_nodes=2, expected_nodes=3,
-                         evaluate_on_nodes=False, round_timeout=15.0, timeout=240)
+                         evaluate_on_nodes=False, round_timeout=45.0, timeout=300)
         watcher.join(timeout=5)
     first, *later = result["rounds"]
     assert first["nodes"] == 2, first  # the round was not stopped by the dead node
     assert max(r["nodes"] for r in later) == 3, later  # the restarted node trained again
-    assert time.monotonic() - start < 240
+    assert time.monotonic() - start < 300
 
 
 def test_update_state_replaces_tensors_and_refuses_bad_ones(fleet, tmp_path):
