@@ -86,16 +86,48 @@ def load_task(args):
     return CausalLMLogits(lm).eval(), train, test, word_start
 
 
+def search(imported, train, args):
+    """The scheme search on the writer's training text (``--search-*``): within a quarter of full
+    fine-tuning's planned memory and LoRA's step time (as the analysis measured LoRA's step)."""
+    import pock_tvm
+    from pock_tvm.search import AnalysisSettings
+    from pock_tvm.search.contribution import analyze
+    from pock_tvm.search.scheme_search import progress_bar, search_scheme
+
+    settings = AnalysisSettings(epochs=1, optimizer=pock_tvm.Adam(lr=args.search_lr), loss="next_token",
+                                samples=args.search_samples, last_blocks=args.search_last_blocks,
+                                time_budget_s=args.search_time_budget, seed=args.seed)
+    budget = int(args.full_training_mib * MIB / 4)
+    data = ((train.ids, train.mask), train.labels)
+    cache = ROOT / "out" / "search-keyboard"
+    analysis = analyze(imported, *data, batch=1, settings=settings, budget=budget, cache_dir=cache,
+                       progress=progress_bar())
+    lora = analysis.row("lora:attention:r8")
+    latency = lora.step_ms if lora is not None and lora.step_ms is not None else None
+    result = search_scheme(imported, *data, batch=1, budget=budget, latency_ms=latency, settings=settings,
+                           cache_dir=cache, seed=args.seed)
+    print(result.table(), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
-    parser.add_argument("--schemes", default="sparse,lora,full")
+    parser.add_argument("--schemes", default="sparse,lora,full", help="of sparse, lora, full and searched")
+    parser.add_argument("--name", default="keyboard_smollm2_host", help="the results' file name (.json, .md)")
     parser.add_argument("--category", default="tech")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--train-sequences", type=int, default=64, help="sequences of the training split used")
     parser.add_argument("--test-sequences", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-training-mib", type=float, default=1820.8,
+                        help="full fine-tuning's planned training memory (the searched scheme's budget is a "
+                             "quarter of it); the compiler's plan, the same on every x86 host")
+    parser.add_argument("--search-samples", type=int, default=16, help="training sequences per option's fine-tune")
+    parser.add_argument("--search-last-blocks", type=int, default=6)
+    parser.add_argument("--search-lr", type=float, default=3e-4)
+    parser.add_argument("--search-time-budget", type=float, default=None, help="seconds")
     args = parser.parse_args()
 
     import numpy as np
@@ -112,8 +144,13 @@ def main() -> None:
     print("before", before, flush=True)
     imported = import_model(model, (torch.from_numpy(train.ids[:1]), torch.from_numpy(train.mask[:1])))
     rows = [{"scheme": "no update", **before}]
+    searched = None
     for name in args.schemes.split(","):
-        scheme, lr = schemes()[name]
+        if name == "searched":
+            searched = search(imported, train, args)
+            scheme, lr = searched.scheme, args.search_lr
+        else:
+            scheme, lr = schemes()[name]
         start = time.perf_counter()
         program = pock_tvm.compile(imported, scheme=scheme, loss="next_token", optimizer=pock_tvm.Adam(lr=lr))
         compile_s = time.perf_counter() - start
@@ -131,12 +168,16 @@ def main() -> None:
                "tokens_per_s": round(args.length / (result.median_step_ms / 1e3), 1),
                "compile_s": round(compile_s, 1), "first_loss": round(result.losses[0], 3),
                "last_losses": round(float(np.mean(result.losses[-8:])), 3)}
+        if name == "searched":
+            row["analysis_s"] = round(searched.analysis.seconds, 1)
+            row["scheme_toml"] = scheme.to_toml()
+            row["search_table"] = searched.table()
         print(row, flush=True)
         rows.append(row)
         del program
     command = "python benchmarks/task_keyboard.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "keyboard_smollm2_host.json", {"machine": platform.machine(), "command": command,
+    write_json(args.out / f"{args.name}.json", {"machine": platform.machine(), "command": command,
                                                          "train_sequences": len(train.ids),
                                                          "test_sequences": len(test.ids), "rows": rows})
     lines = ["# Smart keyboard: SmolLM2-135M adapted to one writer (BBC News 'tech') by pock_tvm on the host CPU\n",
@@ -149,7 +190,7 @@ def main() -> None:
         lines.append(f"| {r['scheme']} | {r.get('trainable', 0) / 1e6:.2f} M | {r['perplexity']} | "
                      f"{100 * r['next_token_top1']:.1f}% | {100 * r['next_word_top1']:.1f}% | "
                      f"{r.get('training_memory_mib', '-')} MiB | {r.get('tokens_per_s', '-')} |")
-    (args.out / "keyboard_smollm2_host.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -6,7 +6,8 @@ module path (``classifier`` selects every parameter under it) and give each an u
 the first output channels of a depthwise weight) or ``frozen``. Shortcuts: ``bias`` (``"all"``,
 ``"none"`` or the last N layers) and ``norm_affine`` (BatchNorm, LayerNorm and RMSNorm weight and
 bias). Later rules win. ``@role:attention`` / ``@role:mlp`` select the linear weights of a
-transformer's attention or MLP layers (:data:`ROLES`). ``lora`` adds low-rank adapters beside the
+transformer's attention or MLP layers (:data:`ROLES`), ``@norms`` every normalization's weight and
+shift, and ``&`` joins selections (``model.layers.29&@role:mlp``: the MLP weights of that block). ``lora`` adds low-rank adapters beside the
 selected linear weights (:class:`LoRA`); the adapters are trained, what else the rules say applies.
 """
 
@@ -231,7 +232,7 @@ class Scheme:
     def resolve(self, model: ImportedModel) -> dict[str, Update]:
         """Resolve to an :class:`Update` for every trainable (non-buffer) parameter of ``model``."""
         params, kinds, layers = trainable_params(model)
-        blocks = list(dict.fromkeys(_block_of(layer) for layer in layers))
+        blocks = list(dict.fromkeys(block_of(layer) for layer in layers))
         result = {p.name: Update(self.default) for p in params}
 
         if self.bias != "none":
@@ -285,10 +286,10 @@ def trainable_params(model: ImportedModel):
 
 def blocks(model: ImportedModel) -> list[str]:
     """The blocks of ``model`` in forward order, as ``bias = N`` and ``last-N`` count them."""
-    return list(dict.fromkeys(_block_of(layer) for layer in trainable_params(model)[2]))
+    return list(dict.fromkeys(block_of(layer) for layer in trainable_params(model)[2]))
 
 
-def _block_of(layer: str) -> str:
+def block_of(layer: str) -> str:
     """``features.3.conv.0`` -> ``features.3``; ``layer4.1.conv1`` -> ``layer4.1``; ``fc`` -> ``fc``."""
     parts = layer.split(".")
     for i, part in enumerate(parts):
@@ -300,9 +301,9 @@ def _block_of(layer: str) -> str:
 def _last(layers: list[str], n: int, what: str) -> list[str]:
     if n < 0:
         raise ValueError(f"Scheme: {what} needs a non-negative count, got {n}")
-    blocks = list(dict.fromkeys(_block_of(layer) for layer in layers))
+    blocks = list(dict.fromkeys(block_of(layer) for layer in layers))
     keep = set(blocks[len(blocks) - n:]) if n else set()
-    return [layer for layer in layers if _block_of(layer) in keep]
+    return [layer for layer in layers if block_of(layer) in keep]
 
 
 def role_of(layer: str) -> str | None:
@@ -314,6 +315,17 @@ def role_of(layer: str) -> str | None:
 
 
 def select_params(pattern: str, params, blocks: list[str], kinds: dict[str, str]):
+    """The parameters ``pattern`` selects: a glob over parameter or layer names, a module path,
+    ``@role:NAME``, ``@last-blocks:N``, ``@norms`` (normalization weights and shifts), or several of
+    these joined by ``&`` (the parameters every part selects: ``model.layers.29&@role:mlp``)."""
+    if "&" in pattern:
+        parts = [part.strip() for part in pattern.split("&")]
+        if not all(parts):
+            raise ValueError(f"Scheme: select {pattern!r} has an empty part around '&'")
+        chosen = [{p.name for p in select_params(part, params, blocks, kinds)} for part in parts]
+        return [p for p in params if all(p.name in c for c in chosen)]
+    if pattern == "@norms":
+        return [p for p in params if kinds[p.name] in NORM_KINDS]
     if pattern.startswith("@role:"):
         role = pattern.split(":", 1)[1]
         if role not in ROLES:
@@ -324,7 +336,7 @@ def select_params(pattern: str, params, blocks: list[str], kinds: dict[str, str]
         if n <= 0 or n > len(blocks):
             raise ValueError(f"Scheme: last-k needs 1 <= k <= {len(blocks)} (blocks: {', '.join(blocks)})")
         keep = set(blocks[-n:])
-        return [p for p in params if _block_of(p.layer) in keep]
+        return [p for p in params if block_of(p.layer) in keep]
     return [p for p in params if fnmatch.fnmatchcase(p.name, pattern)
             or p.name.startswith(pattern + ".") or fnmatch.fnmatchcase(p.layer, pattern)]
 

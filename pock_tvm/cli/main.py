@@ -167,9 +167,21 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="choose the sparse scheme: contribution analysis on your data, then the "
                        "updates with the most gain within a memory (and latency) budget")
-    s.add_argument("model", help=f"a reference model ({', '.join(MODEL_NAMES)}) or file.py:factory")
-    s.add_argument("--data", required=True, help=".npz with 'x' (samples) and 'y' (labels); a quarter is held "
-                   "out to measure each option's gain")
+    s.add_argument("model", help=f"a reference model ({', '.join(MODEL_NAMES)}), file.py:factory or "
+                   "module:factory (pock_tvm.models.hf:smollm2_causal_lm)")
+    s.add_argument("--data", required=True, help=".npz with 'x' (samples) and 'y' (labels), or token data: "
+                   "'input_ids', 'attention_mask' and 'labels'; a quarter is held out to measure each option's gain")
+    s.add_argument("--loss", choices=["cross_entropy", "next_token"], default="cross_entropy",
+                   help="next_token: a causal LM, each option scored by the held-out next-token loss")
+    s.add_argument("--lr", type=float, help="Adam learning rate of each option's fine-tune (default 1e-3)")
+    s.add_argument("--batch", type=_at_least(1), help="token data: sequences per step (default 1)")
+    s.add_argument("--samples", type=_at_least(1), help="fine-tune each option on at most this many samples")
+    s.add_argument("--last-blocks", type=_at_least(1), help="a transformer: offer the options of its last N "
+                   "blocks only (LoRA's always)")
+    s.add_argument("--lora-ranks", help="a transformer: ranks of the LoRA options, e.g. 4,8 (default 4,8,16; "
+                   "none: no LoRA options)")
+    s.add_argument("--time-budget", help="stop the analysis after this long, e.g. 600s (what was measured is "
+                   "cached: run again to go on)")
     s.add_argument("--budget", required=True, help="planned training memory, e.g. 2MB, 512KiB")
     s.add_argument("--latency", help="step time on this machine, e.g. 30ms")
     s.add_argument("--input-shape", type=_shape, help="compiled shape, batch first (default: the model's)")
@@ -271,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             from .search import search_command
 
             result = search_command(args.model, args.data, args.budget, args.output, args.latency,
-                                    args.input_shape, args.seed, args.epochs, args.cache)
+                                    args.input_shape, args.seed, args.epochs, args.cache, loss=args.loss, lr=args.lr,
+                                    batch=args.batch, samples=args.samples, last_blocks=args.last_blocks,
+                                    time_budget=args.time_budget, lora_ranks=args.lora_ranks)
             print(result.table())
             print(f"\nwrote {args.output}")
         elif args.command == "fleet":

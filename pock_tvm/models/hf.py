@@ -77,3 +77,9 @@ def minilm():
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+def smollm2_causal_lm() -> CausalLMLogits:
+    """SmolLM2-135M returning logits from ``(input_ids, attention_mask)``: what ``pock-tvm search
+    pock_tvm.models.hf:smollm2_causal_lm --loss next_token`` takes."""
+    return CausalLMLogits(smollm2()[0]).eval()

@@ -19,7 +19,7 @@ from .search import Choice, check_budget, items, search
 from .space import scheme_of
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_TIME_UNITS = {"ms": 1.0, "s": 1e3, "us": 1e-3}
+_TIME_UNITS = {"ms": 1.0, "s": 1e3, "us": 1e-3, "min": 6e4}
 FILL_TRIES = 6  # plans tried to add options the additive estimate left out
 RETRIES = 4  # how often a compiler check that exceeds the budget tightens it and searches again
 CHOICE_VERSION = 1  # of the cached choice files
@@ -33,11 +33,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-def parse_ms(text: str) -> float:
-    """``"30ms"``, ``"0.5s"`` -> milliseconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us)\s*", str(text))
+def parse_ms(text: str, what: str = "latency") -> float:
+    """``"30ms"``, ``"0.5s"``, ``"20min"`` -> milliseconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us|min)\s*", str(text))
     if not match:
-        raise ValueError(f"search: latency {text!r} is not a time; write e.g. 30ms or 0.5s")
+        raise ValueError(f"search: {what} {text!r} is not a time; write e.g. 30ms, 0.5s or 20min")
     return float(match.group(1)) * _TIME_UNITS[match.group(2)]
 
 
@@ -52,17 +52,27 @@ class SearchResult:
 
     def table(self) -> str:
         base = self.analysis.baseline_accuracy or 0.0
+        nats = self.analysis.settings.loss == "next_token"
         lines = [f"{'update':<52} {'gain (val)':>11} {'planned alone':>14} {'step alone':>11}"]
         for option in self.choice.options:
             row = self.analysis.row(option.key)
-            lines.append(f"{option.describe():<52} {100 * row.gain(base):>+10.1f}p {format_bytes(row.memory):>14} "
-                         f"{row.step_ms:>9.1f}ms")
-        lines += ["", f"validation accuracy before any update: {100 * base:.1f}%; estimated gain "
-                      f"{100 * self.choice.gain:+.1f} points ({self.choice.method} search)",
+            gain = f"{row.gain(base):>+9.4f}n" if nats else f"{100 * row.gain(base):>+10.1f}p"
+            lines.append(f"{option.describe():<52} {gain} {format_bytes(row.memory):>14} "
+                         f"{'~' if row.step_estimated else ' '}{row.step_ms:>8.1f}ms")
+        before = (f"validation loss before any update: {-base:.4f} nats/token (perplexity {np.exp(-base):.2f}); "
+                  f"estimated gain {self.choice.gain:+.4f} nats/token" if nats else
+                  f"validation accuracy before any update: {100 * base:.1f}%; estimated gain "
+                  f"{100 * self.choice.gain:+.1f} points")
+        lines += ["", f"{before} ({self.choice.method} search)",
                   f"planned training memory: {format_bytes(self.planned_bytes)} (the compiler's plan of the whole "
                   f"scheme; budget {format_bytes(self.budget)})"]
         if self.choice.latency_ms is not None:
             lines.append(f"estimated step time: {self.choice.latency_ms:.1f} ms")
+        lines.append(f"analysis: {self.analysis.seconds:.0f} s (cached for the next search)")
+        unmeasured = self.analysis.unmeasured()
+        if unmeasured:
+            lines.append(f"not fine-tuned (over the budget alone, dominated, or past the time budget): "
+                         f"{len(unmeasured)} options")
         return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ def _inputs(x) -> tuple[np.ndarray, ...]:
 
 
 def fit(program: Program, x, y: np.ndarray, epochs: int, seed: int = 0,
-        prefix_cache: str | None = None) -> FitResult:
+        prefix_cache: str | None = None, after_step=None) -> FitResult:
     """``epochs`` passes over ``(x, y)`` in shuffled batches of the compiled batch size (the last
     partial batch of each epoch is dropped); ``x`` is an array or a tuple of arrays (the model's
     inputs). Stops with an error on a non-finite loss.
@@ -46,7 +46,10 @@ def fit(program: Program, x, y: np.ndarray, epochs: int, seed: int = 0,
     ``prefix_cache`` (``"float32"``, ``"float16"`` or ``"int8"``; a program compiled with
     ``prefix_cache=True``): the frozen prefix runs once per sample before the first epoch and
     every step starts from its cached activations, stored in that type (float32 gives the numbers
-    of the uncached fine-tune). Only for fixed data: augmented inputs change every epoch."""
+    of the uncached fine-tune). Only for fixed data: augmented inputs change every epoch.
+
+    ``after_step(program)`` runs after every step, outside the step's time (the scheme search
+    sets back the tensors an option does not train)."""
     batch = batch_size(program)
     xs = _inputs(x)
     if len(xs[0]) < batch:
@@ -73,6 +76,8 @@ def fit(program: Program, x, y: np.ndarray, epochs: int, seed: int = 0,
                 raise ValueError(f"fine-tune: the loss is {loss} after {len(result.losses)} steps; lower "
                                  "the learning rate")
             result.losses.append(loss)
+            if after_step is not None:
+                after_step(program)
     return result
 
 
@@ -91,3 +96,26 @@ def predict(program: Program, x) -> np.ndarray:
 
 def accuracy(program: Program, x, y: np.ndarray) -> float:
     return float((predict(program, x).argmax(axis=1) == y).mean())
+
+
+def next_token_loss(program: Program, x, labels: np.ndarray) -> float:
+    """The mean next-token cross-entropy (nats per token) of a causal LM's logits over ``x``: the
+    logits at position ``t`` against ``labels[:, t + 1]``, positions labelled ``IGNORE_INDEX``
+    left out, as the ``next_token`` loss computes it. One batch of logits at a time."""
+    from ..calling import IGNORE_INDEX
+
+    batch = batch_size(program)
+    xs = _inputs(x)
+    total, count = 0.0, 0
+    for i in range(0, len(xs[0]), batch):
+        logits = predict(program, tuple(a[i:i + batch] for a in xs))[:, :-1].astype("float64")
+        target = np.asarray(labels[i:i + batch])[:, 1:]
+        counted = target != IGNORE_INDEX
+        top = logits.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
+        picked = np.take_along_axis(logits, np.where(counted, target, 0)[..., None], axis=-1)[..., 0]
+        total += float(((log_z - picked) * counted).sum())
+        count += int(counted.sum())
+    if count == 0:
+        raise ValueError("next_token_loss: every position is labelled IGNORE_INDEX; nothing to score")
+    return total / count

@@ -76,4 +76,4 @@ def test_bad_budget_latency_and_data_are_named(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 32)))
     args = ["search", "mlp", "--data", str(tmp_path / "bad.npz"), "--budget", "1MB", "-o", str(tmp_path / "s.toml")]
     assert main(args) == 2
-    assert "needs arrays 'x' (inputs) and 'y' (labels); it has ['images']" in capsys.readouterr().err
+    assert "needs arrays 'x' (inputs) and 'y' (labels), or 'input_ids' (token data); it has ['images']" in capsys.readouterr().err
