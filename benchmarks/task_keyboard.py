@@ -128,7 +128,13 @@ def main() -> None:
     parser.add_argument("--search-last-blocks", type=int, default=6)
     parser.add_argument("--search-lr", type=float, default=3e-4)
     parser.add_argument("--search-time-budget", type=float, default=None, help="seconds")
+    parser.add_argument("--markdown", type=Path, help="only write the table of this results .json again")
     args = parser.parse_args()
+    if args.markdown is not None:
+        import json
+
+        args.markdown.with_suffix(".md").write_text(markdown(json.loads(args.markdown.read_text())))
+        return
 
     import numpy as np
     import torch
@@ -177,21 +183,32 @@ def main() -> None:
         del program
     command = "python benchmarks/task_keyboard.py " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{args.name}.json", {"machine": platform.machine(), "command": command,
-                                                         "train_sequences": len(train.ids),
-                                                         "test_sequences": len(test.ids), "rows": rows})
+    data = {"machine": platform.machine(), "command": command, "train_sequences": len(train.ids),
+            "test_sequences": len(test.ids), "length": args.length, "epochs": args.epochs, "rows": rows}
+    write_json(args.out / f"{args.name}.json", data)
+    (args.out / f"{args.name}.md").write_text(markdown(data))
+    print(markdown(data))
+
+
+def markdown(data: dict) -> str:
+    """The results table of a run's JSON (``--markdown FILE.json`` writes it again)."""
+    rows = data["rows"]
     lines = ["# Smart keyboard: SmolLM2-135M adapted to one writer (BBC News 'tech') by pock_tvm on the host CPU\n",
-             f"`{command}`\n",
-             f"{len(train.ids)} training sequences of {args.length} tokens, {args.epochs} epochs at batch 1 (Adam); "
-             f"{before['tokens']} held-out tokens from other articles.\n",
+             f"`{data['command']}`\n",
+             f"{data['train_sequences']} training sequences of {data.get('length', 128)} tokens, "
+             f"{data.get('epochs', 2)} epochs at batch 1 (Adam); {rows[0]['tokens']} held-out tokens from other "
+             "articles.\n",
              "| scheme | trainable | perplexity | next-token top-1 | next-word top-1 | training memory (planned) | "
              "tokens/s (step) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['scheme']} | {r.get('trainable', 0) / 1e6:.2f} M | {r['perplexity']} | "
                      f"{100 * r['next_token_top1']:.1f}% | {100 * r['next_word_top1']:.1f}% | "
                      f"{r.get('training_memory_mib', '-')} MiB | {r.get('tokens_per_s', '-')} |")
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for r in rows:
+        if "search_table" in r:
+            lines += ["", f"Searched scheme (analysis {r['analysis_s']:.0f} s; learning rate {r['lr']:g}):", "",
+                      "```", r["search_table"], "```", "", "```toml", r["scheme_toml"].rstrip(), "```"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
