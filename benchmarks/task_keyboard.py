@@ -126,7 +126,9 @@ def main() -> None:
                              "quarter of it); the compiler's plan, the same on every x86 host")
     parser.add_argument("--search-samples", type=int, default=16, help="training sequences per option's fine-tune")
     parser.add_argument("--search-last-blocks", type=int, default=6)
-    parser.add_argument("--search-lr", type=float, default=3e-4)
+    parser.add_argument("--search-lr", type=float, default=3e-4, help="Adam rate of each option's short fine-tune")
+    parser.add_argument("--searched-lr", type=float, default=None,
+                        help="Adam rate of the searched scheme's fine-tune (default: --search-lr)")
     parser.add_argument("--search-time-budget", type=float, default=None, help="seconds")
     parser.add_argument("--markdown", type=Path, help="only write the table of this results .json again")
     args = parser.parse_args()
@@ -154,7 +156,7 @@ def main() -> None:
     for name in args.schemes.split(","):
         if name == "searched":
             searched = search(imported, train, args)
-            scheme, lr = searched.scheme, args.search_lr
+            scheme, lr = searched.scheme, args.searched_lr or args.search_lr
         else:
             scheme, lr = schemes()[name]
         start = time.perf_counter()
