@@ -41,7 +41,7 @@ tools:
 # `make test-all`: everything (CI). Both list the slowest tests.
 test: $(STAMP) tools
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow" -n auto --maxprocesses 4 --durations=15
+	$(PY) -m pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadgroup --durations=15
 
 test-all: $(STAMP) tools
 	$(VENV)/bin/lint-imports

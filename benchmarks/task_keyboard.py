@@ -193,7 +193,8 @@ def main() -> None:
 
 
 def markdown(data: dict) -> str:
-    """The results table of a run's JSON (``--markdown FILE.json`` writes it again)."""
+    """The results table of a run's JSON (``--markdown FILE.json`` writes it again, with the
+    JSON's ``notes``: lines a person added about the run)."""
     rows = data["rows"]
     lines = ["# Smart keyboard: SmolLM2-135M adapted to one writer (BBC News 'tech') by pock_tvm on the host CPU\n",
              f"`{data['command']}`\n",
@@ -206,6 +207,8 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r['scheme']} | {r.get('trainable', 0) / 1e6:.2f} M | {r['perplexity']} | "
                      f"{100 * r['next_token_top1']:.1f}% | {100 * r['next_word_top1']:.1f}% | "
                      f"{r.get('training_memory_mib', '-')} MiB | {r.get('tokens_per_s', '-')} |")
+    if data.get("notes"):
+        lines += ["", *data["notes"]]
     for r in rows:
         if "search_table" in r:
             lines += ["", f"Searched scheme (analysis {r['analysis_s']:.0f} s; learning rate {r['lr']:g}):", "",

@@ -46,7 +46,7 @@ def search(imported, train, budget: int, args):
     from pock_tvm.search import AnalysisSettings
     from pock_tvm.search.scheme_search import progress_bar, search_scheme
 
-    settings = AnalysisSettings(epochs=args.search_epochs, optimizer=pock_tvm.Adam(lr=1e-3),
+    settings = AnalysisSettings(epochs=args.search_epochs, optimizer=pock_tvm.Adam(lr=args.search_lr),
                                 samples=args.search_samples, last_blocks=args.search_last_blocks, seed=args.seed)
     result = search_scheme(imported, (train.ids, train.mask), train.labels, batch=args.batch, budget=budget,
                            settings=settings, cache_dir=ROOT / "out" / "search-news", seed=args.seed,
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--search-samples", type=int, default=96, help="articles per option's fine-tune")
     parser.add_argument("--search-epochs", type=int, default=2)
     parser.add_argument("--search-last-blocks", type=int, default=3)
+    parser.add_argument("--search-lr", type=float, default=1e-4, help="Adam rate of each option's fine-tune "
+                        "and of the searched scheme's (at 1e-3 every option lost accuracy after the probe)")
     args = parser.parse_args()
 
     import numpy as np
@@ -92,7 +94,7 @@ def main() -> None:
             imported = import_model(model, example)
             full_mib = next(r["training_memory_mib"] for r in rows if r["scheme"] == "full")
             searched = search(imported, train, int(full_mib * MIB / 4), args)
-            scheme, lr = searched.scheme, 1e-3
+            scheme, lr = searched.scheme, args.search_lr
             if not any(r.select == "head" for r in scheme.rules):
                 scheme.rules.append(Rule("head", "full"))
         else:

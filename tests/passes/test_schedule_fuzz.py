@@ -50,11 +50,18 @@ def check_case(case, target, rules_seen: Counter, frozen: bool = False) -> list[
     return wrong
 
 
+# the tests that count the rules they schedule, and the test that reads the count, run in one
+# worker under `make test`'s xdist (`--dist loadgroup`); spread over workers, a rule scheduled on
+# another worker looked unexercised
+RULE_COUNT = pytest.mark.xdist_group("schedule-fuzz-rules")
+
+
 @pytest.fixture(scope="module")
 def rules_seen():
     return Counter()
 
 
+@RULE_COUNT
 @pytest.mark.parametrize("kind", KINDS)
 def test_scheduled_kernels_compute_what_unscheduled_ones_do(kind, target, rules_seen, request):
     seed = request.config.getoption("--fuzz-seed")
@@ -69,6 +76,7 @@ def test_scheduled_kernels_compute_what_unscheduled_ones_do(kind, target, rules_
     assert not unsupported, f"seed {seed}: cases that do not build:\n" + "\n".join(unsupported)
 
 
+@RULE_COUNT
 @pytest.mark.parametrize("kind", ["matmul", "wide_matmul", "conv2d"])
 def test_schedules_of_frozen_operands_compute_what_unscheduled_kernels_do(kind, target, rules_seen, request):
     """The branch that packs a constant operand in a stage of its own (split off and folded at
@@ -110,6 +118,7 @@ def test_another_isas_schedules_compute_what_unscheduled_kernels_do(feature, tar
     assert not wrong, f"seed {seed}, {feature}: {len(wrong)} kernels compute wrong numbers:\n" + "\n".join(wrong)
 
 
+@RULE_COUNT
 def test_the_fuzz_cases_exercise_every_rule(rules_seen, request):
     if not rules_seen:
         pytest.skip("runs after the fuzz tests of this module")
