@@ -42,7 +42,9 @@ class AnalysisSettings:
     LM) by minus the mean next-token loss on the validation split (its gain is in nats per token).
     For a large model: ``samples`` fine-tunes each option on at most that many training samples,
     ``last_blocks`` offers only the options of the last that many blocks (LoRA's always), and
-    ``time_budget_s`` stops the analysis after that many seconds (what was measured is kept and
+    ``metric="loss"`` scores a classifier by minus its held-out cross-entropy: continuous, where
+    a small validation split moves accuracy in steps of one sample. ``time_budget_s`` stops the
+    analysis after that many seconds (what was measured is kept and
     cached; run again to go on; not part of the cache key), ``lora_ranks`` are the LoRA options'
     ranks (:data:`~.transformer_space.LORA_RANKS` when None, none when empty)."""
 
@@ -55,6 +57,7 @@ class AnalysisSettings:
     last_blocks: int | None = None
     time_budget_s: float | None = None
     lora_ranks: tuple[int, ...] | None = None  # LoRA options' ranks (None: LORA_RANKS; () none)
+    metric: str | None = None  # "accuracy" or "loss" (None: accuracy, loss for next_token)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -69,8 +72,15 @@ class AnalysisSettings:
             object.__setattr__(self, "lora_ranks", tuple(self.lora_ranks))  # a JSON list back to a tuple
             if not all(type(r) is int and r > 0 for r in self.lora_ranks):
                 raise ValueError(f"search: lora_ranks must be positive integers, got {self.lora_ranks!r}")
+        if self.metric not in (None, "accuracy", "loss") or (self.metric == "accuracy" and self.loss == "next_token"):
+            raise ValueError(f"search: metric must be 'accuracy' or 'loss' ('loss' for next_token), got {self.metric!r}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"search: time_budget_s must be positive seconds or None, got {self.time_budget_s!r}")
+
+    @property
+    def scored_by_loss(self) -> bool:
+        """Whether gains are drops of the held-out loss (nats) rather than of accuracy."""
+        return self.metric == "loss" or self.loss == "next_token"
 
     def to_json(self) -> dict:
         """The settings (the options left at None left out: a CNN analysis keeps its cache key)."""
@@ -86,7 +96,7 @@ class AnalysisSettings:
         return AnalysisSettings(**{**data, "optimizer": optimizer_from_json(data["optimizer"])})
 
 
-_OPTIONAL = ("samples", "last_blocks", "time_budget_s", "lora_ranks")
+_OPTIONAL = ("samples", "last_blocks", "time_budget_s", "lora_ranks", "metric")
 
 
 @dataclass
@@ -167,11 +177,13 @@ def analysis_key(imported, x, y: np.ndarray, settings: AnalysisSettings) -> str:
     return h.hexdigest()[:20]
 
 
-def score(program, x, y: np.ndarray, loss: str) -> float:
-    """The validation score the analysis compares: accuracy, or minus the mean next-token loss."""
-    from ..training.finetune import accuracy, next_token_loss
+def score(program, x, y: np.ndarray, settings: AnalysisSettings) -> float:
+    """The validation score the analysis compares: accuracy, or minus the mean (next-token) loss."""
+    from ..training.finetune import accuracy, classification_loss, next_token_loss
 
-    return -next_token_loss(program, x, y) if loss == "next_token" else accuracy(program, x, y)
+    if settings.loss == "next_token":
+        return -next_token_loss(program, x, y)
+    return -classification_loss(program, x, y) if settings.scored_by_loss else accuracy(program, x, y)
 
 
 def analyze(model, x, y: np.ndarray, *, batch: int, settings: AnalysisSettings = AnalysisSettings(),
@@ -285,7 +297,7 @@ def analyze(model, x, y: np.ndarray, *, batch: int, settings: AnalysisSettings =
             done += 1
             _baseline(analysis, program, val_x, val_y, batch, settings)
             result = fit(program, train_x, train_y, settings.epochs, settings.seed)
-            row.accuracy, row.step_ms = score(program, val_x, val_y, settings.loss), result.median_step_ms
+            row.accuracy, row.step_ms = score(program, val_x, val_y, settings), result.median_step_ms
             save()
             if progress:
                 progress(done, total, f"{row.option.key}: {_gain_text(analysis, row)}, {row.step_ms:.1f} ms/step")
@@ -301,7 +313,7 @@ def _baseline(analysis: Analysis, program, val_x, val_y, batch: int, settings: A
     """The score before any update and one batch's forward time, once (``program`` untrained)."""
     if analysis.baseline_accuracy is not None:
         return
-    analysis.baseline_accuracy = score(program, val_x, val_y, settings.loss)
+    analysis.baseline_accuracy = score(program, val_x, val_y, settings)
     first = tuple(a[:batch] for a in val_x) if isinstance(val_x, tuple) else val_x[:batch]
     times = []
     for _ in range(5):
@@ -313,8 +325,8 @@ def _baseline(analysis: Analysis, program, val_x, val_y, batch: int, settings: A
 
 def _gain_text(analysis: Analysis, row: OptionRow) -> str:
     gain = row.gain(analysis.baseline_accuracy)
-    if analysis.settings.loss == "next_token":
-        return f"gain {gain:+.4f} nats/token"
+    if analysis.settings.scored_by_loss:
+        return f"gain {gain:+.4f} nats"
     return f"gain {100 * gain:+.1f} points"
 
 
@@ -348,7 +360,7 @@ def _finetune_shared(analysis, imported, rows, plan, data, settings, batch, prog
             p.load_trained_tensors(values)
 
         result = fit(program, train_x, train_y, settings.epochs, settings.seed, after_step=restore)
-        row.accuracy = score(program, val_x, val_y, settings.loss)
+        row.accuracy = score(program, val_x, val_y, settings)
         row.step_ms = result.median_step_ms * (analysis.forward_flops + row.backward_flops) / max(union_flops, 1)
         row.step_estimated = True
         save()

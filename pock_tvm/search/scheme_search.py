@@ -52,15 +52,17 @@ class SearchResult:
 
     def table(self) -> str:
         base = self.analysis.baseline_accuracy or 0.0
-        nats = self.analysis.settings.loss == "next_token"
+        nats = self.analysis.settings.scored_by_loss
+        per = "/token" if self.analysis.settings.loss == "next_token" else ""
         lines = [f"{'update':<52} {'gain (val)':>11} {'planned alone':>14} {'step alone':>11}"]
         for option in self.choice.options:
             row = self.analysis.row(option.key)
             gain = f"{row.gain(base):>+9.4f}n" if nats else f"{100 * row.gain(base):>+10.1f}p"
             lines.append(f"{option.describe():<52} {gain} {format_bytes(row.memory):>14} "
                          f"{'~' if row.step_estimated else ' '}{row.step_ms:>8.1f}ms")
-        before = (f"validation loss before any update: {-base:.4f} nats/token (perplexity {np.exp(-base):.2f}); "
-                  f"estimated gain {self.choice.gain:+.4f} nats/token" if nats else
+        before = (f"validation loss before any update: {-base:.4f} nats{per}"
+                  + (f" (perplexity {np.exp(-base):.2f})" if per else "")
+                  + f"; estimated gain {self.choice.gain:+.4f} nats{per}" if nats else
                   f"validation accuracy before any update: {100 * base:.1f}%; estimated gain "
                   f"{100 * self.choice.gain:+.1f} points")
         lines += ["", f"{before} ({self.choice.method} search)",
@@ -108,8 +110,9 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
     if cached is not None:
         return SearchResult(analysis, cached[0], scheme_of(cached[0].options), cached[1], budget, cached[2])
     if not items(analysis, latency_ms is not None):
-        raise ValueError("search: no update option improved the validation accuracy in its short fine-tune; "
-                         "the model may already fit this data, or give more labelled samples / epochs")
+        raise ValueError("search: no update option improved the validation score in its short fine-tune; "
+                         "the model may already fit this data, or give more labelled samples / epochs (with "
+                         "few validation samples, score by held-out loss: AnalysisSettings(metric='loss'))")
     def planned(options) -> int:
         return plan_step(imported, scheme=scheme_of(options), loss=settings.loss, optimizer=settings.optimizer,
                          target=target, baseline=False).report.training_bytes()

@@ -119,3 +119,11 @@ def next_token_loss(program: Program, x, labels: np.ndarray) -> float:
     if count == 0:
         raise ValueError("next_token_loss: every position is labelled IGNORE_INDEX; nothing to score")
     return total / count
+
+
+def classification_loss(program: Program, x, y: np.ndarray) -> float:
+    """The mean cross-entropy (nats) of a classifier's logits over ``(x, y)``."""
+    logits = predict(program, x).astype("float64")
+    top = logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return float((log_z - logits[np.arange(len(y)), np.asarray(y)]).mean())

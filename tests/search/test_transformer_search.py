@@ -235,3 +235,19 @@ def _tests_dir():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+def test_a_classifier_can_be_scored_by_its_held_out_loss():
+    """metric='loss': a classifier's score is minus its cross-entropy, as torch computes it."""
+    from pock_tvm.search.contribution import score
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    x = np.random.default_rng(0).normal(size=(10, 6)).astype("float32")
+    y = np.arange(10) % 4
+    program = compile_step(model, (torch.zeros(5, 6),), scheme="full")
+    expected = float(torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)))
+    assert -score(program, x, y, AnalysisSettings(metric="loss")) == pytest.approx(expected, rel=1e-5)
+    assert score(program, x, y, AnalysisSettings()) == float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+    with pytest.raises(ValueError, match="metric must be 'accuracy' or 'loss'"):
+        AnalysisSettings(loss="next_token", metric="accuracy")
