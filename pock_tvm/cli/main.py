@@ -173,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
                    "'input_ids', 'attention_mask' and 'labels'; a quarter is held out to measure each option's gain")
     s.add_argument("--loss", choices=["cross_entropy", "next_token"], default="cross_entropy",
                    help="next_token: a causal LM, each option scored by the held-out next-token loss")
+    s.add_argument("--metric", choices=["accuracy", "loss"], help="how a classifier's options are scored on the "
+                   "held-out data (default accuracy; loss is continuous: better with few held-out samples)")
     s.add_argument("--lr", type=float, help="Adam learning rate of each option's fine-tune (default 1e-3)")
     s.add_argument("--batch", type=_at_least(1), help="token data: sequences per step (default 1)")
     s.add_argument("--samples", type=_at_least(1), help="fine-tune each option on at most this many samples")
@@ -285,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             result = search_command(args.model, args.data, args.budget, args.output, args.latency,
                                     args.input_shape, args.seed, args.epochs, args.cache, loss=args.loss, lr=args.lr,
                                     batch=args.batch, samples=args.samples, last_blocks=args.last_blocks,
-                                    time_budget=args.time_budget, lora_ranks=args.lora_ranks)
+                                    time_budget=args.time_budget, lora_ranks=args.lora_ranks,
+                                    metric=args.metric)
             print(result.table())
             print(f"\nwrote {args.output}")
         elif args.command == "fleet":

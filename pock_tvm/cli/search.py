@@ -16,7 +16,8 @@ def search_command(model: str, data: str, budget: str, output: str, latency: str
                    input_shape=None, seed: int = 0, epochs: int | None = None, cache_dir: str | None = None,
                    target: str = "host", loss: str = "cross_entropy", lr: float | None = None,
                    batch: int | None = None, samples: int | None = None, last_blocks: int | None = None,
-                   time_budget: str | None = None, lora_ranks: str | None = None) -> SearchResult:
+                   time_budget: str | None = None, lora_ranks: str | None = None,
+                   metric: str | None = None) -> SearchResult:
     """``pock-tvm search MODEL --data D.npz --budget 2MB [--latency 30ms] -o scheme.toml``.
 
     ``D.npz`` holds ``x`` and ``y`` (samples and labels), or token data: ``input_ids`` with
@@ -52,7 +53,7 @@ def search_command(model: str, data: str, budget: str, output: str, latency: str
                              f"{tuple(example[0].shape[1:])}; give --input-shape or reshape the data")
         batch = int(example[0].shape[0])
     settings = AnalysisSettings(seed=seed, loss=loss, samples=samples, last_blocks=last_blocks,
-                                time_budget_s=seconds, lora_ranks=ranks,
+                                time_budget_s=seconds, lora_ranks=ranks, metric=metric,
                                 **({} if epochs is None else {"epochs": epochs}),
                                 **({} if lr is None else {"optimizer": Adam(lr=lr)}))
     result = search_scheme(import_model(model_obj, example), x, y, batch=batch, budget=size,
