@@ -125,8 +125,7 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
             break
         limit -= memory - budget
     else:
-        raise ValueError(f"search: the compiler plans more than {format_bytes(budget)} for every choice tried "
-                         f"({RETRIES} tries); raise the budget")
+        choice, memory = _shrink(analysis, choice, budget, planned)
     choice, memory = _fill(analysis, choice, memory, budget, latency_ms, planned,
                            None if upload_bytes is None else lambda options: trained_bytes(imported, options) <= upload_bytes)
     if path is not None:
@@ -176,6 +175,23 @@ def _load_choice(path: Path | None, analysis: Analysis) -> tuple[Choice, int, in
         return choice, int(data["planned_bytes"]), int(data["tries"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _shrink(analysis: Analysis, choice: Choice, budget: int, planned) -> tuple[Choice, int]:
+    """After :data:`RETRIES` tightened searches still plan over the budget (the estimate keeps
+    missing what options cost together): drop the chosen option with the least gain per byte of
+    its own planned memory until the compiler's plan fits."""
+    base = analysis.baseline_accuracy or 0.0
+    options = list(choice.options)
+    while len(options) > 1:
+        worst = min(options, key=lambda o: (analysis.row(o.key).gain(base) / max(analysis.row(o.key).memory, 1), o.key))
+        options.remove(worst)
+        memory = planned(options)
+        if memory <= budget:
+            gain = sum(analysis.row(o.key).gain(base) for o in options)
+            return replace(choice, options=tuple(options), gain=gain, method=choice.method + "+shrunk"), memory
+    raise ValueError(f"search: the compiler plans more than {format_bytes(budget)} for every choice tried "
+                     f"({RETRIES} searches, then dropping options one by one); raise the budget")
 
 
 def _fill(analysis: Analysis, choice: Choice, memory: int, budget: int, latency_ms, planned, fits=None):

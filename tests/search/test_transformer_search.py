@@ -251,3 +251,21 @@ def test_a_classifier_can_be_scored_by_its_held_out_loss():
     assert score(program, x, y, AnalysisSettings()) == float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
     with pytest.raises(ValueError, match="metric must be 'accuracy' or 'loss'"):
         AnalysisSettings(loss="next_token", metric="accuracy")
+
+
+def test_when_tightened_searches_keep_missing_the_budget_options_are_dropped_until_the_plan_fits(analysis):
+    """The depth-shared estimate can miss what options cost together; after the retries the choice
+    loses its options of least gain per byte, one by one, each step checked by the (here faked) plan."""
+    from pock_tvm.search.scheme_search import _shrink
+    from pock_tvm.search.search import Choice
+
+    keys = ("lm.model.layers.1:mlp@1", "lm.model.layers.1:norms@1", "lm.model.norm:norms@1")
+    choice = Choice(tuple(analysis.row(k).option for k in keys), 0.0, 0, None, "exact")
+    fits_two = lambda options: 100 if len(options) <= 2 else 101  # noqa: E731
+    shrunk, memory = _shrink(analysis, choice, 100, fits_two)
+    base = analysis.baseline_accuracy
+    per_byte = {k: analysis.row(k).gain(base) / analysis.row(k).memory for k in keys}
+    assert memory == 100 and shrunk.method == "exact+shrunk"
+    assert {o.key for o in shrunk.options} == set(keys) - {min(per_byte, key=per_byte.get)}
+    with pytest.raises(ValueError, match="dropping options one by one"):
+        _shrink(analysis, choice, 100, lambda options: 101)
