@@ -248,7 +248,8 @@ def analyze(model, x, y: np.ndarray, *, batch: int, settings: AnalysisSettings =
         report = planned.report
         if analysis is None:
             analysis = Analysis(key, settings, report.inference_bytes(), [])
-        analysis.forward_flops = int(report.sparse["forward_flops"])
+        if option.group != LORA:  # adapters add their own forward FLOPs: the model's is any other option's
+            analysis.forward_flops = int(report.sparse["forward_flops"])
         analysis.rows.append(OptionRow(option, report.training_bytes(), int(report.sparse["backward_flops"])))
         save()
         folded = int(report.planned.get("folded_bytes", 0))
