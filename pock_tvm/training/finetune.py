@@ -111,10 +111,8 @@ def next_token_loss(program: Program, x, labels: np.ndarray) -> float:
         logits = predict(program, tuple(a[i:i + batch] for a in xs))[:, :-1].astype("float64")
         target = np.asarray(labels[i:i + batch])[:, 1:]
         counted = target != IGNORE_INDEX
-        top = logits.max(axis=-1, keepdims=True)
-        log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
-        picked = np.take_along_axis(logits, np.where(counted, target, 0)[..., None], axis=-1)[..., 0]
-        total += float(((log_z - picked) * counted).sum())
+        losses = _token_losses(logits, np.where(counted, target, 0))
+        total += float((losses * counted).sum())
         count += int(counted.sum())
     if count == 0:
         raise ValueError("next_token_loss: every position is labelled IGNORE_INDEX; nothing to score")
@@ -123,7 +121,11 @@ def next_token_loss(program: Program, x, labels: np.ndarray) -> float:
 
 def classification_loss(program: Program, x, y: np.ndarray) -> float:
     """The mean cross-entropy (nats) of a classifier's logits over ``(x, y)``."""
-    logits = predict(program, x).astype("float64")
-    top = logits.max(axis=1, keepdims=True)
-    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-    return float((log_z - logits[np.arange(len(y)), np.asarray(y)]).mean())
+    return float(_token_losses(predict(program, x).astype("float64"), np.asarray(y)).mean())
+
+
+def _token_losses(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``-log softmax(logits)[target]`` over the last axis, for every position (a stable log-sum-exp)."""
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
+    return log_z - np.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
