@@ -8,6 +8,11 @@ with a space): what a keyboard suggests. Evaluation runs the fine-tuned weights 
 parameters: the tests check pock_tvm's updates against autograd), LoRA merged into its layers.
 
     python benchmarks/task_keyboard.py --out benchmarks/results
+
+``--alternate RESULTS.json`` times the steps of that run's schemes against each other instead:
+each is compiled again (the searched one from its saved scheme), then one step of each in turn on
+the same training sequence, round after round, in one process (only ratios hold on a shared
+machine); the medians and the per-round ratios go into the JSON, and its table is written again.
 """
 
 from __future__ import annotations
@@ -88,10 +93,11 @@ def load_task(args):
 
 def search(imported, train, args):
     """The scheme search on the writer's training text (``--search-*``): within a quarter of full
-    fine-tuning's planned memory and LoRA's step time (as the analysis measured LoRA's step)."""
+    fine-tuning's planned memory and no slower than LoRA's step (the search times the chosen
+    scheme's compiled step alternately with LoRA's)."""
     import pock_tvm
+    from pock_tvm.scheme import Scheme
     from pock_tvm.search import AnalysisSettings
-    from pock_tvm.search.contribution import analyze
     from pock_tvm.search.scheme_search import progress_bar, search_scheme
 
     settings = AnalysisSettings(epochs=1, optimizer=pock_tvm.Adam(lr=args.search_lr), loss="next_token",
@@ -99,15 +105,59 @@ def search(imported, train, args):
                                 time_budget_s=args.search_time_budget, seed=args.seed)
     budget = int(args.full_training_mib * MIB / 4)
     data = ((train.ids, train.mask), train.labels)
-    cache = ROOT / "out" / "search-keyboard"
-    analysis = analyze(imported, *data, batch=1, settings=settings, budget=budget, cache_dir=cache,
-                       progress=progress_bar())
-    lora = analysis.row("lora:attention:r8")
-    latency = lora.step_ms if lora is not None and lora.step_ms is not None else None
-    result = search_scheme(imported, *data, batch=1, budget=budget, latency_ms=latency, settings=settings,
-                           cache_dir=cache, seed=args.seed)
+    result = search_scheme(imported, *data, batch=1, budget=budget, latency_of=Scheme.preset("lora"),
+                           settings=settings, cache_dir=ROOT / "out" / "search-keyboard", seed=args.seed,
+                           progress=progress_bar())
     print(result.table(), flush=True)
     return result
+
+
+def alternate(path: Path, args) -> None:
+    """Step times of the schemes of the run in ``path`` (its ``scheme_toml`` for the searched one,
+    the presets for the others), alternating one step each per round (``--rounds``) on the
+    training sequences; written into that JSON as ``alternating`` and into its table."""
+    import json
+    import statistics
+    import tomllib
+
+    import torch
+
+    import pock_tvm
+    from pock_tvm.frontend import import_model
+    from pock_tvm.runtime.files import write_json
+    from pock_tvm.scheme import Scheme
+
+    data = json.loads(path.read_text())
+    model, train, _, _ = load_task(args)
+    imported = import_model(model, (torch.from_numpy(train.ids[:1]), torch.from_numpy(train.mask[:1])))
+    programs = {}
+    for row in data["rows"][1:]:
+        scheme = (Scheme.from_dict(tomllib.loads(row["scheme_toml"])) if "scheme_toml" in row
+                  else schemes()[row["scheme"]][0])
+        programs[row["scheme"]] = pock_tvm.compile(imported, scheme=scheme, loss="next_token",
+                                                   optimizer=pock_tvm.Adam(lr=row["lr"]))
+    times = {name: [] for name in programs}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        i = r % len(train.ids)
+        batch = (train.ids[i:i + 1], train.mask[i:i + 1], train.labels[i:i + 1])
+        for name, program in (programs.items() if r % 2 == 0 else reversed(programs.items())):
+            start = time.perf_counter()
+            program.step(*batch)
+            if r:
+                times[name].append(1e3 * (time.perf_counter() - start))
+    names = list(programs)
+    result = {"rounds": args.rounds, "median_ms": {n: round(statistics.median(t), 1) for n, t in times.items()}}
+    if len(names) == 2:
+        ratios = sorted(a / b for a, b in zip(times[names[0]], times[names[1]]))
+        result["ratio"] = f"{names[0]} / {names[1]}"
+        result["ratio_median"] = round(statistics.median(ratios), 3)
+        result["ratio_quartiles"] = [round(ratios[len(ratios) // 4], 3), round(ratios[(3 * len(ratios)) // 4], 3)]
+    result["command"] = "python benchmarks/task_keyboard.py " + " ".join(sys.argv[1:])
+    result["date"] = time.strftime("%Y-%m-%d")
+    print(result, flush=True)
+    data["alternating"] = result
+    write_json(path, data)
+    path.with_suffix(".md").write_text(markdown(data))
 
 
 def main() -> None:
@@ -131,7 +181,12 @@ def main() -> None:
                         help="Adam rate of the searched scheme's fine-tune (default: --search-lr)")
     parser.add_argument("--search-time-budget", type=float, default=None, help="seconds")
     parser.add_argument("--markdown", type=Path, help="only write the table of this results .json again")
+    parser.add_argument("--alternate", type=Path, help="time this results .json's schemes' steps alternately")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds of --alternate (one step per scheme each)")
     args = parser.parse_args()
+    if args.alternate is not None:
+        alternate(args.alternate, args)
+        return
     if args.markdown is not None:
         import json
 
@@ -180,6 +235,8 @@ def main() -> None:
             row["analysis_s"] = round(searched.analysis.seconds, 1)
             row["scheme_toml"] = scheme.to_toml()
             row["search_table"] = searched.table()
+            if searched.step is not None:
+                row["search_step_check"] = searched.step.to_json()
         print(row, flush=True)
         rows.append(row)
         del program
@@ -207,6 +264,13 @@ def markdown(data: dict) -> str:
         lines.append(f"| {r['scheme']} | {r.get('trainable', 0) / 1e6:.2f} M | {r['perplexity']} | "
                      f"{100 * r['next_token_top1']:.1f}% | {100 * r['next_word_top1']:.1f}% | "
                      f"{r.get('training_memory_mib', '-')} MiB | {r.get('tokens_per_s', '-')} |")
+    if "alternating" in data:
+        alt = data["alternating"]
+        medians = ", ".join(f"{name} {ms} ms" for name, ms in alt["median_ms"].items())
+        lines += ["", f"Steps timed alternately ({alt['rounds']} rounds of one step per scheme, one process, "
+                  f"{alt['date']}; `{alt['command']}`): median {medians}"
+                  + (f"; per-round {alt['ratio']} median {alt['ratio_median']} (quartiles "
+                     f"{alt['ratio_quartiles'][0]}-{alt['ratio_quartiles'][1]})." if "ratio" in alt else ".")]
     if data.get("notes"):
         lines += ["", *data["notes"]]
     for r in rows:

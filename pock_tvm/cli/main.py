@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", help="stop the analysis after this long, e.g. 600s (what was measured is "
                    "cached: run again to go on)")
     s.add_argument("--budget", required=True, help="planned training memory, e.g. 2MB, 512KiB")
-    s.add_argument("--latency", help="step time on this machine, e.g. 30ms")
+    s.add_argument("--latency", help="step time on this machine, e.g. 30ms, or a scheme whose step the chosen one "
+                   "may not exceed, e.g. lora (timed alternately); the chosen scheme's step is compiled and timed")
     s.add_argument("--input-shape", type=_shape, help="compiled shape, batch first (default: the model's)")
     s.add_argument("--epochs", type=_at_least(1), help="epochs of each option's short fine-tune (default 6)")
     s.add_argument("--seed", type=int, default=0)

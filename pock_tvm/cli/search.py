@@ -32,7 +32,7 @@ def search_command(model: str, data: str, budget: str, output: str, latency: str
     from ..runtime.files import atomic_file, writable_file
     from .commands import load_model
 
-    size, ms = parse_size(budget), parse_ms(latency) if latency is not None else None
+    size, (ms, latency_of) = parse_size(budget), _latency(latency)
     seconds = parse_ms(time_budget, "time budget") / 1e3 if time_budget is not None else None
     ranks = _ranks(lora_ranks)
     writable_file(output, "search -o")  # before minutes of analysis, not after
@@ -57,13 +57,31 @@ def search_command(model: str, data: str, budget: str, output: str, latency: str
                                 **({} if epochs is None else {"epochs": epochs}),
                                 **({} if lr is None else {"optimizer": Adam(lr=lr)}))
     result = search_scheme(import_model(model_obj, example), x, y, batch=batch, budget=size,
-                           latency_ms=ms, seed=seed, settings=settings, progress=progress_bar(),
+                           latency_ms=ms, latency_of=latency_of, seed=seed, settings=settings, progress=progress_bar(),
                            cache_dir=cache_dir or default_cache() / "search", target=target)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as f:
         f.write(result.scheme.to_toml().encode())
     return result
+
+
+def _latency(text: str | None):
+    """``--latency``: a time on this machine (``30ms``) or a scheme whose step the chosen one may not
+    exceed (a preset such as ``lora``, or a scheme file): ``(ms, scheme)``, one of them None."""
+    from ..scheme import Scheme
+
+    if text is None:
+        return None, None
+    try:
+        return parse_ms(text), None
+    except ValueError:
+        pass
+    try:
+        return None, Scheme.load(text)
+    except ValueError as err:
+        raise ValueError(f"search: --latency {text!r} is neither a time (30ms, 0.5s) nor a scheme to be no slower "
+                         f"than (a preset such as lora, or a .toml file): {err}") from None
 
 
 def _arrays(arrays: dict, data: str, loss: str):

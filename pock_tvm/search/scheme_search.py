@@ -17,12 +17,13 @@ from ..scheme import Scheme
 from .contribution import Analysis, AnalysisSettings, analyze
 from .search import Choice, check_budget, items, search
 from .space import scheme_of
+from .step_check import StepCheck, check_step, step_args
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _TIME_UNITS = {"ms": 1.0, "s": 1e3, "us": 1e-3, "min": 6e4}
 FILL_TRIES = 6  # plans tried to add options the additive estimate left out
 RETRIES = 4  # how often a compiler check that exceeds the budget tightens it and searches again
-CHOICE_VERSION = 1  # of the cached choice files
+CHOICE_VERSION = 2  # of the cached choice files
 
 
 def parse_size(text: str) -> int:
@@ -49,6 +50,8 @@ class SearchResult:
     planned_bytes: int  # what the compiler plans for the chosen scheme
     budget: int
     tries: int
+    step: StepCheck | None = None  # the chosen scheme's step, timed (with a latency budget)
+    reference: str | None = None  # the scheme whose step it had to match (``latency_of``)
 
     def table(self) -> str:
         base = self.analysis.baseline_accuracy or 0.0
@@ -70,6 +73,8 @@ class SearchResult:
                   f"scheme; budget {format_bytes(self.budget)})"]
         if self.choice.latency_ms is not None:
             lines.append(f"estimated step time: {self.choice.latency_ms:.1f} ms")
+        if self.step is not None:
+            lines.append(self.step.describe(self.reference and f"'{self.reference}'"))
         lines.append(f"analysis: {self.analysis.seconds:.0f} s (cached for the next search)")
         unmeasured = self.analysis.unmeasured()
         if unmeasured:
@@ -91,24 +96,49 @@ def progress_bar(stream=sys.stderr):
 def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget: int,
                   latency_ms: float | None = None, seed: int = 0,
                   settings: AnalysisSettings = AnalysisSettings(), cache_dir=None, progress=None,
-                  target: str = "host", upload_bytes: int | None = None) -> SearchResult:
+                  target: str = "host", upload_bytes: int | None = None, latency_of=None) -> SearchResult:
     """Analyze (cached), search, and check the choice with the compiler's plan of the whole scheme;
     ``upload_bytes``: at most this many bytes of trained tensors (what a federated node sends
     each round, :func:`trained_bytes`);
-    when the plan exceeds the budget, search again with the budget tightened by the excess. With
-    ``cache_dir`` the checked choice is cached too (per analysis, budget, latency, seed and target), so
-    a second search plans nothing."""
+    when the plan exceeds the budget, search again with the budget tightened by the excess.
+
+    A step-time budget is ``latency_ms`` (milliseconds on this machine) or ``latency_of`` (a scheme,
+    preset name or scheme file: no slower than that scheme's step). The analysis's step times are
+    estimates, so the chosen scheme is then compiled and timed (:mod:`.step_check`): alone against
+    ``latency_ms``, or alternating with the compiled reference; while it is slower, the search runs
+    again with the step budget tightened by the excess (at most :data:`RETRIES` times, then an
+    error). With ``cache_dir`` the checked choice is cached too (per analysis, budget, latency,
+    seed and target), so a second search plans and times nothing."""
     from ..compiler.step import plan_step
 
+    if latency_ms is not None and latency_of is not None:
+        raise ValueError("search: give a step time (latency_ms) or a scheme to be no slower than (latency_of), "
+                         "not both")
+    reference = Scheme.load(latency_of) if latency_of is not None else None
     analysis = analyze(imported, x, y, batch=batch, settings=settings, budget=budget, cache_dir=cache_dir,
                        progress=progress, target=target)
+
+    def compiled(scheme):
+        from ..compiler.step import build
+
+        return build(plan_step(imported, scheme=scheme, loss=settings.loss, optimizer=settings.optimizer,
+                               target=target, baseline=False))
+
+    reference_program = None
+    if reference is not None:  # the budget the search estimates with: the reference's step in the analysis
+        row = _row_like(analysis, imported, reference)
+        reference_program = compiled(reference)
+        latency_ms = row.step_ms if row is not None and row.step_ms is not None else \
+            check_step(reference_program, step_args(x, y, batch)).step_ms
     check_budget(analysis, budget, latency_ms)
-    path = _choice_path(cache_dir, analysis, budget, latency_ms, seed, target, upload_bytes)
+    path = _choice_path(cache_dir, analysis, budget, latency_ms, seed, target, upload_bytes,
+                        reference.to_toml() if reference is not None else None)
     uploads = {row.option.key: trained_bytes(imported, [row.option]) for row in analysis.rows} \
         if upload_bytes is not None else None
     cached = _load_choice(path, analysis)
     if cached is not None:
-        return SearchResult(analysis, cached[0], scheme_of(cached[0].options), cached[1], budget, cached[2])
+        return SearchResult(analysis, cached[0], scheme_of(cached[0].options), cached[1], budget, cached[2],
+                            cached[3], reference and reference.name)
     if not items(analysis, latency_ms is not None):
         raise ValueError("search: no update option improved the validation score in its short fine-tune; "
                          "the model may already fit this data, or give more labelled samples / epochs (with "
@@ -128,11 +158,58 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
         choice, memory = _shrink(analysis, choice, budget, planned)
     choice, memory = _fill(analysis, choice, memory, budget, latency_ms, planned,
                            None if upload_bytes is None else lambda options: trained_bytes(imported, options) <= upload_bytes)
+    step = None
+    if latency_ms is not None:
+        def research(step_limit):
+            return search(analysis, limit, step_limit, seed, upload_bytes=upload_bytes, uploads=uploads)
+
+        choice, memory, step = _check_steps(choice, memory, budget, latency_ms, research, planned,
+                                            lambda options: compiled(scheme_of(options)), reference_program,
+                                            step_args(x, y, batch), reference and reference.name)
     if path is not None:
         write_json(path, {"version": CHOICE_VERSION, "options": [o.key for o in choice.options], "gain": choice.gain,
                           "memory": choice.memory, "latency_ms": choice.latency_ms, "method": choice.method,
-                          "planned_bytes": memory, "tries": tries})
-    return SearchResult(analysis, choice, scheme_of(choice.options), memory, budget, tries)
+                          "planned_bytes": memory, "tries": tries, "step": step and step.to_json()})
+    return SearchResult(analysis, choice, scheme_of(choice.options), memory, budget, tries, step,
+                        reference and reference.name)
+
+
+def _check_steps(choice: Choice, memory: int, budget: int, latency_ms: float, research, planned, compiled,
+                 reference, args: tuple, reference_name: str | None):
+    """Compile and time the chosen scheme's step (alternating with ``reference`` when given); while
+    it is slower than ``latency_ms`` (or the reference), search again (``research(step budget)``)
+    with the step budget tightened by the excess. ``(choice, planned bytes, StepCheck)``."""
+    limit = latency_ms
+    for _ in range(RETRIES):
+        program = compiled(choice.options)
+        step = check_step(program, args, reference)
+        del program
+        excess = step.excess_ms(latency_ms)
+        if excess <= 0:
+            return choice, memory, step
+        limit -= excess
+        try:
+            choice = research(limit)
+        except ValueError:
+            break  # nothing fits the tightened budget
+        memory = planned(choice.options)
+        if memory > budget:
+            break
+    against = f"the step of '{reference_name}'" if reference_name else f"{latency_ms:.1f} ms"
+    raise ValueError(f"search: the chosen schemes' compiled steps stay slower than {against} (last: "
+                     f"{step.describe(reference_name)}; the analysis's step estimates miss on this model); raise "
+                     "the step-time budget, or search without one and compare the steps")
+
+
+def _row_like(analysis: Analysis, imported, scheme: Scheme):
+    """The analysis's row of the option that trains what ``scheme`` trains (e.g. the ``lora``
+    preset is the option ``lora:attention:r8``), or None."""
+    wanted = (scheme.resolve(imported), scheme.lora)
+    for row in analysis.rows:
+        option = scheme_of([row.option])
+        if (option.lora is None) == (scheme.lora is None) and (option.resolve(imported), option.lora) == wanted:
+            return row
+    return None
 
 
 def trained_bytes(imported, options) -> int:
@@ -151,18 +228,20 @@ def trained_bytes(imported, options) -> int:
 
 
 def _choice_path(cache_dir, analysis: Analysis, budget: int, latency_ms, seed: int, target,
-                 upload_bytes: int | None = None) -> Path | None:
+                 upload_bytes: int | None = None, reference: str | None = None) -> Path | None:
     if cache_dir is None:
         return None
     from .. import __version__
 
     what = json.dumps([CHOICE_VERSION, __version__, analysis.key, budget, latency_ms, seed, str(target), FILL_TRIES,
-                       RETRIES, *([upload_bytes] if upload_bytes is not None else [])])
+                       RETRIES, *([upload_bytes] if upload_bytes is not None else []),
+                       *([reference] if reference is not None else [])])
     return Path(cache_dir) / f"choice-{hashlib.sha256(what.encode()).hexdigest()[:20]}.json"
 
 
-def _load_choice(path: Path | None, analysis: Analysis) -> tuple[Choice, int, int] | None:
-    """``(choice, planned bytes, tries)`` from the cache; None when absent or unreadable (searched again)."""
+def _load_choice(path: Path | None, analysis: Analysis) -> tuple[Choice, int, int, StepCheck | None] | None:
+    """``(choice, planned bytes, tries, step check)`` from the cache; None when absent or unreadable
+    (searched again)."""
     if path is None or not path.exists():
         return None
     try:
@@ -172,7 +251,8 @@ def _load_choice(path: Path | None, analysis: Analysis) -> tuple[Choice, int, in
             return None
         choice = Choice(tuple(r.option for r in rows), float(data["gain"]), int(data["memory"]), data["latency_ms"],
                         str(data["method"]))
-        return choice, int(data["planned_bytes"]), int(data["tries"])
+        step = StepCheck.from_json(data["step"]) if data.get("step") else None
+        return choice, int(data["planned_bytes"]), int(data["tries"]), step
     except (ValueError, KeyError, TypeError):
         return None
 

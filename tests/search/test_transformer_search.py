@@ -19,36 +19,10 @@ from pock_tvm.search.scheme_search import search_scheme
 from pock_tvm.scheme import LoRA
 from pock_tvm.search.space import Option
 from pock_tvm.training.finetune import fit, next_token_loss
-from helpers import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
-SEQ, BATCH = 12, 2
-SETTINGS = AnalysisSettings(epochs=2, loss="next_token", optimizer=pock_tvm.Adam(lr=1e-2), lora_ranks=(4,))
-
-
-def tokens(n=20, seed=0):
-    """Sequences where every odd token is the previous one plus 1: something to learn."""
-    ids = np.random.default_rng(seed).integers(0, 64, (n, SEQ)).astype("int64")
-    ids[:, 1::2] = (ids[:, 0::2] + 1) % 64
-    return (ids, np.ones_like(ids)), ids.copy()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    return from_torch(tiny_llama(), (torch.zeros(BATCH, SEQ, dtype=torch.int64),
-                                     torch.ones(BATCH, SEQ, dtype=torch.int64)))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def analysis(llama, cache):
-    return analyze(llama, *tokens(), batch=BATCH, settings=SETTINGS, cache_dir=cache)
+from tiny_text import BATCH, SEQ, SETTINGS, tokens
 
 
 def trained(model, option):
