@@ -47,9 +47,32 @@ def system_cpu_features() -> set[str]:
     return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()}))}
 
 
+# LLVM CPUs whose tuning miscompiles kernels of the pock_tvm pipeline, and the generic CPU of the
+# same ISA level to tune for instead (the CPU's own features are kept, as ``mattr``). Found: on
+# znver4/znver5 (AMD Zen 4/5) an inlined pad chain (the gradient of a rotary embedding's
+# rotate-half) computed wrong values, wrong gradients; the same kernel is right for x86-64-v4 with
+# every znver5 feature (tests/targets/test_host_target.py).
+GENERIC_TUNING = {"znver4": "x86-64-v4", "znver5": "x86-64-v4"}
+
+
+def native_cpu(cpu: str | None = None) -> dict:
+    """``{"mcpu": ...}`` (and ``"mattr"``) to compile for ``cpu`` (default: this machine's):
+    the CPU itself, or for one of :data:`GENERIC_TUNING` the generic CPU with its features."""
+    from tvm.target import codegen
+
+    cpu = cpu or system_cpu()
+    if cpu not in GENERIC_TUNING:
+        return {"mcpu": cpu}
+    features = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+    return {"mcpu": GENERIC_TUNING[cpu], "mattr": sorted(f"+{f}" for f in features)}
+
+
 def _native(spec: dict) -> dict:
     if spec.get("mcpu") == "native":
-        spec["mcpu"] = system_cpu()
+        native = native_cpu()
+        spec["mcpu"] = native["mcpu"]
+        if "mattr" in native:
+            spec["mattr"] = sorted(set(spec.get("mattr", [])) | set(native["mattr"]))
     if isinstance(spec.get("host"), dict):
         spec["host"] = _native(dict(spec["host"]))
     return spec

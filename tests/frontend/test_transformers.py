@@ -88,6 +88,26 @@ def test_llama_causal_lm_matches_torch(scheme):
     assert_matches_torch(reference, program, ADAM_DEEP, (ids, mask), labels, loss_fn=next_token_loss)
 
 
+@pytest.mark.parametrize("seq", [8, 12])
+def test_a_llama_layers_attention_and_norms_train_like_torch(seq):
+    """The backward pass goes through the attention (its rotary embedding) into the layer's input
+    norm. At sequence 12 (head size 8), LLVM's Zen 4/5 tuning miscompiled the rotate-half gradient
+    of q and k: wrong by half their size (pock_tvm.targets.toolchain.GENERIC_TUNING)."""
+    from pock_tvm.scheme import Rule
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, seq))
+    mask = torch.ones_like(ids)
+    model = tiny_llama()
+    scheme = Scheme("attention-norms", rules=[Rule("lm.model.layers.1&@role:attention", "full"),
+                                              Rule("lm.model.layers.1&@norms", "full")])
+    program = pock_tvm.compile(model, (ids, mask), scheme=scheme, loss="next_token", optimizer=ADAM_DEEP,
+                               tuning_database=False)
+    assert {p.source for p in program.layout.params if p.trainable} >= {
+        "lm.model.layers.1.self_attn.q_proj.weight", "lm.model.layers.1.input_layernorm.weight"}
+    assert_matches_torch(model, program, ADAM_DEEP, (ids, mask), ids.clone(), loss_fn=next_token_loss)
+
+
 def test_merged_lora_weights_give_the_trained_model():
     ids, mask, labels = _lm_batch()
     model = causal_lm()
