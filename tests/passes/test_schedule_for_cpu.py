@@ -651,3 +651,26 @@ def test_a_register_tile_that_covers_the_whole_output_needs_no_outer_loop():
     assert scheduled is not None and "register_tiled" in str(scheduled.attrs["pock_tvm.schedule_rules"])
     check = compare("column_sum", column_sum, scheduled, target)
     assert check is not None and check.ok, check.describe() if check else "not run"
+
+
+def test_a_kernel_of_bool_masks_is_not_vectorized_and_builds():
+    """A causal mask ANDed with a padding mask (Llama's attention): TVM cannot lower a vector of
+    bools (the ``&`` became an int8 vector stored into bools: a build error, not a wrong number)."""
+    from pock_tvm.analysis.kernel_check import compare
+    from pock_tvm.targets import load_target
+    from pock_tvm.targets.toolchain import tvm_target
+
+    bb = relax.BlockBuilder()
+    causal = relax.Var("causal", relax.TensorType((1, 1, 64, 64), "bool"))
+    padding = relax.Var("padding", relax.TensorType((2, 1, 1, 64), "bool"))
+    with bb.function("f", [causal, padding]):
+        bb.emit_func_output(bb.emit_te(lambda c, p: te.compute(
+            (2, 1, 64, 64), lambda b, h, i, j: c[0, h, i, j] & p[b, h, 0, j], name="both"), causal, padding,
+            primfunc_name_hint="main"))
+    before = bb.get()
+    target = tvm_target(load_target("host"))
+    with target:
+        scheduled = _prim(ScheduleForCPU()(before))
+    assert "T.vectorized" not in scheduled.script()
+    check = compare("mask", _prim(before), scheduled, target)
+    assert check is not None and check.ok, check

@@ -20,7 +20,7 @@ class Spatial(CPURule):
         head = loops[0] if len(loops) > 1 and rest >= cpu.lanes and cpu.vector_lanes(rest) else None
         body = loops[1:] if head is not None else loops
         fused = sch.fuse(*body) if len(body) > 1 else body[0]
-        lanes = cpu.vector_lanes(extent(sch, fused))
+        lanes = None if _touches_bool(sch.get(nest.block)) else cpu.vector_lanes(extent(sch, fused))
         outer, inner = fused, None
         if lanes == extent(sch, fused):
             outer, inner = None, fused
@@ -33,3 +33,7 @@ class Spatial(CPURule):
         if inner is not None:
             sch.vectorize(inner)
         return True
+
+
+def _touches_bool(stmt) -> bool:
+    return any(str(r.source.dtype) == "bool" for r in (*stmt.reads, *stmt.writes))
