@@ -11,7 +11,7 @@ parameters: the tests check pock_tvm's updates against autograd), LoRA merged in
 
 ``--alternate RESULTS.json`` times the steps of that run's schemes against each other instead:
 each is compiled again (the searched one from its saved scheme), then one step of each in turn on
-the same training sequence, round after round, in one process (only ratios hold on a shared
+one training sequence, round after round, the order reversed every other round, in one process (only ratios hold on a shared
 machine); the medians and the per-round ratios go into the JSON, and its table is written again.
 """
 
@@ -114,8 +114,8 @@ def search(imported, train, args):
 
 def alternate(path: Path, args) -> None:
     """Step times of the schemes of the run in ``path`` (its ``scheme_toml`` for the searched one,
-    the presets for the others), alternating one step each per round (``--rounds``) on the
-    training sequences; written into that JSON as ``alternating`` and into its table."""
+    the presets for the others), one step each per round (``--rounds``, ``step_check.time_steps``)
+    on the first training sequence; written into that JSON as ``alternating`` and into its table."""
     import json
     import statistics
     import tomllib
@@ -126,6 +126,7 @@ def alternate(path: Path, args) -> None:
     from pock_tvm.frontend import import_model
     from pock_tvm.runtime.files import write_json
     from pock_tvm.scheme import Scheme
+    from pock_tvm.search.step_check import time_steps
 
     data = json.loads(path.read_text())
     model, train, _, _ = load_task(args)
@@ -136,15 +137,8 @@ def alternate(path: Path, args) -> None:
                   else schemes()[row["scheme"]][0])
         programs[row["scheme"]] = pock_tvm.compile(imported, scheme=scheme, loss="next_token",
                                                    optimizer=pock_tvm.Adam(lr=row["lr"]))
-    times = {name: [] for name in programs}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        i = r % len(train.ids)
-        batch = (train.ids[i:i + 1], train.mask[i:i + 1], train.labels[i:i + 1])
-        for name, program in (programs.items() if r % 2 == 0 else reversed(programs.items())):
-            start = time.perf_counter()
-            program.step(*batch)
-            if r:
-                times[name].append(1e3 * (time.perf_counter() - start))
+    batch = (train.ids[:1], train.mask[:1], train.labels[:1])
+    times = dict(zip(programs, time_steps(list(programs.values()), batch, args.rounds)))
     names = list(programs)
     result = {"rounds": args.rounds, "median_ms": {n: round(statistics.median(t), 1) for n, t in times.items()}}
     if len(names) == 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -124,12 +125,12 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
         return build(plan_step(imported, scheme=scheme, loss=settings.loss, optimizer=settings.optimizer,
                                target=target, baseline=False))
 
-    reference_program = None
+    reference_name = reference.name if reference is not None else None
+    reference_program = functools.cache(lambda: compiled(reference)) if reference is not None else None
     if reference is not None:  # the budget the search estimates with: the reference's step in the analysis
         row = _row_like(analysis, imported, reference)
-        reference_program = compiled(reference)
         latency_ms = row.step_ms if row is not None and row.step_ms is not None else \
-            check_step(reference_program, step_args(x, y, batch)).step_ms
+            check_step(reference_program(), step_args(x, y, batch)).step_ms
     check_budget(analysis, budget, latency_ms)
     path = _choice_path(cache_dir, analysis, budget, latency_ms, seed, target, upload_bytes,
                         reference.to_toml() if reference is not None else None)
@@ -138,7 +139,7 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
     cached = _load_choice(path, analysis)
     if cached is not None:
         return SearchResult(analysis, cached[0], scheme_of(cached[0].options), cached[1], budget, cached[2],
-                            cached[3], reference and reference.name)
+                            cached[3], reference_name)
     if not items(analysis, latency_ms is not None):
         raise ValueError("search: no update option improved the validation score in its short fine-tune; "
                          "the model may already fit this data, or give more labelled samples / epochs (with "
@@ -165,21 +166,21 @@ def search_scheme(imported, x: np.ndarray, y: np.ndarray, *, batch: int, budget:
 
         choice, memory, step = _check_steps(choice, memory, budget, latency_ms, research, planned,
                                             lambda options: compiled(scheme_of(options)), reference_program,
-                                            step_args(x, y, batch), reference and reference.name)
+                                            step_args(x, y, batch), reference_name)
     if path is not None:
         write_json(path, {"version": CHOICE_VERSION, "options": [o.key for o in choice.options], "gain": choice.gain,
                           "memory": choice.memory, "latency_ms": choice.latency_ms, "method": choice.method,
                           "planned_bytes": memory, "tries": tries, "step": step and step.to_json()})
-    return SearchResult(analysis, choice, scheme_of(choice.options), memory, budget, tries, step,
-                        reference and reference.name)
+    return SearchResult(analysis, choice, scheme_of(choice.options), memory, budget, tries, step, reference_name)
 
 
 def _check_steps(choice: Choice, memory: int, budget: int, latency_ms: float, research, planned, compiled,
                  reference, args: tuple, reference_name: str | None):
-    """Compile and time the chosen scheme's step (alternating with ``reference`` when given); while
-    it is slower than ``latency_ms`` (or the reference), search again (``research(step budget)``)
-    with the step budget tightened by the excess. ``(choice, planned bytes, StepCheck)``."""
-    limit = latency_ms
+    """Compile and time the chosen scheme's step (alternating with the program ``reference()``
+    returns, when given); while it is slower than ``latency_ms`` (or the reference), search again
+    (``research(step budget)``) with the step budget tightened by the excess. ``(choice, planned
+    bytes, StepCheck)``."""
+    limit, reference = latency_ms, reference() if reference is not None else None
     for _ in range(RETRIES):
         program = compiled(choice.options)
         step = check_step(program, args, reference)
@@ -207,7 +208,7 @@ def _row_like(analysis: Analysis, imported, scheme: Scheme):
     wanted = (scheme.resolve(imported), scheme.lora)
     for row in analysis.rows:
         option = scheme_of([row.option])
-        if (option.lora is None) == (scheme.lora is None) and (option.resolve(imported), option.lora) == wanted:
+        if (option.resolve(imported), option.lora) == wanted:
             return row
     return None
 

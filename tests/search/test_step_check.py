@@ -78,7 +78,7 @@ def test_a_slow_choice_is_searched_again_with_the_budget_tightened_by_its_excess
 
     choice, memory, step = _check_steps(_choice("slow", 100.0), 100, 200, 100.0, research, lambda options: 150,
                                         lambda options: FakeProgram(clock, speeds[options[0]], log, options[0]),
-                                        reference, (), "lora")
+                                        lambda: reference, (), "lora")
     assert asked == [pytest.approx(80.0)] and choice.options == ("fast",) and memory == 150
     assert step.ratio == pytest.approx(0.9) and step.reference_ms == pytest.approx(10)
 
@@ -90,7 +90,8 @@ def test_a_step_that_stays_slow_is_an_error_naming_the_budget(clock):
                      lambda options: FakeProgram(clock, 9, log, "x"), None, (), None)
     with pytest.raises(ValueError, match="stay slower than the step of 'lora'"):  # a re-search over the memory budget
         _check_steps(_choice("slow", 5.0), 100, 200, 5.0, lambda limit: _choice("slow", limit), lambda o: 201,
-                     lambda options: FakeProgram(clock, 9, log, options[0]), FakeProgram(clock, 3, log, "r"), (), "lora")
+                     lambda options: FakeProgram(clock, 9, log, options[0]), lambda: FakeProgram(clock, 3, log, "r"), (),
+                     "lora")
 
 
 def test_the_reference_scheme_is_found_among_the_analysis_options(llama, analysis):
