@@ -42,9 +42,14 @@ def system_cpu() -> str:
 
 def system_cpu_features() -> set[str]:
     """The ISA features (LLVM's names: ``avx512f``, ``neon``, ...) of the CPU LLVM detects here."""
+    return cpu_features(system_cpu())
+
+
+def cpu_features(cpu: str) -> set[str]:
+    """The features LLVM gives the CPU named ``cpu`` (``znver5``, ``cortex-a72``)."""
     from tvm.target import codegen
 
-    return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": system_cpu()}))}
+    return {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))}
 
 
 # LLVM CPUs whose tuning miscompiles kernels of the pock_tvm pipeline, and the generic CPU of the
@@ -58,13 +63,10 @@ GENERIC_TUNING = {"znver4": "x86-64-v4", "znver5": "x86-64-v4"}
 def native_cpu(cpu: str | None = None) -> dict:
     """``{"mcpu": ...}`` (and ``"mattr"``) to compile for ``cpu`` (default: this machine's):
     the CPU itself, or for one of :data:`GENERIC_TUNING` the generic CPU with its features."""
-    from tvm.target import codegen
-
     cpu = cpu or system_cpu()
     if cpu not in GENERIC_TUNING:
         return {"mcpu": cpu}
-    features = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
-    return {"mcpu": GENERIC_TUNING[cpu], "mattr": sorted(f"+{f}" for f in features)}
+    return {"mcpu": GENERIC_TUNING[cpu], "mattr": sorted(f"+{f}" for f in cpu_features(cpu))}
 
 
 def _native(spec: dict) -> dict:
